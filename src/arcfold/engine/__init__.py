@@ -1,0 +1,1 @@
+"""The engine: model loading, LoRA, training, generation, search and candidate scoring (torch)."""
