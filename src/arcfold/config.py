@@ -129,6 +129,36 @@ class RunConfig:
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
 
 
+def check(cfg: Any) -> None:
+    """Fail early, in one line, on a config the run cannot use: a mandatory path not given, a bad choice."""
+    from omegaconf import OmegaConf
+
+    from arcfold.data.errors import ArcDataError
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    # Paths an option needs (a schema default of None cannot be overridden by "???" in YAML, so check here).
+    needs = {"data.challenges": cfg.data.name == "kaggle", "data.path": cfg.data.name == "dir",
+             "model.path": cfg.model.kind == "hf"}
+    missing += [key for key, needed in needs.items() if needed and not OmegaConf.select(cfg, key)]
+    if missing:
+        raise ArcDataError(f"no value for {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)",
+                           file="config", field=missing[0])
+    choices = {"data.order": (cfg.data.order, ("id", "size")),
+               "data.on_invalid": (cfg.data.on_invalid, ("raise", "skip")),
+               "model.kind": (cfg.model.kind, ("tiny", "hf")),
+               "split.strategy": (cfg.split.strategy, ("random", "balanced", "per_task")),
+               "inference.strategy": (cfg.inference.strategy, ("greedy", "dfs", "sample")),
+               "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
+               "inference.colours": (cfg.inference.colours, ("all", "keep_zero", "none"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ArcDataError(f"{value!r} is not one of {', '.join(allowed)}", file="config", field=key)
+    folds = cfg.folds
+    if not (folds == "per_task" or (isinstance(folds, int) and not isinstance(folds, bool) and folds >= 1)):
+        raise ArcDataError(f"folds must be a positive integer or per_task, got {folds!r}", file="config",
+                           field="folds")
+
+
 def register() -> None:
     """Register the schemas: the root as `base_config`, each group's as `base_<group>`."""
     cs = ConfigStore.instance()
@@ -140,4 +170,4 @@ def register() -> None:
 
 
 __all__ = ["DataConfig", "ModelConfig", "SplitConfig", "LoraConfig", "TrainConfig", "InferenceConfig",
-           "ScoringConfig", "TrackingConfig", "RunConfig", "register", "MISSING"]
+           "ScoringConfig", "TrackingConfig", "RunConfig", "check", "register", "MISSING"]

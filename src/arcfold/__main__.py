@@ -1,0 +1,64 @@
+"""`python -m arcfold` (or `arcfold`): the Hydra app over conf/. One Hydra job = one run = one MLflow run.
+
+    python -m arcfold folds=8 lora.rank=32 train.epochs=6
+    python -m arcfold -m folds=2,4,8 lora.rank=16,32
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from arcfold.config import check, register
+from arcfold.data import ArcDataError
+
+log = logging.getLogger("arcfold")
+register()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://arcfold.conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from arcfold import pipeline
+    from arcfold.tracking import RunTracker, config_params, read_parent
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sweeping = hc.mode == RunMode.MULTIRUN
+    sweep_id = Path(hc.sweep.dir).name if sweeping else ""
+    tracker = RunTracker(
+        cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs,
+        run_name=cfg.tracking.run_name or (" ".join(hc.overrides.task) or "default"),
+        parent_run_id=read_parent(hc.sweep.dir) if sweeping else None,
+        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "hostname": socket.gethostname(),
+              "overrides": " ".join(hc.overrides.task)})
+    status = "FAILED"
+    try:
+        check(cfg)
+        tracker.log_params(config_params(cfg))
+        result = pipeline.run(cfg, run_dir, tracker)
+        status = "FINISHED"
+    except ArcDataError as err:
+        # Bad input: one clear line, no traceback. In a sweep, the other jobs go on.
+        log.error("%s", err)
+        if not sweeping:
+            print(f"arcfold: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return None
+    finally:
+        tracker.finish(status)
+    score = result.summary.get("score")
+    log.info("run finished in %.1fs: %s", result.summary.get("seconds_total", 0.0),
+             result.score().summary() if result.has_solutions else "no solutions, not scored")
+    log.info("outputs: %s", run_dir)
+    return score
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""One arcfold run, start to end: load, split into folds, train an adapter per fold, predict, score, report.
+
+Read this file to see the whole run; each step's details live in the module it calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+from arcfold.data import ArcDataError, Task, load_dataset, make_folds, make_views, select
+from arcfold.data.codec import train_tokens
+from arcfold.results import FoldRow, RunResults
+
+log = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    """Where a run reports (MLflow in practice; see arcfold.tracking). The pipeline never imports MLflow."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
+class NoTracker:
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
+@dataclass
+class Timings:
+    """Wall seconds per phase: load, train, inference, scoring, logging."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def load_tasks(data: Any) -> tuple[list[Task], list[Task]]:
+    """(the tasks this run predicts, every task of the source). The submission covers the latter."""
+    source = data.challenges or data.path or data.name
+    everything = load_dataset(data.name, challenges=data.challenges, solutions=data.solutions, path=data.path,
+                              on_invalid=data.on_invalid)
+    chosen = select(everything, ids=list(data.task_ids) or None, limit=data.limit, order=data.order, source=source)
+    if len(chosen) < len(everything):
+        log.warning("running %d of the %d tasks of %s (data.limit / data.task_ids); the others get placeholders",
+                    len(chosen), len(everything), source)
+    return chosen, everything
+
+
+def split(tasks: Sequence[Task], folds: Any, strategy: str, seed: int) -> list[list[Task]]:
+    """`folds` is an int k or "per_task"."""
+    if str(folds) == "per_task":
+        return make_folds(tasks, None, "per_task")
+    try:
+        k = int(folds)
+    except (TypeError, ValueError):
+        raise ArcDataError(f"folds must be an integer or per_task, got {folds!r}", field="folds") from None
+    return make_folds(tasks, k, strategy, seed, cost=lambda t: train_tokens(t.train))
+
+
+def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
+    # The engine is imported here, not at module top, so that config tests and `--help` stay torch-free.
+    from arcfold.engine.lora import AdapterReset, attach_lora, save_adapter
+    from arcfold.engine.model import load_model
+    from arcfold.engine.train import make_accelerator, train_fold
+
+    tracker = tracker or NoTracker()
+    run_dir = Path(run_dir)
+    clock = Timings()
+    start = time.perf_counter()
+
+    with clock("load"):
+        tasks, everything = load_tasks(cfg.data)
+        folds = split(tasks, cfg.folds, cfg.split.strategy, cfg.split.seed)
+        results = RunResults(tasks, everything)
+        results.write_submission(run_dir / "submission.json")  # valid from the first second: all placeholders
+        loaded = load_model(cfg.model)
+        model = attach_lora(loaded.model, cfg.lora)
+        fresh_adapter = AdapterReset(model)  # each fold starts from these weights; the base is never reloaded
+        accelerator = make_accelerator(cfg.train, loaded.device)
+    tracker.log_params({"folds.k": len(folds), "folds.strategy": "per_task" if str(cfg.folds) == "per_task"
+                        else cfg.split.strategy, "data.n_tasks": len(tasks)})
+    tracker.set_tags({"device": str(loaded.device)})
+    log.info("%d tasks in %d folds on %s", len(tasks), len(folds), loaded.device)
+
+    for f, fold in enumerate(folds):
+        fresh_adapter.reset(model)
+        with clock("train"):
+            stats = train_fold(model, loaded.codec, fold, cfg.train, accelerator)
+        if cfg.save_adapters:
+            save_adapter(model, run_dir / "adapters" / f"fold_{f}")
+        fold_start = time.perf_counter()
+        with clock("inference"):
+            for task in fold:
+                results.fold_of[task.id] = f
+                predict_one(model, loaded.codec, task, cfg.inference, results)
+        inference_seconds = time.perf_counter() - fold_start
+        results.write_submission(run_dir / "submission.json")  # after every fold: nothing computed is lost
+        fold_nll = [v for (tid, _), v in results.nll.items() if results.fold_of.get(tid) == f]
+        row = FoldRow(f, len(fold), stats.tokens, stats.steps, stats.seconds, inference_seconds,
+                      stats.peak_memory_bytes / 2**20, stats.final_loss, stats.tokens_per_second,
+                      sum(fold_nll) / len(fold_nll) if fold_nll else math.nan, results.fold_score(f))
+        results.folds.append(row)
+        tracker.log_metrics({f"fold_{k}": v for k, v in vars(row).items() if k != "fold"}, step=f)
+        log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
+                 f + 1, len(folds), len(fold), stats.steps, stats.final_loss, stats.seconds, inference_seconds,
+                 row.score)
+
+    with clock("scoring"):
+        metrics = results.metrics()
+        results.write_scores(run_dir)
+        tables = results.write_tables(run_dir)
+    train_tokens_total = sum(r.train_tokens for r in results.folds)
+    train_seconds = clock.seconds.get("train", 0.0)
+    with clock("logging"):
+        metrics.update({f"seconds_{k}": v for k, v in clock.seconds.items()},
+                       train_tokens=train_tokens_total,
+                       train_tokens_per_second=train_tokens_total / train_seconds if train_seconds else 0.0,
+                       seconds_total=time.perf_counter() - start)
+        tracker.log_metrics(metrics)
+        for path in [run_dir / "submission.json", run_dir / "scores.json", *tables.values(),
+                     run_dir / ".hydra" / "config.yaml"]:
+            tracker.log_artifact(path)
+    results.timings = dict(clock.seconds)
+    results.summary = metrics
+    return results
+
+
+def predict_one(model: Any, codec: Any, task: Task, inference: Any, results: RunResults) -> None:
+    """Predict every test input of one task into `results`; a failure costs this task only (placeholders)."""
+    from arcfold.engine.predict import predict_task
+    from arcfold.engine.scoring import answer_nll
+
+    try:
+        for pred in predict_task(model, codec, task, inference):
+            results.predictions[(task.id, pred.test_index)] = pred
+        if task.has_solutions:
+            views = make_views(task, 1, inference.scoring.seed, inference.scoring.colours)
+            for i in range(len(task.test)):
+                results.nll[(task.id, i)] = answer_nll(model, codec, task, i, views, inference.max_len)
+                if inference.base_nll:
+                    with model.disable_adapter():
+                        results.base_nll[(task.id, i)] = answer_nll(model, codec, task, i, views, inference.max_len)
+    except Exception as err:  # one task's bad input or OOM must not lose the rest of the run
+        results.failures[task.id] = f"{type(err).__name__}: {err}"
+        log.error("task %s failed, placeholders submitted: %s", task.id, results.failures[task.id],
+                  exc_info=not isinstance(err, ArcDataError))

@@ -1,0 +1,161 @@
+"""What a run accumulates: predictions per test input, per-fold figures, and the tables and metrics made of them.
+
+The pipeline adds to a RunResults as folds finish and rewrites submission.json after each fold, so a crash
+or a time-out keeps every prediction already made (the rest are valid placeholders).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from arcfold.data import Task, write_submission
+from arcfold.data.submission import Score, grid_equal, score_submission, write_json_atomic
+from arcfold.engine.candidates import TestPrediction
+
+
+@dataclass
+class FoldRow:
+    fold: int
+    tasks: int
+    train_tokens: int
+    steps: int
+    train_seconds: float
+    inference_seconds: float
+    peak_memory_mb: float
+    final_loss: float
+    tokens_per_second: float
+    answer_nll: float = math.nan
+    score: float = math.nan
+
+
+@dataclass
+class RunResults:
+    tasks: Sequence[Task]  # the tasks this run predicts (scored)
+    submission_tasks: Sequence[Task]  # every task of the source: submission.json covers them all
+    predictions: dict[tuple[str, int], TestPrediction] = field(default_factory=dict)
+    fold_of: dict[str, int] = field(default_factory=dict)
+    nll: dict[tuple[str, int], float] = field(default_factory=dict)
+    base_nll: dict[tuple[str, int], float] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # task id -> error (placeholder submitted)
+    folds: list[FoldRow] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, set at the end
+    summary: dict[str, float] = field(default_factory=dict)  # the run's metrics, set at the end
+
+    @property
+    def has_solutions(self) -> bool:
+        return all(t.has_solutions for t in self.tasks)
+
+    def attempts(self, ranking: str | None = None) -> dict[str, dict[int, list[np.ndarray]]]:
+        """task id -> test index -> the two attempts (from a named ranking, or the run's choice)."""
+        out: dict[str, dict[int, list[np.ndarray]]] = {}
+        for (task_id, i), pred in self.predictions.items():
+            if ranking is None:
+                grids = pred.attempts
+            else:
+                order = pred.rankings.get(ranking, [])
+                grids = [pred.candidates[j].grid for j in order[:2]]
+            out.setdefault(task_id, {})[i] = grids
+        return out
+
+    def write_submission(self, path: Path) -> Path:
+        return write_submission(path, self.submission_tasks, self.attempts())
+
+    def score(self, ranking: str | None = None) -> Score:
+        from arcfold.data import build_submission
+
+        return score_submission(build_submission(self.tasks, self.attempts(ranking)), self.tasks)
+
+    def covered(self, task: Task, i: int) -> bool:
+        """Oracle: is the true output among the candidates at all?"""
+        pred = self.predictions.get((task.id, i))
+        return pred is not None and any(grid_equal(c.grid, task.test[i].output) for c in pred.candidates)
+
+    # ------------------------------------------------------------------------------------------- metrics
+
+    def metrics(self) -> dict[str, float]:
+        preds = list(self.predictions.values())
+        stat = lambda name: float(sum(p.stats.get(name, 0.0) for p in preds))  # noqa: E731
+        m: dict[str, float] = {
+            "tasks": len(self.tasks), "test_inputs": sum(len(t.test) for t in self.tasks),
+            "failed_tasks": len(self.failures),
+            "mean_candidates": float(np.mean([len(p.candidates) for p in preds])) if preds else 0.0,
+            "forward_tokens": stat("forward_tokens"), "gen_seconds": stat("gen_seconds"),
+            "scoring_seconds": stat("scoring_seconds"), "timed_out_inputs": stat("timed_out"),
+            "dropped_demos": stat("dropped_demos"),
+        }
+        if not self.has_solutions:
+            return m
+        s = self.score()
+        oracle = [np.mean([self.covered(t, i) for i in range(len(t.test))]) for t in self.tasks]
+        covered = sum(self.covered(t, i) for t in self.tasks for i in range(len(t.test)))
+        m.update(score=s.score_tasks, score_pairs=s.score_pairs, solved=s.solved, solved_pairs=s.solved_pairs,
+                 oracle=float(np.mean(oracle)), covered_pairs=covered,
+                 selection_accuracy=(s.solved_pairs / covered) if covered else math.nan)
+        for name in sorted({r for p in preds for r in p.rankings}):
+            m[f"score_{name}"] = self.score(name).score_tasks
+        if self.nll:
+            m["answer_nll"] = float(np.mean(list(self.nll.values())))
+        if self.base_nll:
+            m["answer_nll_base"] = float(np.mean(list(self.base_nll.values())))
+        return m
+
+    def fold_score(self, fold: int) -> float:
+        fold_tasks = [t for t in self.tasks if self.fold_of.get(t.id) == fold]
+        if not fold_tasks or not self.has_solutions:
+            return math.nan
+        from arcfold.data import build_submission
+
+        return score_submission(build_submission(fold_tasks, self.attempts()), fold_tasks).score_tasks
+
+    # ------------------------------------------------------------------------------------------- tables
+
+    def task_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for task in self.tasks:
+            for i, pair in enumerate(task.test):
+                pred = self.predictions.get((task.id, i))
+                shapes = [f"{g.shape[0]}x{g.shape[1]}" for g in pred.attempts] if pred else []
+                row: dict[str, Any] = {
+                    "task": task.id, "fold": self.fold_of.get(task.id, -1), "test_index": i,
+                    "solved": (any(grid_equal(g, pair.output) for g in pred.attempts)
+                               if pred and pair.output is not None else None),
+                    "covered": self.covered(task, i) if pair.output is not None else None,
+                    "attempt_1_shape": shapes[0] if shapes else "", "attempt_2_shape": shapes[1] if len(shapes) > 1 else "",
+                    "true_shape": f"{pair.output.shape[0]}x{pair.output.shape[1]}" if pair.output is not None else "",
+                    "candidates": len(pred.candidates) if pred else 0,
+                    "answer_nll": self.nll.get((task.id, i), math.nan),
+                    "answer_nll_base": self.base_nll.get((task.id, i), math.nan),
+                    "error": self.failures.get(task.id, ""),
+                }
+                if pred:
+                    row.update({f"stat_{k}": v for k, v in sorted(pred.stats.items())})
+                rows.append(row)
+        return rows
+
+    def write_tables(self, run_dir: Path) -> dict[str, Path]:
+        paths = {"tasks": write_csv(run_dir / "tasks.csv", self.task_rows()),
+                 "folds": write_csv(run_dir / "folds.csv", [asdict(f) for f in self.folds])}
+        return paths
+
+    def write_scores(self, run_dir: Path) -> Path | None:
+        if not self.has_solutions:
+            return None
+        doc = {"metrics": self.metrics(), "score": self.score().to_dict()}
+        return write_json_atomic(run_dir / "scores.json", doc)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

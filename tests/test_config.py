@@ -1,0 +1,92 @@
+"""Config composition: every group option composes into the typed schema, and the documented commands work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from arcfold.config import RunConfig, check, register
+from arcfold.data import ArcDataError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["data", "model", "split", "lora", "train", "inference", "tracking"]
+# Options whose mandatory keys (???) must be given to compose a usable config.
+REQUIRED = {("data", "kaggle"): ["data.challenges=c.json"], ("data", "dir"): ["data.path=tasks"],
+            ("model", "hf"): ["model.path=/models/m"]}
+
+register()
+
+
+def compose_with(overrides: list[str]):
+    with initialize_config_module("arcfold.conf", version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=False)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_options_on_disk():
+    for group in GROUPS:
+        assert options(group), f"conf/{group}/ has no options"
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_into_the_schema(group, option):
+    cfg = compose_with([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    # Converting to the dataclass checks every key and type against the schema, mandatory keys included.
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, RunConfig)
+    if group == "data":
+        assert typed.data.name == option
+    if group == "inference":
+        assert typed.inference.strategy == option
+
+
+def test_the_documented_single_run_overrides():
+    cfg = compose_with(["folds=8", "lora.rank=32", "train.epochs=6"])
+    assert cfg.folds == 8 and cfg.lora.rank == 32 and cfg.train.epochs == 6
+
+
+def test_per_task_folds_and_strategies():
+    assert compose_with(["folds=per_task"]).folds == "per_task"
+    assert compose_with(["split=balanced"]).split.strategy == "balanced"
+
+
+def test_data_selection_overrides():
+    cfg = compose_with(["data=kaggle", "data.challenges=/k/c.json", "data.solutions=/k/s.json", "data.limit=null"])
+    assert (cfg.data.name, cfg.data.challenges, cfg.data.solutions, cfg.data.limit) == \
+        ("kaggle", "/k/c.json", "/k/s.json", None)
+    assert list(compose_with(["data.task_ids=[a,b]"]).data.task_ids) == ["a", "b"]
+
+
+def test_a_mistyped_key_or_value_fails_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        compose_with(["lora.rnak=32"])
+    with pytest.raises(Exception):
+        OmegaConf.to_object(compose_with(["train.epochs=many"]))
+
+
+def test_mandatory_paths_are_reported_missing_in_one_line():
+    with pytest.raises(ArcDataError, match="model.path") as err:
+        check(compose_with(["model=hf"]))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ArcDataError, match="data.challenges"):
+        check(compose_with(["data=kaggle"]))
+
+
+@pytest.mark.parametrize("override,field", [("folds=0", "folds"), ("folds=some", "folds"),
+                                            ("inference.strategy=beam", "inference.strategy"),
+                                            ("data.order=random", "data.order")])
+def test_bad_choices_name_their_field(override, field):
+    with pytest.raises(ArcDataError, match=field):
+        check(compose_with([override]))
+
+
+def test_the_default_config_passes_the_check():
+    check(compose_with([]))
+    check(compose_with(["folds=per_task"]))
