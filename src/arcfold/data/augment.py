@@ -56,6 +56,9 @@ class Transform:
 
     def pairs(self, pairs: Sequence[Pair], reorder: bool = True) -> tuple[Pair, ...]:
         order = self.demo_order if (reorder and self.demo_order) else range(len(pairs))
+        # A view made for another task (or before demos were dropped) would silently lose or repeat pairs.
+        if sorted(order) != list(range(len(pairs))):
+            raise ValueError(f"demo_order {self.demo_order} is not a permutation of {len(pairs)} pairs")
         return tuple(Pair(self.grid(pairs[i].input),
                           None if pairs[i].output is None else self.grid(pairs[i].output)) for i in order)
 

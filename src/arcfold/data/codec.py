@@ -52,7 +52,18 @@ class GridCodec:
         core = {s: self.ids[s] for s in required}
         if len(set(core.values())) != len(core):
             raise ArcDataError(f"two symbols share a token id: {core}", file=self.name, field="codec")
+        # bos and pad may be the eos token (many tokenizers do that), never a cell, row or marker token.
+        for extra in ("bos", "pad"):
+            if extra in self.ids and self.ids[extra] in core.values() and self.ids[extra] != self.ids["eos"]:
+                raise ArcDataError(f"{extra} id {self.ids[extra]} is also a grid symbol's id", file=self.name,
+                                   field=f"codec.{extra}")
         self._by_id.update({i: s for s, i in core.items()})
+        for extra in ("bos", "pad"):
+            if extra in self.ids:
+                self._by_id.setdefault(self.ids[extra], extra)
+
+    def __hash__(self) -> int:  # the generated hash would fail on the dict of ids
+        return hash((self.name, tuple(sorted(self.ids.items()))))
 
     # ----------------------------------------------------------------------------------- construction
 
@@ -64,16 +75,22 @@ class GridCodec:
     def from_tokenizer(cls, tokenizer: Any, name: str = "tokenizer") -> "GridCodec":
         """Read the symbol table off a Hugging Face tokenizer (duck-typed: encode, eos/bos/pad ids).
 
-        Each symbol must be exactly one token on its own; otherwise the tokenizer cannot give one token per
-        cell and we refuse it."""
+        Each symbol must be exactly one token on its own, and not the unknown token (a tokenizer without a
+        newline would map it to <unk>: one token, but the same one as every other unknown character); otherwise
+        the tokenizer cannot give one token per cell and we refuse it."""
+        unk = getattr(tokenizer, "unk_token_id", None)
         ids: dict[str, int] = {}
         for symbol, text in SYMBOL_TEXTS.items():
             toks = tokenizer.encode(text, add_special_tokens=False)
+            toks = list(getattr(toks, "ids", toks))  # a bare `tokenizers.Tokenizer` returns an Encoding
             if len(toks) != 1:
                 raise ArcDataError(f"tokenizer turns {text!r} into {len(toks)} tokens {toks}, need exactly one",
                                    file=name, field=f"codec.{symbol}")
+            if unk is not None and toks[0] == unk:
+                raise ArcDataError(f"tokenizer has no token for {text!r} (it becomes the unknown token)",
+                                   file=name, field=f"codec.{symbol}")
             ids[symbol] = int(toks[0])
-        if tokenizer.eos_token_id is None:
+        if getattr(tokenizer, "eos_token_id", None) is None:
             raise ArcDataError("tokenizer has no eos token", file=name, field="codec.eos")
         ids["eos"] = int(tokenizer.eos_token_id)
         if getattr(tokenizer, "bos_token_id", None) is not None:
@@ -163,6 +180,8 @@ class GridCodec:
             ids += pair_ids
             labels += pair_labels
         if max_len is not None and len(ids) > max_len:
+            log.info("train: %d tokens with %d demonstrations still exceed max length %d: no sample",
+                     len(ids), len(keep), max_len)
             return None
         return Encoded(ids, labels, dropped, len(keep))
 
@@ -225,5 +244,7 @@ class GridCodec:
 
 def train_tokens(demos: Sequence[Pair]) -> int:
     """Tokens of one training sequence of these demonstrations (codec-independent up to a bos token)."""
-    codec = GridCodec.builtin()
-    return sum(codec.pair_tokens(p) for p in demos)
+    return sum(_BUILTIN.pair_tokens(p) for p in demos)
+
+
+_BUILTIN = GridCodec.builtin()

