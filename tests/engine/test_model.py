@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from arcfold.config import ModelConfig
+from arcfold.data import ArcDataError, GridCodec
+from arcfold.engine.model import load_model, resolve_device, resolve_dtype
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_tiny_is_seeded_and_leaves_global_rng_alone(make_tiny_cfg):
+    state = torch.get_rng_state()
+    a, b = load_model(make_tiny_cfg(init_seed=3)), load_model(make_tiny_cfg(init_seed=3))
+    assert torch.equal(torch.get_rng_state(), state)  # seeding the init did not move the caller's stream
+    assert _same_weights(a.model, b.model)
+    assert not _same_weights(a.model, load_model(make_tiny_cfg(init_seed=4)).model)
+
+
+def test_tiny_matches_builtin_codec(tiny_loaded):
+    codec = GridCodec.builtin()
+    model = tiny_loaded.model
+    assert tiny_loaded.codec == codec and tiny_loaded.tokenizer is None and tiny_loaded.name == "tiny"
+    assert model.config.vocab_size == codec.vocab_size == model.get_input_embeddings().num_embeddings
+    assert (model.config.eos_token_id, model.config.pad_token_id, model.config.bos_token_id) == (
+        codec.eos_id, codec.pad_id, codec.ids["bos"])
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    assert not model.training
+    assert tiny_loaded.device == torch.device("cpu") and tiny_loaded.dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_tiny_dtype_is_applied(make_tiny_cfg):
+    loaded = load_model(make_tiny_cfg(dtype="bfloat16"))
+    assert loaded.dtype == torch.bfloat16
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+def test_hf_model_and_codec_follow_the_tokenizer(hf_cfg, hf_vocab):
+    loaded = load_model(hf_cfg)
+    tok = loaded.tokenizer
+    assert loaded.name == hf_cfg.path and not loaded.model.training
+    for symbol, text in {"input": "I", "output": "O", "row": "\n", **{d: d for d in "0123456789"}}.items():
+        assert loaded.codec.ids[symbol] == hf_vocab.index(text) == tok.convert_tokens_to_ids(text)
+    assert (loaded.codec.eos_id, loaded.codec.pad_id) == (tok.eos_token_id, tok.pad_token_id)
+    # The tokenizer merges "00", yet the codec still gives one token per cell.
+    assert len(tok.encode("00", add_special_tokens=False)) == 1
+    assert loaded.codec.encode_grid(np.zeros((1, 2), dtype=np.int8)) == [hf_vocab.index("0")] * 2 + [
+        hf_vocab.index("\n")]
+    # The loaded weights are the saved ones: a forward pass gives finite logits over the model's vocabulary.
+    ids = torch.tensor([[tok.bos_token_id, loaded.codec.ids["input"], loaded.codec.ids["0"]]])
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits
+    assert logits.shape == (1, 3, 32) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("path", [None, "does/not/exist"])
+def test_hf_missing_path_is_one_line_error(path):
+    with pytest.raises(ArcDataError, match="model.path") as err:
+        load_model(ModelConfig(kind="hf", path=path, device="cpu"))
+    assert "\n" not in str(err.value)
+    if path:
+        assert path in str(err.value) and "no such model directory" in str(err.value)
+
+
+def test_hf_non_model_dir_is_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ArcDataError, match="model.path") as err:
+        load_model(ModelConfig(kind="hf", path=str(tmp_path), device="cpu"))
+    assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hf_broken_model_dir_is_one_line_error(tmp_path, hf_model_dir):
+    # A config.json but no weights: the HF loader's own error is cut to one line.
+    (tmp_path / "config.json").write_text((hf_model_dir / "config.json").read_text())
+    with pytest.raises(ArcDataError, match="model.path") as err:
+        load_model(ModelConfig(kind="hf", path=str(tmp_path), device="cpu"))
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_kind():
+    with pytest.raises(ArcDataError, match="model.kind"):
+        load_model(ModelConfig(kind="gguf", device="cpu"))
+
+
+def test_resolve_device_and_dtype():
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bf16", cpu) == resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ArcDataError, match="model.dtype"):
+        resolve_dtype("float8", cpu)
+    with pytest.raises(ArcDataError, match="model.device"):
+        resolve_device("tpu:banana")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_an_error():
+    with pytest.raises(ArcDataError, match="model.device"):
+        resolve_device("cuda")
