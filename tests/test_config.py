@@ -90,3 +90,13 @@ def test_bad_choices_name_their_field(override, field):
 def test_the_default_config_passes_the_check():
     check(compose_with([]))
     check(compose_with(["folds=per_task"]))
+
+
+def test_the_tiny_model_sizes_the_run_for_a_cpu_and_a_real_model_does_not():
+    demo = compose_with([])
+    assert (demo.model.kind, demo.data.limit, demo.data.order) == ("tiny", 8, "size")
+    real = compose_with(["model=hf", "model.path=/models/m"])
+    assert real.data.limit is None and real.train.lr == 1e-4
+    # Command-line overrides still win over what the tiny option sets.
+    assert compose_with(["data.limit=null", "train.lr=0.01"]).data.limit is None
+    assert compose_with(["train.lr=0.01"]).train.lr == 0.01
