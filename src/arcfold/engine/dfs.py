@@ -1,0 +1,143 @@
+"""Thresholded depth-first search: every completion whose total probability is at least min_prob.
+
+One KV cache holds the prompt plus the tokens of the path being explored. A node's children are the
+codec.output_tokens whose cumulative negative log-likelihood stays within -ln(min_prob); a branch is pruned as
+soon as it exceeds that, and since probabilities only shrink along a path no completion below the threshold is
+missed. At most 1/min_prob prefixes of any one length survive, which bounds the cost.
+
+Backtracking never rebuilds the cache: `_PathCache` remembers which answer tokens the cache holds and, before
+each forward, crops it (DynamicCache.crop) to the longest prefix shared with the new path and feeds only the
+rest. So the cache can never hold a stale token, whatever order the tree is walked in.
+
+A `guess` (typically the best candidate so far, mapped into this view's frame) is run together with the prompt
+in ONE forward pass, which gives the next-token distribution at every node along the guess at once: walking
+down the guess needs no decoding at all, and only branches off it cost forwards. The guess changes the cost,
+never the result.
+
+Numerics: log-softmax in float32 over the full vocabulary (the convention of engine.generate), accumulated in
+float64. A child is kept iff its NLL <= -ln(min_prob) + NLL_TOLERANCE, the same test everywhere, so a
+completion sitting exactly at the threshold is not lost to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from arcfold.data.codec import GridCodec
+from arcfold.engine.generate import Completion, GenStats, forward, full_logprobs, model_device
+
+NLL_TOLERANCE = 1e-6  # nats; far above float64 accumulation error, far below any meaningful gap
+
+Explore = Literal["likely", "unlikely"]
+
+
+class _PathCache:
+    """A DynamicCache for prompt + some answer tokens, tracking which answer tokens it holds."""
+
+    def __init__(self, model: torch.nn.Module, codec: GridCodec, stats: GenStats) -> None:
+        self.model = model
+        self.device = model_device(model)
+        self.allowed = torch.tensor(codec.output_tokens, dtype=torch.long, device=self.device)
+        self.stats = stats
+        self.cache = DynamicCache()
+        self.held: list[int] = []  # answer tokens currently in the cache, after the prompt
+
+    def _run(self, tokens: Sequence[int], keep: int) -> list[list[float]]:
+        """Feed tokens on top of the cache; log p of each output token at the last `keep` positions."""
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        logits = forward(self.model, ids, self.cache, keep)[0]
+        self.stats.forward_tokens += len(tokens)
+        self.stats.forward_passes += 1
+        # Full-vocabulary softmax first, then keep the output tokens' columns: probabilities are not renormalised.
+        return full_logprobs(logits).index_select(-1, self.allowed).tolist()
+
+    def prefill(self, prompt: Sequence[int], guess: Sequence[int]) -> list[list[float]]:
+        """Prompt and guess in one pass: the distributions after prompt + guess[:k] for k = 0..len(guess)."""
+        dists = self._run(list(prompt) + list(guess), len(guess) + 1)
+        self.held = list(guess)
+        return dists
+
+    def extend(self, path: list[int]) -> list[float]:
+        """The distribution after prompt + path, with the cache left holding exactly prompt + path."""
+        common = 0
+        limit = min(len(self.held), len(path) - 1)  # feed at least the last token: its logits are the answer
+        while common < limit and self.held[common] == path[common]:
+            common += 1
+        stale = len(self.held) - common
+        if stale:
+            self.cache.crop(-stale)  # negative = tokens to remove (the only form transformers 5 accepts)
+        dist = self._run(path[common:], 1)[0]
+        self.held = list(path)
+        return dist
+
+
+def dfs(model: torch.nn.Module, prompt: list[int], codec: GridCodec, min_prob: float, max_new_tokens: int,
+        guess: list[int] | None = None, max_seconds: float | None = None, max_candidates: int | None = None,
+        explore: Explore = "likely") -> tuple[list[Completion], GenStats]:
+    """All completions (ending in eos, at most max_new_tokens tokens) with probability >= min_prob.
+
+    Returns them best first, each with its full-softmax log p, and the search's stats. `max_seconds` and
+    `max_candidates` stop early (stats.timed_out / stats.capped). `explore="unlikely"` walks the least likely
+    child first: a testing hook (same result, more work) that checks the cache never carries stale state."""
+    if not 0.0 < min_prob <= 1.0:
+        raise ValueError(f"min_prob must be in (0, 1], got {min_prob}")
+    start = time.perf_counter()
+    stats = GenStats()
+    found: list[Completion] = []
+    if max_new_tokens < 1:
+        return found, stats
+    deadline = None if max_seconds is None else start + max_seconds
+    limit = -math.log(min_prob) + NLL_TOLERANCE
+    tokens, eos = codec.output_tokens, codec.eos_id
+    guess = list(guess or [])[:max_new_tokens]
+
+    def children(dist: list[float], nll: float) -> list[tuple[float, int]]:
+        kept = [(nll - lp, tok) for tok, lp in zip(tokens, dist) if nll - lp <= limit]
+        kept.sort(reverse=explore == "unlikely")  # (nll, token): ties broken by token id, deterministically
+        return kept
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            path_cache = _PathCache(model, codec, stats)
+            guess_dists = path_cache.prefill(prompt, guess)
+            # Frames: [depth, children (nll, token), next child, on the guess path]; `path` is the top frame's node.
+            stack: list[list] = [[0, children(guess_dists[0], 0.0), 0, bool(guess)]]
+            path: list[int] = []
+            while stack:
+                if deadline is not None and time.perf_counter() > deadline:
+                    stats.timed_out = True
+                    break
+                if max_candidates is not None and len(found) >= max_candidates:
+                    stats.capped = True
+                    break
+                frame = stack[-1]
+                depth, kids, i, on_guess = frame
+                if i == len(kids):
+                    stack.pop()
+                    if depth:
+                        path.pop()
+                    continue
+                frame[2] = i + 1
+                nll, tok = kids[i]
+                if tok == eos:
+                    found.append(Completion(path + [eos], -nll))
+                    continue
+                if depth + 2 > max_new_tokens:  # no room left for the eos after this token
+                    continue
+                path.append(tok)
+                child_on_guess = on_guess and depth < len(guess) and guess[depth] == tok
+                # Along the guess the distribution is already known from the prefill: no forward at all.
+                dist = guess_dists[depth + 1] if child_on_guess else path_cache.extend(path)
+                stack.append([depth + 1, children(dist, nll), 0, child_on_guess])
+    finally:
+        model.train(was_training)
+    found.sort(key=lambda c: (-c.logp, c.ids))
+    stats.seconds = time.perf_counter() - start
+    return found, stats

@@ -1,0 +1,221 @@
+"""Generation strategies behind one interface: greedy and sampling, batched over prompts with a KV cache.
+
+Log-probability convention (shared with the DFS and with teacher-forced scoring): decoding may only pick
+`codec.output_tokens` (nothing else can form a grid), but every reported log p is taken under the model's FULL
+softmax over the whole vocabulary at temperature 1, unmasked. So a completion's `logp` is exactly what a
+teacher-forced forward pass over prompt + completion would sum, whatever strategy produced it.
+
+Why our own decoding loop rather than `model.generate`: the loop reads the argmax and the full-softmax log p off
+the same logits tensor (no output_logits / compute_transition_scores round trip), drops finished rows from the
+batch and the cache (`DynamicCache.batch_select_indices`), seeds sampling with its own torch.Generator instead of
+the global RNG, counts forward tokens for the benchmarks, and is the same few forward calls the DFS uses, which
+stay stable across transformers versions (generate's cache and output arguments do not).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from arcfold.data.codec import GridCodec
+
+
+Pick = Callable[[torch.Tensor], torch.Tensor]  # (rows, output-token logits) -> chosen column per row
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # generated answer tokens, ending with eos when complete
+    logp: float  # sum of the tokens' log-probabilities under the full softmax (see the module docstring)
+
+
+@dataclass
+class GenStats:
+    forward_tokens: int = 0  # tokens pushed through the model: prompts, decoded tokens, left padding included
+    forward_passes: int = 0
+    seconds: float = 0.0
+    timed_out: bool = False  # a wall-clock cap stopped the work early
+    capped: bool = False  # a candidate cap stopped the search early
+
+    def add(self, other: "GenStats") -> None:
+        self.forward_tokens += other.forward_tokens
+        self.forward_passes += other.forward_passes
+        self.seconds += other.seconds
+        self.timed_out |= other.timed_out
+        self.capped |= other.capped
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+
+# ------------------------------------------------------------------------------------------ model plumbing
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PeftModel (whose forward only has **kwargs)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _forward_params(model: torch.nn.Module) -> frozenset[str]:
+    return _params_of(type(_base(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _params_of(cls: type) -> frozenset[str]:
+    # Cached per class: inspect.signature on every decoding step would be measurable overhead.
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache, keep: int = 1,
+            attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Run `ids` (batch, new) on top of `cache` (extended in place); return logits of the last `keep` positions.
+
+    transformers 5 names the cache argument `cache`, 4.x `past_key_values`; `logits_to_keep` spares the lm_head
+    (a 150k-vocabulary head over an 8k prompt is gigabytes) on positions we never read."""
+    params = _forward_params(model)
+    kwargs: dict[str, Any] = {"use_cache": True}
+    kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = keep
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    logits = model(input_ids=ids, **kwargs).logits
+    return logits[:, -keep:]
+
+
+def full_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the whole vocabulary, computed in float32 (bf16 logits lose too much), as float64."""
+    return torch.log_softmax(logits.float(), dim=-1).double()
+
+
+# ------------------------------------------------------------------------------------------ batched decoding
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _decode_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], codec: GridCodec,
+                  max_new_tokens: int, pick: Pick, deadline: float | None, stats: GenStats) -> list[Completion]:
+    """Decode one batch of prompts until every row has produced eos or max_new_tokens tokens.
+
+    Left padding + attention mask + explicit position ids (a padded row's first real token is position 0).
+    `pick(logits_over_output_tokens) -> column` chooses each row's next token among codec.output_tokens."""
+    device = model_device(model)
+    allowed = torch.tensor(codec.output_tokens, dtype=torch.long, device=device)
+    eos = codec.eos_id
+    ids, mask = _left_pad(prompts, codec.pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    results = [Completion([], 0.0) for _ in prompts]
+    active = list(range(len(prompts)))  # original row of each cache row
+    logits = forward(model, ids, cache, 1, mask, positions)[:, -1]
+    stats.forward_tokens += ids.numel()
+    stats.forward_passes += 1
+    next_pos = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        flat = logits.float()  # float32 whatever the model's dtype, as in full_logprobs
+        choice = allowed[pick(flat.index_select(-1, allowed))]
+        # log p of the chosen token under the full softmax: a gather and a logsumexp, not a whole log-softmax.
+        chosen_logp = (flat.gather(-1, choice[:, None])[:, 0] - torch.logsumexp(flat, -1)).double().tolist()
+        tokens = choice.tolist()
+        keep = []
+        for row, (tok, lp) in enumerate(zip(tokens, chosen_logp)):
+            res = results[active[row]]
+            res.ids.append(tok)
+            res.logp += lp
+            if tok != eos:
+                keep.append(row)
+        if not keep or step + 1 == max_new_tokens or (deadline is not None and time.perf_counter() > deadline):
+            stats.timed_out |= bool(keep) and step + 1 < max_new_tokens
+            break
+        if len(keep) < len(active):  # drop finished rows: no more compute spent on them
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, next_pos, choice = mask[index], next_pos[index], choice[index]
+            active = [active[r] for r in keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        logits = forward(model, choice[:, None], cache, 1, mask, next_pos)[:, -1]
+        next_pos = next_pos + 1
+        stats.forward_tokens += len(active)
+        stats.forward_passes += 1
+    return results
+
+
+def _run(model: torch.nn.Module, rows: list[Sequence[int]], codec: GridCodec, max_new_tokens: int,
+         batch_size: int, pick: Pick, max_seconds: float | None) -> tuple[list[Completion], GenStats]:
+    """Decode all rows in batches of similar prompt length (less padding); results in the input order."""
+    start = time.perf_counter()
+    deadline = None if max_seconds is None else start + max_seconds
+    stats = GenStats()
+    out: list[Completion] = [Completion([], 0.0) for _ in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for first in range(0, len(order), max(1, batch_size)):
+                if deadline is not None and time.perf_counter() > deadline:
+                    stats.timed_out = True  # the rest stay empty (invalid) completions
+                    break
+                batch = order[first:first + batch_size]
+                done = _decode_batch(model, [rows[i] for i in batch], codec, max_new_tokens, pick, deadline, stats)
+                for i, completion in zip(batch, done):
+                    out[i] = completion
+    finally:
+        model.train(was_training)
+    stats.seconds = time.perf_counter() - start
+    return out, stats
+
+
+def greedy(model: torch.nn.Module, prompts: list[list[int]], codec: GridCodec, max_new_tokens: int,
+           batch_size: int = 8, max_seconds: float | None = None) -> tuple[list[list[Completion]], GenStats]:
+    """The argmax chain over codec.output_tokens for each prompt: one Completion per prompt.
+
+    logp is under the full unmasked softmax (module docstring); a row that hits max_new_tokens (or the
+    wall-clock cap) before eos comes back without the eos, which decodes to no grid."""
+    if max_new_tokens < 1 or not prompts:
+        return [[Completion([], 0.0)] for _ in prompts], GenStats()
+    completions, stats = _run(model, list(prompts), codec, max_new_tokens, batch_size,
+                              lambda logits: logits.argmax(-1), max_seconds)
+    return [[c] for c in completions], stats
+
+
+def sample(model: torch.nn.Module, prompts: list[list[int]], codec: GridCodec, max_new_tokens: int, n: int,
+           temperature: float, seed: int, batch_size: int = 8, max_seconds: float | None = None
+           ) -> tuple[list[list[Completion]], GenStats]:
+    """n samples per prompt from softmax(logits / temperature) restricted to codec.output_tokens.
+
+    Seeded by its own torch.Generator, so results depend only on (seed, prompts, model). logp is still the
+    model's full-softmax log p at temperature 1 (module docstring), not the sampling distribution's."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if max_new_tokens < 1 or not prompts or n < 1:
+        return [[Completion([], 0.0) for _ in range(max(n, 0))] for _ in prompts], GenStats()
+    generator = torch.Generator(device=model_device(model)).manual_seed(seed)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    rows = [p for p in prompts for _ in range(n)]
+    flat, stats = _run(model, rows, codec, max_new_tokens, batch_size, pick, max_seconds)
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))], stats

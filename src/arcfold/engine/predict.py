@@ -1,0 +1,199 @@
+"""Per-task prediction: generate in augmented views, map back, merge, rank into two attempts.
+
+For each test input, every view's prompt is generated from with the configured strategy (greedy, sample or the
+thresholded DFS). Completions are decoded in the view's frame (invalid ones are counted and dropped, never
+raised), mapped back with the view's inverse transform and merged, so a grid found in several views collects
+one vote per view. Ranking is by votes (then mean log p), or by augmentation scoring when cfg.scoring.views > 0;
+every ranking lands in TestPrediction.rankings so one run can compare them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from arcfold.config import InferenceConfig
+from arcfold.data.augment import Transform, make_views, task_rng
+from arcfold.data.codec import MAX_OUTPUT_TOKENS, GridCodec
+from arcfold.data.errors import ArcDataError
+from arcfold.data.tasks import Task
+from arcfold.engine.candidates import Candidate, TestPrediction, merge, rank_by_votes
+from arcfold.engine.dfs import dfs
+from arcfold.engine.generate import Completion, GenStats, greedy, sample
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("greedy", "dfs", "sample")
+
+
+def answer_budget(max_len: int) -> int:
+    """Tokens kept free for the answer, and the most a view may generate.
+
+    The longest possible answer (a 30x30 grid) is MAX_OUTPUT_TOKENS = 931, so with the default max_len that
+    much is reserved: a prompt never crowds out a legal answer (demonstrations are dropped instead). A small
+    max_len (CPU runs) keeps half for the prompt rather than failing on every task."""
+    return min(MAX_OUTPUT_TOKENS, max_len // 2)
+
+
+def _add(candidates: list[Candidate], grid: np.ndarray, view: int, logp: float, cap: int) -> None:
+    """Merge a de-augmented grid: a known grid gains the view's vote; a new one only while below the cap."""
+    known = any(c.grid.shape == grid.shape and (c.grid == grid).all() for c in candidates)
+    if known or len(candidates) < cap:
+        merge(candidates, grid, view, logp)
+
+
+class _TestRun:
+    """The generation state of one test input: prompts per view, candidates, counters."""
+
+    def __init__(self, model: torch.nn.Module, codec: GridCodec, task: Task, index: int, cfg: InferenceConfig,
+                 views: Sequence[Transform]) -> None:
+        self.model, self.codec, self.task, self.index, self.cfg = model, codec, task, index, cfg
+        self.start = time.perf_counter()
+        self.deadline = self.start + cfg.max_seconds
+        self.max_new = answer_budget(cfg.max_len)
+        self.candidates: list[Candidate] = []
+        self.gen = GenStats()
+        self.n_completions = self.n_invalid = 0
+        self.views_done = 0
+        self.prompts: list[tuple[int, Transform, list[int]]] = []  # (view index, view, prompt ids)
+        dropped: list[int] = []
+        test_input = task.test[index].input
+        for v, view in enumerate(views):
+            try:
+                enc = codec.encode_prompt(view.pairs(task.train), view.grid(test_input), max_len=cfg.max_len,
+                                          reserve=self.max_new)
+            except ArcDataError as err:  # even one demonstration does not fit: this view cannot run
+                log.warning("task %s test %d view %d skipped: %s", task.id, index, v, err)
+                continue
+            self.prompts.append((v, view, enc.ids))
+            dropped.append(enc.dropped)
+        self.prompt_tokens = float(np.mean([len(p) for _, _, p in self.prompts])) if self.prompts else 0.0
+        self.dropped_demos = float(np.mean(dropped)) if dropped else 0.0
+
+    def remaining(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def collect(self, v: int, view: Transform, completions: list[Completion]) -> None:
+        for completion in completions:
+            self.n_completions += 1
+            grid = self.codec.decode(completion.ids)
+            if grid is None:
+                self.n_invalid += 1
+                continue
+            _add(self.candidates, view.invert(grid), v, completion.logp, self.cfg.max_candidates)
+
+    # ---------------------------------------------------------------------------------------- strategies
+
+    def run_batched(self) -> None:
+        """greedy / sample: views decoded together, batch by batch, checking the clock in between."""
+        step = max(1, self.cfg.batch_size)
+        for first in range(0, len(self.prompts), step):
+            if self.remaining() <= 0:
+                self.gen.timed_out = True
+                break
+            chunk = self.prompts[first:first + step]
+            ids = [p for _, _, p in chunk]
+            if self.cfg.strategy == "greedy":
+                out, stats = greedy(self.model, ids, self.codec, self.max_new, step, self.remaining())
+            else:
+                seed = int(task_rng(self.cfg.seed, "sample", self.task.id, self.index, first).integers(2**31))
+                out, stats = sample(self.model, ids, self.codec, self.max_new, self.cfg.samples,
+                                    self.cfg.temperature, seed, step, self.remaining())
+            self.gen.add(stats)
+            for (v, view, _), completions in zip(chunk, out):
+                self.collect(v, view, completions)
+            self.views_done += len(chunk)
+
+    def run_dfs(self) -> None:
+        """DFS view by view; each view starts from the best candidate so far, mapped into its frame, as guess."""
+        for v, view, ids in self.prompts:
+            if self.remaining() <= 0:
+                self.gen.timed_out = True
+                break
+            guess = None
+            if self.candidates:
+                best = self.candidates[rank_by_votes(self.candidates)[0]]
+                guess = self.codec.encode_answer(view.grid(best.grid))
+            found, stats = dfs(self.model, ids, self.codec, self.cfg.min_prob, self.max_new, guess=guess,
+                               max_seconds=self.remaining(), max_candidates=self.cfg.max_candidates)
+            self.gen.add(stats)
+            self.collect(v, view, found)
+            self.views_done += 1
+
+
+def _rank(model: torch.nn.Module, codec: GridCodec, task: Task, index: int, cfg: InferenceConfig,
+          candidates: list[Candidate]) -> tuple[dict[str, list[int]], list[int], dict[str, float]]:
+    """Every ranking we can compute, the one that picks the attempts, and scoring stats."""
+    rankings = {"votes": rank_by_votes(candidates)}
+    stats = {"scoring_seconds": 0.0, "scoring_tokens": 0.0}
+    if cfg.scoring.views <= 0 or not candidates:
+        return rankings, rankings["votes"], stats
+    from arcfold.engine import scoring  # imported here: generation alone must not depend on it
+
+    views = make_views(task, math.ceil(cfg.scoring.views / 8), cfg.scoring.seed, cfg.scoring.colours,
+                       cfg.shuffle_demos)[:cfg.scoring.views]
+    stats.update(scoring.score_candidates(model, codec, task, index, candidates, views, max_len=cfg.max_len,
+                                          batch_size=cfg.batch_size))
+    for name in scoring.AGGREGATES:
+        rankings[name] = scoring.rank(candidates, name)
+    rankings["votes"] = rank_by_votes(candidates)  # the shared definition, whatever scoring calls votes
+    if cfg.scoring.aggregate not in rankings:
+        raise ValueError(f"unknown scoring.aggregate {cfg.scoring.aggregate!r}; choose one of {sorted(rankings)}")
+    return rankings, rankings[cfg.scoring.aggregate], stats
+
+
+def predict_test(model: torch.nn.Module, codec: GridCodec, task: Task, index: int, cfg: InferenceConfig,
+                 views: Sequence[Transform]) -> TestPrediction:
+    run = _TestRun(model, codec, task, index, cfg, views)
+    if cfg.strategy == "dfs":
+        run.run_dfs()
+    else:
+        run.run_batched()
+    gen_seconds = time.perf_counter() - run.start
+    rankings, order, scoring_stats = _rank(model, codec, task, index, cfg, run.candidates)
+    stats = {
+        "seconds": time.perf_counter() - run.start,
+        "gen_seconds": gen_seconds,
+        "scoring_seconds": float(scoring_stats.pop("scoring_seconds")),
+        "forward_tokens": float(run.gen.forward_tokens),
+        "forward_passes": float(run.gen.forward_passes),
+        "n_views": float(run.views_done),
+        "n_views_skipped": float(len(views) - len(run.prompts)),
+        "n_completions": float(run.n_completions),
+        "n_invalid": float(run.n_invalid),
+        "n_candidates": float(len(run.candidates)),
+        "prompt_tokens": run.prompt_tokens,
+        "dropped_demos": run.dropped_demos,
+        "timed_out": float(run.gen.timed_out),
+        "capped": float(run.gen.capped),
+        **{k: float(v) for k, v in scoring_stats.items()},
+    }
+    return TestPrediction(task.id, index, run.candidates, [run.candidates[i].grid for i in order[:2]],
+                          rankings, stats)
+
+
+def predict_task(model: torch.nn.Module, codec: GridCodec, task: Task, cfg: InferenceConfig,
+                 views: list[Transform] | None = None) -> list[TestPrediction]:
+    """One TestPrediction per test input, attempts (at most two) in the task's original frame.
+
+    views defaults to make_views(task, cfg.n, cfg.seed, ...) = 8 * n views, the identity first. The model runs
+    in eval mode under torch.inference_mode (its train/eval mode is restored afterwards); a PeftModel works."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"unknown inference strategy {cfg.strategy!r}; choose one of {STRATEGIES}")
+    if views is None:
+        views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return [predict_test(model, codec, task, i, cfg, views) for i in range(len(task.test))]
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["predict_task", "predict_test", "answer_budget", "STRATEGIES"]
