@@ -1,16 +1,15 @@
 """Typed config: one dataclass per group, registered in Hydra's ConfigStore behind the YAML files in conf/.
 
 The YAML files only set values; these schemas give every key its type and default, so a typo or a wrong type
-in an override fails at composition time with Hydra's message, before any model is loaded.
+in an override fails at composition time with Hydra's message, before any model is loaded. The schemas are
+plain dataclasses that the engine uses as type hints; Hydra is imported only by register(), which the entry
+points call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 
 @dataclass
@@ -161,6 +160,8 @@ def check(cfg: Any) -> None:
 
 def register() -> None:
     """Register the schemas: the root as `base_config`, each group's as `base_<group>`."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for group, node in [("data", DataConfig), ("model", ModelConfig), ("split", SplitConfig),
@@ -170,4 +171,4 @@ def register() -> None:
 
 
 __all__ = ["DataConfig", "ModelConfig", "SplitConfig", "LoraConfig", "TrainConfig", "InferenceConfig",
-           "ScoringConfig", "TrackingConfig", "RunConfig", "check", "register", "MISSING"]
+           "ScoringConfig", "TrackingConfig", "RunConfig", "check", "register"]
