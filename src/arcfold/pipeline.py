@@ -112,21 +112,20 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
                 predict_one(model, loaded.codec, task, cfg.inference, results)
         inference_seconds = time.perf_counter() - fold_start
         results.write_submission(run_dir / "submission.json")  # after every fold: nothing computed is lost
-        fold_nll = [v for (tid, _), v in results.nll.items() if results.fold_of.get(tid) == f]
-        row = FoldRow(f, len(fold), stats.tokens, stats.steps, stats.seconds, inference_seconds,
-                      stats.peak_memory_bytes / 2**20, stats.final_loss, stats.tokens_per_second,
-                      sum(fold_nll) / len(fold_nll) if fold_nll else math.nan, results.fold_score(f))
+        row = {**vars(FoldRow(f, len(fold), stats.tokens, stats.steps, stats.seconds, inference_seconds,
+                               stats.peak_memory_bytes / 2**20, stats.final_loss, stats.tokens_per_second)),
+               **results.metrics(fold)}
         results.folds.append(row)
-        tracker.log_metrics({f"fold_{k}": v for k, v in vars(row).items() if k != "fold"}, step=f)
+        tracker.log_metrics({f"fold_{k}": v for k, v in row.items() if k != "fold"}, step=f)
         log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
                  f + 1, len(folds), len(fold), stats.steps, stats.final_loss, stats.seconds, inference_seconds,
-                 row.score)
+                 row.get("score", math.nan))
 
     with clock("scoring"):
         metrics = results.metrics()
         results.write_scores(run_dir)
         tables = results.write_tables(run_dir)
-    train_tokens_total = sum(r.train_tokens for r in results.folds)
+    train_tokens_total = sum(r["train_tokens"] for r in results.folds)
     train_seconds = clock.seconds.get("train", 0.0)
     with clock("logging"):
         metrics.update({f"seconds_{k}": v for k, v in clock.seconds.items()},

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from arcfold.data import Task, write_submission
+from arcfold.data import Task, build_submission, write_submission
 from arcfold.data.submission import Score, grid_equal, score_submission, write_json_atomic
 from arcfold.engine.candidates import TestPrediction
 
@@ -30,8 +30,6 @@ class FoldRow:
     peak_memory_mb: float
     final_loss: float
     tokens_per_second: float
-    answer_nll: float = math.nan
-    score: float = math.nan
 
 
 @dataclass
@@ -43,7 +41,7 @@ class RunResults:
     nll: dict[tuple[str, int], float] = field(default_factory=dict)
     base_nll: dict[tuple[str, int], float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # task id -> error (placeholder submitted)
-    folds: list[FoldRow] = field(default_factory=list)
+    folds: list[dict[str, Any]] = field(default_factory=list)  # FoldRow + metrics(fold tasks), one per fold
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, set at the end
     summary: dict[str, float] = field(default_factory=dict)  # the run's metrics, set at the end
 
@@ -66,10 +64,9 @@ class RunResults:
     def write_submission(self, path: Path) -> Path:
         return write_submission(path, self.submission_tasks, self.attempts())
 
-    def score(self, ranking: str | None = None) -> Score:
-        from arcfold.data import build_submission
-
-        return score_submission(build_submission(self.tasks, self.attempts(ranking)), self.tasks)
+    def score(self, ranking: str | None = None, tasks: Sequence[Task] | None = None) -> Score:
+        tasks = self.tasks if tasks is None else tasks
+        return score_submission(build_submission(tasks, self.attempts(ranking)), tasks)
 
     def covered(self, task: Task, i: int) -> bool:
         """Oracle: is the true output among the candidates at all?"""
@@ -78,40 +75,40 @@ class RunResults:
 
     # ------------------------------------------------------------------------------------------- metrics
 
-    def metrics(self) -> dict[str, float]:
-        preds = list(self.predictions.values())
+    def metrics(self, tasks: Sequence[Task] | None = None) -> dict[str, float]:
+        """The run's figures over `tasks` (default: all of them; a fold's tasks for per-fold figures).
+
+        oracle = the score if we always picked right among the candidates (generation's ceiling);
+        selection_accuracy = solved / covered test outputs (how well ranking uses what generation found)."""
+        tasks = self.tasks if tasks is None else tasks
+        keys = [(t.id, i) for t in tasks for i in range(len(t.test))]
+        preds = [self.predictions[k] for k in keys if k in self.predictions]
         stat = lambda name: float(sum(p.stats.get(name, 0.0) for p in preds))  # noqa: E731
         m: dict[str, float] = {
-            "tasks": len(self.tasks), "test_inputs": sum(len(t.test) for t in self.tasks),
-            "failed_tasks": len(self.failures),
+            "tasks": len(tasks), "test_inputs": len(keys),
+            "failed_tasks": sum(t.id in self.failures for t in tasks),
             "mean_candidates": float(np.mean([len(p.candidates) for p in preds])) if preds else 0.0,
             "forward_tokens": stat("forward_tokens"), "gen_seconds": stat("gen_seconds"),
             "scoring_seconds": stat("scoring_seconds"), "timed_out_inputs": stat("timed_out"),
-            "dropped_demos": stat("dropped_demos"),
+            "invalid_completions": stat("n_invalid"), "dropped_demos": stat("dropped_demos"),
         }
-        if not self.has_solutions:
+        nll = [self.nll[k] for k in keys if k in self.nll]
+        base_nll = [self.base_nll[k] for k in keys if k in self.base_nll]
+        if nll:
+            m["answer_nll"] = float(np.mean(nll))
+        if base_nll:
+            m["answer_nll_base"] = float(np.mean(base_nll))
+        if not tasks or not all(t.has_solutions for t in tasks):
             return m
-        s = self.score()
-        oracle = [np.mean([self.covered(t, i) for i in range(len(t.test))]) for t in self.tasks]
-        covered = sum(self.covered(t, i) for t in self.tasks for i in range(len(t.test)))
+        s = self.score(tasks=tasks)
+        oracle = [np.mean([self.covered(t, i) for i in range(len(t.test))]) for t in tasks]
+        covered = sum(self.covered(t, i) for t in tasks for i in range(len(t.test)))
         m.update(score=s.score_tasks, score_pairs=s.score_pairs, solved=s.solved, solved_pairs=s.solved_pairs,
                  oracle=float(np.mean(oracle)), covered_pairs=covered,
                  selection_accuracy=(s.solved_pairs / covered) if covered else math.nan)
         for name in sorted({r for p in preds for r in p.rankings}):
-            m[f"score_{name}"] = self.score(name).score_tasks
-        if self.nll:
-            m["answer_nll"] = float(np.mean(list(self.nll.values())))
-        if self.base_nll:
-            m["answer_nll_base"] = float(np.mean(list(self.base_nll.values())))
+            m[f"score_{name}"] = self.score(name, tasks).score_tasks
         return m
-
-    def fold_score(self, fold: int) -> float:
-        fold_tasks = [t for t in self.tasks if self.fold_of.get(t.id) == fold]
-        if not fold_tasks or not self.has_solutions:
-            return math.nan
-        from arcfold.data import build_submission
-
-        return score_submission(build_submission(fold_tasks, self.attempts()), fold_tasks).score_tasks
 
     # ------------------------------------------------------------------------------------------- tables
 
@@ -140,7 +137,7 @@ class RunResults:
 
     def write_tables(self, run_dir: Path) -> dict[str, Path]:
         paths = {"tasks": write_csv(run_dir / "tasks.csv", self.task_rows()),
-                 "folds": write_csv(run_dir / "folds.csv", [asdict(f) for f in self.folds])}
+                 "folds": write_csv(run_dir / "folds.csv", self.folds)}
         return paths
 
     def write_scores(self, run_dir: Path) -> Path | None:

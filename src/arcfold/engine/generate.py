@@ -14,11 +14,12 @@ stay stable across transformers versions (generate's cache and output arguments 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -60,6 +61,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode under torch.inference_mode for the duration; the caller's train/eval mode comes back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def _base(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a PeftModel (whose forward only has **kwargs)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -75,15 +88,17 @@ def _params_of(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
-def forward(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache, keep: int = 1,
+def forward(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache | None, keep: int = 1,
             attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Run `ids` (batch, new) on top of `cache` (extended in place); return logits of the last `keep` positions.
+    With cache=None nothing is cached (a one-off pass over whole sequences).
 
     transformers 5 names the cache argument `cache`, 4.x `past_key_values`; `logits_to_keep` spares the lm_head
     (a 150k-vocabulary head over an 8k prompt is gigabytes) on positions we never read."""
     params = _forward_params(model)
-    kwargs: dict[str, Any] = {"use_cache": True}
-    kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    kwargs: dict[str, Any] = {"use_cache": cache is not None}
+    if cache is not None:
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = keep
     if attention_mask is not None:

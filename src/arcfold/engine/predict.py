@@ -24,7 +24,7 @@ from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
 from arcfold.engine.candidates import Candidate, TestPrediction, merge, rank_by_votes
 from arcfold.engine.dfs import dfs
-from arcfold.engine.generate import Completion, GenStats, greedy, sample
+from arcfold.engine.generate import Completion, GenStats, eval_mode, greedy, sample
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,8 @@ def predict_task(model: torch.nn.Module, codec: GridCodec, task: Task, cfg: Infe
         raise ValueError(f"unknown inference strategy {cfg.strategy!r}; choose one of {STRATEGIES}")
     if views is None:
         views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return [predict_test(model, codec, task, i, cfg, views) for i in range(len(task.test))]
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        return [predict_test(model, codec, task, i, cfg, views) for i in range(len(task.test))]
 
 
 __all__ = ["predict_task", "predict_test", "answer_budget", "STRATEGIES"]

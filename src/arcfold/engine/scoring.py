@@ -11,20 +11,19 @@ candidate from its KV cache; `reuse_prefix=False` runs each prompt + candidate f
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from arcfold.data.augment import Transform
 from arcfold.data.codec import GridCodec
 from arcfold.data.tasks import Task
 from arcfold.engine.candidates import Candidate
+from arcfold.engine.generate import eval_mode, forward, model_device
 
 AGGREGATES = ("sum_logp", "sum_logp_bonus", "mean_prob", "max", "min", "votes")
 GEN_BONUS = 3.0  # the 2024 submission's bonus: each generating view adds (gen log p + 3)
@@ -32,46 +31,6 @@ _PAD = 0  # filler id after a short answer: causal attention keeps it from touch
 
 
 # ------------------------------------------------------------------------------------------ model plumbing
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and inference mode for the duration; the caller's train/eval mode comes back afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _forward_params(model: torch.nn.Module) -> frozenset[str]:
-    """The keyword names forward takes. A PeftModel's forward only has **kwargs, so ask the model underneath."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return frozenset(inspect.signature(base.forward).parameters)
-
-
-def _forward(model: torch.nn.Module, ids: torch.Tensor, keep: int, cache: Any = None,
-             use_cache: bool = True) -> tuple[torch.Tensor, Any]:
-    """One forward pass: (logits of at least the last `keep` positions, the grown KV cache or None).
-
-    `logits_to_keep` skips the lm_head on positions we never read. Recent transformers call the cache argument
-    and output `cache`; older ones `past_key_values`: use whichever this model's forward names."""
-    params = _forward_params(model)
-    kwargs: dict[str, Any] = {"use_cache": use_cache}
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = keep
-    if cache is not None:
-        kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    out = model(input_ids=ids, **kwargs)
-    if not use_cache:
-        return out.logits, None
-    return out.logits, (out["cache"] if "cache" in out else out["past_key_values"])
-
 
 def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) under the full softmax, per position, in float64. logsumexp + gather avoids building the
@@ -99,7 +58,7 @@ def _score_from_scratch(model: torch.nn.Module, pairs: Sequence[tuple[list[int],
 
     Returns the scores and the tokens pushed through the model. Right padding needs no attention mask: a
     causal model never lets a real position see the filler that follows it."""
-    device = _device(model)
+    device = model_device(model)
     scores = [0.0] * len(pairs)
     tokens = 0
     # Similar lengths together: less padding.
@@ -109,7 +68,7 @@ def _score_from_scratch(model: torch.nn.Module, pairs: Sequence[tuple[list[int],
         seqs = [pairs[i][0] + pairs[i][1][:-1] for i in batch]
         ids = _padded(seqs, device)
         first = min(len(pairs[i][0]) for i in batch) - 1  # earliest position that predicts an answer token
-        logits, _ = _forward(model, ids, ids.shape[1] - first, use_cache=False)
+        logits = forward(model, ids, None, ids.shape[1] - first)
         offset = ids.shape[1] - logits.shape[1]  # logits cover positions offset..end
         tokens += ids.numel()
         for row, i in enumerate(batch):
@@ -132,7 +91,7 @@ def _score_with_prefix(model: torch.nn.Module, prompts: Sequence[list[int]], ans
     layer past its window refuses it). The deep copy costs one pass over the group's cache, small next to the
     forward it feeds, and it is exact for any cache.
     Returns the scores and the tokens pushed through the model."""
-    device = _device(model)
+    device = model_device(model)
     scores = [[0.0] * len(a) for a in answers]
     tokens = 0
     same_length: dict[int, list[int]] = {}
@@ -141,7 +100,8 @@ def _score_with_prefix(model: torch.nn.Module, prompts: Sequence[list[int]], ans
             same_length.setdefault(len(prompt), []).append(v)
     for views_of_length in same_length.values():
         for group in _chunks(views_of_length, batch_size):
-            logits, cache = _forward(model, torch.tensor([prompts[v] for v in group], device=device), 1)
+            cache = DynamicCache()
+            logits = forward(model, torch.tensor([prompts[v] for v in group], device=device), cache, 1)
             first_logits = logits[:, -1]  # row r predicts the first token of every answer of view group[r]
             tokens += len(group) * len(prompts[group[0]])
             rows = [(r, v, i) for r, v in enumerate(group) for i in range(len(answers[v]))]
@@ -153,7 +113,7 @@ def _score_with_prefix(model: torch.nn.Module, prompts: Sequence[list[int]], ans
                 if ids.shape[1] > 0:  # answers of one token need nothing beyond the prompt's last logits
                     view_cache = cache if n == len(batches) - 1 else copy.deepcopy(cache)  # the last may spend it
                     view_cache.batch_select_indices(torch.tensor([r for r, _, _ in batch], device=device))
-                    out_logits, _ = _forward(model, ids, ids.shape[1], view_cache)
+                    out_logits = forward(model, ids, view_cache, ids.shape[1])
                     tokens += ids.numel()
                 for k, (r, v, i) in enumerate(batch):
                     answer = answers[v][i]
@@ -170,7 +130,7 @@ def teacher_forced_logp(model: torch.nn.Module, prompt: list[int], answers: list
     """Sum of log p (full softmax, float64 sum) of each answer's tokens given the prompt, in one pass each."""
     if any(not a for a in answers):
         raise ValueError("every answer needs at least one token")
-    with _eval_mode(model):
+    with eval_mode(model):
         if reuse_prefix:
             return _score_with_prefix(model, [prompt], [answers], batch_size)[0][0]
         return _score_from_scratch(model, [(prompt, a) for a in answers], batch_size)[0]
@@ -204,7 +164,7 @@ def score_candidates(model: torch.nn.Module, codec: GridCodec, task: Task, test_
             view_answers = [codec.encode_answer(view.grid(np.asarray(g[0].grid))) for g in groups]
             prompts.append(_view_prompt(codec, task, test_index, view, max_len, max(map(len, view_answers))))
             answers.append(view_answers)
-        with _eval_mode(model):
+        with eval_mode(model):
             if reuse_prefix:
                 scores, tokens = _score_with_prefix(model, prompts, answers, batch_size)
             else:
@@ -233,7 +193,7 @@ def answer_nll(model: torch.nn.Module, codec: GridCodec, task: Task, test_index:
     for view in views:
         answer = codec.encode_answer(view.grid(truth))
         pairs.append((_view_prompt(codec, task, test_index, view, max_len, len(answer)), answer))
-    with _eval_mode(model):
+    with eval_mode(model):
         # Prompts differ per view, so there is no prefix to share: score the full sequences, batched over views.
         logps, _ = _score_from_scratch(model, pairs, batch_size)
     return float(np.mean([-lp / len(a) for lp, (_, a) in zip(logps, pairs)]))
