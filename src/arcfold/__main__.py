@@ -23,6 +23,16 @@ log = logging.getLogger("arcfold")
 register()
 
 
+def release_memory() -> None:
+    """Hydra's basic launcher runs a sweep's jobs one after another in this process: free the last job's model."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://arcfold.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from arcfold import pipeline
@@ -53,6 +63,7 @@ def main(cfg: DictConfig) -> float | None:
         return None
     finally:
         tracker.finish(status)
+        release_memory()
     score = result.summary.get("score")
     log.info("run finished in %.1fs: %s", result.summary.get("seconds_total", 0.0),
              result.score().summary() if result.has_solutions else "no solutions, not scored")

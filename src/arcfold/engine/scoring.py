@@ -40,6 +40,16 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (picked - torch.logsumexp(logits, dim=-1)).double()
 
 
+def _summed_logps(logits: torch.Tensor, answers: Sequence[Sequence[int]]) -> list[float]:
+    """Per row, the summed log p of answers[row] read off logits[row, :len(answer)] (one batched call, so the
+    cost does not grow with a Python loop over rows). Positions past an answer's end are masked out."""
+    width = logits.shape[1]
+    targets = _padded([list(a) + [_PAD] * (width - len(a)) for a in answers], logits.device)
+    lengths = torch.tensor([len(a) for a in answers], device=logits.device)
+    mask = torch.arange(width, device=logits.device)[None] < lengths[:, None]
+    return (_token_logps(logits, targets) * mask).sum(dim=1).tolist()
+
+
 def _padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([list(r) + [_PAD] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
@@ -71,11 +81,14 @@ def _score_from_scratch(model: torch.nn.Module, pairs: Sequence[tuple[list[int],
         logits = forward(model, ids, None, ids.shape[1] - first)
         offset = ids.shape[1] - logits.shape[1]  # logits cover positions offset..end
         tokens += ids.numel()
-        for row, i in enumerate(batch):
-            prompt, answer = pairs[i]
-            start = len(prompt) - 1 - offset
-            target = torch.tensor(answer, dtype=torch.long, device=device)
-            scores[i] = float(_token_logps(logits[row, start:start + len(answer)], target).sum())
+        # Answer tokens of row i are predicted at positions len(prompt)-1 ... len(prompt)+len(answer)-2.
+        starts = [len(pairs[i][0]) - 1 - offset for i in batch]
+        width = max(len(pairs[i][1]) for i in batch)
+        index = torch.tensor([[min(s + j, logits.shape[1] - 1) for j in range(width)] for s in starts],
+                             device=device)
+        aligned = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+        for i, score in zip(batch, _summed_logps(aligned, [pairs[i][1] for i in batch])):
+            scores[i] = score
     return scores, tokens
 
 
@@ -115,13 +128,13 @@ def _score_with_prefix(model: torch.nn.Module, prompts: Sequence[list[int]], ans
                     view_cache.batch_select_indices(torch.tensor([r for r, _, _ in batch], device=device))
                     out_logits = forward(model, ids, view_cache, ids.shape[1])
                     tokens += ids.numel()
-                for k, (r, v, i) in enumerate(batch):
-                    answer = answers[v][i]
-                    step_logits = first_logits[r][None]
-                    if out_logits is not None:
-                        step_logits = torch.cat([step_logits, out_logits[k, :len(answer) - 1]])
-                    target = torch.tensor(answer, dtype=torch.long, device=device)
-                    scores[v][i] = float(_token_logps(step_logits, target).sum())
+                # Row k's answer is predicted by the prompt's last logits, then by its own first len-1 positions.
+                step_logits = first_logits[[r for r, _, _ in batch]][:, None]
+                if out_logits is not None:
+                    step_logits = torch.cat([step_logits, out_logits], dim=1)
+                row_scores = _summed_logps(step_logits, [answers[v][i] for _, v, i in batch])
+                for (_, v, i), score in zip(batch, row_scores):
+                    scores[v][i] = score
     return scores, tokens
 
 
