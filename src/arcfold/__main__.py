@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import sys
 from pathlib import Path
 
@@ -46,8 +45,7 @@ def main(cfg: DictConfig) -> float | None:
         cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs,
         run_name=cfg.tracking.run_name or (" ".join(hc.overrides.task) or "default"),
         parent_run_id=read_parent(hc.sweep.dir) if sweeping else None,
-        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "hostname": socket.gethostname(),
-              "overrides": " ".join(hc.overrides.task)})
+        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "overrides": " ".join(hc.overrides.task)})
     status = "FAILED"
     try:
         check(cfg)
@@ -55,8 +53,9 @@ def main(cfg: DictConfig) -> float | None:
         result = pipeline.run(cfg, run_dir, tracker)
         status = "FINISHED"
     except ArcDataError as err:
-        # Bad input: one clear line, no traceback. In a sweep, the other jobs go on.
+        # Bad input: one clear line, no traceback, and still a valid submission. In a sweep, the other jobs go on.
         log.error("%s", err)
+        pipeline.write_placeholder_submission(cfg.data, run_dir)
         if not sweeping:
             print(f"arcfold: error: {err}", file=sys.stderr)
             sys.exit(2)

@@ -76,9 +76,9 @@ def split(tasks: Sequence[Task], folds: Any, strategy: str, seed: int) -> list[l
 
 def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
     # The engine is imported here, not at module top, so that config tests and `--help` stay torch-free.
-    from arcfold.engine.lora import AdapterReset, attach_lora, save_adapter
+    from arcfold.engine.lora import AdapterReset, attach_lora
     from arcfold.engine.model import load_model
-    from arcfold.engine.train import make_accelerator, train_fold
+    from arcfold.engine.train import make_accelerator
 
     tracker = tracker or NoTracker()
     run_dir = Path(run_dir)
@@ -99,32 +99,24 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
     tracker.set_tags({"device": str(loaded.device)})
     log.info("%d tasks in %d folds on %s", len(tasks), len(folds), loaded.device)
 
-    for f, fold in enumerate(folds):
-        fresh_adapter.reset(model)
-        with clock("train"):
-            stats = train_fold(model, loaded.codec, fold, cfg.train, accelerator)
-        if cfg.save_adapters:
-            save_adapter(model, run_dir / "adapters" / f"fold_{f}")
-        fold_start = time.perf_counter()
-        with clock("inference"):
-            for task in fold:
-                results.fold_of[task.id] = f
-                predict_one(model, loaded.codec, task, cfg.inference, results)
-        inference_seconds = time.perf_counter() - fold_start
-        results.write_submission(run_dir / "submission.json")  # after every fold: nothing computed is lost
-        row = {**vars(FoldRow(f, len(fold), stats.tokens, stats.steps, stats.seconds, inference_seconds,
-                               stats.peak_memory_bytes / 2**20, stats.final_loss, stats.tokens_per_second)),
-               **results.metrics(fold)}
-        results.folds.append(row)
-        tracker.log_metrics({f"fold_{k}": v for k, v in row.items() if k != "fold"}, step=f)
-        log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
-                 f + 1, len(folds), len(fold), stats.steps, stats.final_loss, stats.seconds, inference_seconds,
-                 row.get("score", math.nan))
-
-    with clock("scoring"):
-        metrics = results.metrics()
-        results.write_scores(run_dir)
-        tables = results.write_tables(run_dir)
+    try:
+        for f, fold in enumerate(folds):
+            fresh_adapter.reset(model)
+            try:
+                row = run_fold(f, fold, model, loaded.codec, cfg, accelerator, results, clock, run_dir)
+            except Exception as err:  # one fold's failure (out of memory, say) must not cost the other folds
+                log.error("fold %d failed, its tasks get placeholders: %s", f, err, exc_info=True)
+                results.failures.update({t.id: f"fold {f}: {type(err).__name__}: {err}" for t in fold})
+                continue
+            tracker.log_metrics({f"fold_{k}": v for k, v in row.items() if k != "fold"}, step=f)
+            log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
+                     f + 1, len(folds), len(fold), row["steps"], row["final_loss"], row["train_seconds"],
+                     row["inference_seconds"], row.get("score", math.nan))
+    finally:  # even on Ctrl-C, the scores and tables of the work done so far land beside the submission
+        with clock("scoring"):
+            metrics = results.metrics()
+            results.write_scores(run_dir)
+            tables = results.write_tables(run_dir)
     train_tokens_total = sum(r["train_tokens"] for r in results.folds)
     train_seconds = clock.seconds.get("train", 0.0)
     with clock("logging"):
@@ -139,6 +131,41 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
     results.timings = dict(clock.seconds)
     results.summary = metrics
     return results
+
+
+def run_fold(f: int, fold: Sequence[Task], model: Any, codec: Any, cfg: Any, accelerator: Any,
+             results: RunResults, clock: Timings, run_dir: Path) -> dict[str, Any]:
+    """Train the (freshly reset) adapter on one fold, save it, predict the fold's tasks; the fold's table row."""
+    from arcfold.engine.lora import save_adapter
+    from arcfold.engine.train import train_fold
+
+    with clock("train"):
+        stats = train_fold(model, codec, fold, cfg.train, accelerator)
+    if cfg.save_adapters:
+        save_adapter(model, run_dir / "adapters" / f"fold_{f}")
+    start = time.perf_counter()
+    with clock("inference"):
+        for task in fold:
+            results.fold_of[task.id] = f
+            predict_one(model, codec, task, cfg.inference, results)
+    results.write_submission(run_dir / "submission.json")  # after every fold: nothing computed is lost
+    row = {**vars(FoldRow(f, len(fold), stats.tokens, stats.steps, stats.seconds, time.perf_counter() - start,
+                          stats.peak_memory_bytes / 2**20, stats.final_loss, stats.tokens_per_second)),
+           **results.metrics(fold)}
+    results.folds.append(row)
+    return row
+
+
+def write_placeholder_submission(data: Any, run_dir: Path) -> None:
+    """For a run stopped before it began (a config error): a valid all-placeholder submission, if the data loads."""
+    path = Path(run_dir) / "submission.json"
+    if path.exists():
+        return
+    try:
+        _, everything = load_tasks(data)
+    except ArcDataError:
+        return  # the data itself is what is wrong: there is no task list to write a submission for
+    RunResults(everything, everything).write_submission(path)
 
 
 def predict_one(model: Any, codec: Any, task: Task, inference: Any, results: RunResults) -> None:
