@@ -136,6 +136,7 @@ class RunTracker:
 
 
 def read_parent(sweep_dir: str | Path) -> str | None:
+    """The sweep's parent run id, written by SweepCallback before the jobs started (None outside a sweep)."""
     path = Path(sweep_dir) / PARENT_FILE
     return json.loads(path.read_text())["run_id"] if path.exists() else None
 
@@ -159,12 +160,12 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.tracking.enabled:
             return
-        parent = read_parent(config.hydra.sweep.dir)
-        if parent:
+        path = Path(config.hydra.sweep.dir) / PARENT_FILE
+        if path.exists():
             from mlflow.tracking import MlflowClient
 
-            uri = json.loads((Path(config.hydra.sweep.dir) / PARENT_FILE).read_text())["uri"]
-            MlflowClient(tracking_uri=uri).set_terminated(parent, "FINISHED")
+            parent = json.loads(path.read_text())
+            MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], "FINISHED")
 
 
 def config_params(cfg: DictConfig) -> dict[str, Any]:
