@@ -199,66 +199,76 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
         pack_tokens = _PACK_ROW_TOKENS
     scores = [[0.0] * len(a) for a in answers]
     tokens = 0
+    for group, cache, last_logits in _prefilled_groups(model, prompts, answers, batch_size):
+        prompt_len = len(prompts[group[0]])
+        tokens += len(group) * prompt_len
+        # Every answer's first token, off the prompt's last logits (row r: view group[r]).
+        firsts = [(r, v, i) for r, v in enumerate(group) for i in range(len(answers[v]))]
+        first_lps = _token_logps(last_logits[[r for r, _, _ in firsts]],
+                                 torch.tensor([answers[v][i][0] for _, v, i in firsts], device=device))
+        for (_, v, i), lp in zip(firsts, first_lps.tolist()):
+            scores[v][i] = lp
+        # The rest: answers of one token are done.
+        inputs = [{i: len(a) - 1 for i, a in enumerate(answers[v]) if len(a) > 1} for v in group]
+        longest = max((n for lengths in inputs for n in lengths.values()), default=0)
+        if not longest:
+            continue
+        cap = pack_tokens or _pack_cap(base, len(group), batch_size, prompt_len, longest)
+        packs = [_pack(lengths, cap) for lengths in inputs]
+        for k in range(max(map(len, packs))):
+            row_packs = [view_packs[k] if k < len(view_packs) else [] for view_packs in packs]
+            width = max(sum(inputs[r][i] for i in pack) for r, pack in enumerate(row_packs))
+            ids = torch.full((len(group), width), _PAD, dtype=torch.long)
+            targets = torch.full((len(group), width), _PAD, dtype=torch.long)
+            positions = torch.full((len(group), width), prompt_len, dtype=torch.long)
+            blocks = torch.full((len(group), width), -1, dtype=torch.long)
+            owners = []  # block b is answers[v][i]
+            for r, (v, pack) in enumerate(zip(group, row_packs)):
+                start = 0
+                for i in pack:
+                    answer, n = answers[v][i], inputs[r][i]
+                    ids[r, start:start + n] = torch.tensor(answer[:-1])
+                    targets[r, start:start + n] = torch.tensor(answer[1:])  # position t predicts token t+1
+                    positions[r, start:start + n] = torch.arange(prompt_len, prompt_len + n)
+                    blocks[r, start:start + n] = len(owners)
+                    owners.append((v, i))
+                    start += n
+            ids, targets, positions, blocks = (t.to(device) for t in (ids, targets, positions, blocks))
+            mask = _packed_mask(blocks, prompt_len, additive)
+            out_logits = forward(model, ids, cache, width, attention_mask=mask, position_ids=positions)
+            cache.crop(-width)  # back to the prompt for the next pack
+            tokens += ids.numel()
+            real = blocks >= 0
+            sums = torch.zeros(len(owners), dtype=torch.float64, device=device).index_add_(
+                0, blocks[real], _token_logps(out_logits, targets)[real])
+            for (v, i), lp in zip(owners, sums.tolist()):
+                scores[v][i] += lp
+    return scores, tokens
+
+
+def _prefilled_groups(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
+                      batch_size: int) -> Iterator[tuple[list[int], DynamicCache, torch.Tensor]]:
+    """Views with answers to score, grouped by prompt length (the 4 D8 views that keep a grid's shape, and the 4
+    that transpose it) and batch_size at a time, each group's prompts run once with no padding.
+    Yields (view indices, their KV cache, the prompts' last logits: row r predicts view group[r]'s answers)."""
     same_length: dict[int, list[int]] = {}
     for v, prompt in enumerate(prompts):
         if answers[v]:
             same_length.setdefault(len(prompt), []).append(v)
-    for prompt_len, views_of_length in same_length.items():
+    device = model_device(model)
+    for views_of_length in same_length.values():
         for group in _chunks(views_of_length, batch_size):
             cache = DynamicCache()
             logits = forward(model, torch.tensor([prompts[v] for v in group], device=device), cache, 1)
-            tokens += len(group) * prompt_len
-            # Every answer's first token, off the prompt's last logits (row r: view group[r]).
-            firsts = [(r, v, i) for r, v in enumerate(group) for i in range(len(answers[v]))]
-            first_lps = _token_logps(logits[[r for r, _, _ in firsts], -1],
-                                     torch.tensor([answers[v][i][0] for _, v, i in firsts], device=device))
-            for (_, v, i), lp in zip(firsts, first_lps.tolist()):
-                scores[v][i] = lp
-            # The rest: answers of one token are done.
-            inputs = [{i: len(a) - 1 for i, a in enumerate(answers[v]) if len(a) > 1} for v in group]
-            longest = max((n for lengths in inputs for n in lengths.values()), default=0)
-            if not longest:
-                continue
-            cap = pack_tokens or _pack_cap(base, len(group), batch_size, prompt_len, longest)
-            packs = [_pack(lengths, cap) for lengths in inputs]
-            for k in range(max(map(len, packs))):
-                row_packs = [view_packs[k] if k < len(view_packs) else [] for view_packs in packs]
-                width = max(sum(inputs[r][i] for i in pack) for r, pack in enumerate(row_packs))
-                ids = torch.full((len(group), width), _PAD, dtype=torch.long)
-                targets = torch.full((len(group), width), _PAD, dtype=torch.long)
-                positions = torch.full((len(group), width), prompt_len, dtype=torch.long)
-                blocks = torch.full((len(group), width), -1, dtype=torch.long)
-                owners = []  # block b is answers[v][i]
-                for r, (v, pack) in enumerate(zip(group, row_packs)):
-                    start = 0
-                    for i in pack:
-                        answer, n = answers[v][i], inputs[r][i]
-                        ids[r, start:start + n] = torch.tensor(answer[:-1])
-                        targets[r, start:start + n] = torch.tensor(answer[1:])  # position t predicts token t+1
-                        positions[r, start:start + n] = torch.arange(prompt_len, prompt_len + n)
-                        blocks[r, start:start + n] = len(owners)
-                        owners.append((v, i))
-                        start += n
-                ids, targets, positions, blocks = (t.to(device) for t in (ids, targets, positions, blocks))
-                mask = _packed_mask(blocks, prompt_len, additive)
-                out_logits = forward(model, ids, cache, width, attention_mask=mask, position_ids=positions)
-                cache.crop(-width)  # back to the prompt for the next pack
-                tokens += ids.numel()
-                real = blocks >= 0
-                sums = torch.zeros(len(owners), dtype=torch.float64, device=device).index_add_(
-                    0, blocks[real], _token_logps(out_logits, targets)[real])
-                for (v, i), lp in zip(owners, sums.tolist()):
-                    scores[v][i] += lp
-    return scores, tokens
+            yield group, cache, logits[:, -1]
 
 
 def _score_copied(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
                        batch_size: int) -> tuple[list[list[float]], int]:
     """`_score_with_prefix` for any cache: each (view, answer) row on its own copy of the prompt's cache.
 
-    Prompts of equal length (the 4 D8 views that keep a grid's shape, and the 4 that transpose it) prefill
-    together, up to batch_size at a time, with no padding. Then (view, answer) rows run in batches, longest
-    answers first, each on its own copy of the group's cache with the right view per row
+    After each group's prompt pass (`_prefilled_groups`), (view, answer) rows run in batches, longest answers
+    first, each on its own copy of the group's cache with the right view per row
     (`batch_select_indices`); the group's last batch takes the cache itself. Why a copy: a forward appends to
     the cache it is given, and a `crop` back to the prompt is not possible for every cache (a sliding-window
     layer past its window refuses it). The deep copy costs one pass over the group's cache, small next to the
@@ -267,34 +277,27 @@ def _score_copied(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
     device = model_device(model)
     scores = [[0.0] * len(a) for a in answers]
     tokens = 0
-    same_length: dict[int, list[int]] = {}
-    for v, prompt in enumerate(prompts):
-        if answers[v]:
-            same_length.setdefault(len(prompt), []).append(v)
-    for views_of_length in same_length.values():
-        for group in _chunks(views_of_length, batch_size):
-            cache = DynamicCache()
-            logits = forward(model, torch.tensor([prompts[v] for v in group], device=device), cache, 1)
-            first_logits = logits[:, -1]  # row r predicts the first token of every answer of view group[r]
-            tokens += len(group) * len(prompts[group[0]])
-            rows = [(r, v, i) for r, v in enumerate(group) for i in range(len(answers[v]))]
-            rows.sort(key=lambda row: -len(answers[row[1]][row[2]]))
-            batches = list(_chunks(rows, batch_size))
-            for n, batch in enumerate(batches):
-                ids = _padded([answers[v][i][:-1] for _, v, i in batch], device)
-                out_logits = None
-                if ids.shape[1] > 0:  # answers of one token need nothing beyond the prompt's last logits
-                    view_cache = cache if n == len(batches) - 1 else copy.deepcopy(cache)  # the last may spend it
-                    view_cache.batch_select_indices(torch.tensor([r for r, _, _ in batch], device=device))
-                    out_logits = forward(model, ids, view_cache, ids.shape[1])
-                    tokens += ids.numel()
-                # Row k's answer is predicted by the prompt's last logits, then by its own first len-1 positions.
-                step_logits = first_logits[[r for r, _, _ in batch]][:, None]
-                if out_logits is not None:
-                    step_logits = torch.cat([step_logits, out_logits], dim=1)
-                row_scores = _summed_logps(step_logits, [answers[v][i] for _, v, i in batch])
-                for (_, v, i), score in zip(batch, row_scores):
-                    scores[v][i] = score
+    for group, cache, first_logits in _prefilled_groups(model, prompts, answers, batch_size):
+        # first_logits[r] predicts the first token of every answer of view group[r]
+        tokens += len(group) * len(prompts[group[0]])
+        rows = [(r, v, i) for r, v in enumerate(group) for i in range(len(answers[v]))]
+        rows.sort(key=lambda row: -len(answers[row[1]][row[2]]))
+        batches = list(_chunks(rows, batch_size))
+        for n, batch in enumerate(batches):
+            ids = _padded([answers[v][i][:-1] for _, v, i in batch], device)
+            out_logits = None
+            if ids.shape[1] > 0:  # answers of one token need nothing beyond the prompt's last logits
+                view_cache = cache if n == len(batches) - 1 else copy.deepcopy(cache)  # the last may spend it
+                view_cache.batch_select_indices(torch.tensor([r for r, _, _ in batch], device=device))
+                out_logits = forward(model, ids, view_cache, ids.shape[1])
+                tokens += ids.numel()
+            # Row k's answer is predicted by the prompt's last logits, then by its own first len-1 positions.
+            step_logits = first_logits[[r for r, _, _ in batch]][:, None]
+            if out_logits is not None:
+                step_logits = torch.cat([step_logits, out_logits], dim=1)
+            row_scores = _summed_logps(step_logits, [answers[v][i] for _, v, i in batch])
+            for (_, v, i), score in zip(batch, row_scores):
+                scores[v][i] = score
     return scores, tokens
 
 
