@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from arcfold.data.errors import ArcDataError
-from arcfold.data.tasks import Task, parse_grid, read_json
+from arcfold.data.tasks import Task, parse_grid, read_json, same_grid
 
 PLACEHOLDER = [[0]]
 ATTEMPTS = ("attempt_1", "attempt_2")
@@ -132,7 +132,7 @@ def grid_equal(a: Any, b: np.ndarray) -> bool:
         a = np.asarray(a)
     except (ValueError, TypeError):
         return False
-    return a.shape == b.shape and bool((a == b).all())
+    return same_grid(a, b)
 
 
 def score_submission(sub: Mapping[str, Any], tasks: Sequence[Task]) -> Score:

@@ -28,7 +28,8 @@ N_COLOURS = 10
 OnInvalid = Literal["raise", "skip"]
 
 
-def _same_grid(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+def same_grid(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Equal shape and cells (two missing grids are equal too)."""
     if a is None or b is None:
         return a is b
     return a.shape == b.shape and bool((a == b).all())
@@ -46,7 +47,7 @@ class Pair:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Pair):
             return NotImplemented
-        return _same_grid(self.input, other.input) and _same_grid(self.output, other.output)
+        return same_grid(self.input, other.input) and same_grid(self.output, other.output)
 
     def __hash__(self) -> int:
         return hash((self.input.shape, self.input.tobytes()))

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from arcfold.data.tasks import same_grid
+
 
 @dataclass
 class Candidate:
@@ -36,13 +38,15 @@ class TestPrediction:
     stats: dict[str, float] = field(default_factory=dict)  # seconds, forward tokens, views, dropped demos, ...
 
 
-def merge(candidates: list[Candidate], grid: np.ndarray, view: int, logp: float) -> None:
-    """Add a de-augmented grid generated in `view`; duplicates merge, keeping the best log p per view."""
+def merge(candidates: list[Candidate], grid: np.ndarray, view: int, logp: float, cap: int | None = None) -> None:
+    """Add a de-augmented grid generated in `view`; duplicates merge, keeping the best log p per view.
+    With a cap, a known grid still gains the view's vote but a new one is added only while below the cap."""
     for cand in candidates:
-        if cand.grid.shape == grid.shape and (cand.grid == grid).all():
+        if same_grid(cand.grid, grid):
             cand.gen_logps[view] = max(logp, cand.gen_logps.get(view, float("-inf")))
             return
-    candidates.append(Candidate(np.asarray(grid, dtype=np.int8), {view: logp}))
+    if cap is None or len(candidates) < cap:
+        candidates.append(Candidate(np.asarray(grid, dtype=np.int8), {view: logp}))
 
 
 def rank_by_votes(candidates: list[Candidate]) -> list[int]:

@@ -73,13 +73,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a PeftModel (whose forward only has **kwargs)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _forward_params(model: torch.nn.Module) -> frozenset[str]:
-    return _params_of(type(_base(model)))
+    return _params_of(type(base_model(model)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,13 +40,6 @@ def answer_budget(max_len: int) -> int:
     return min(MAX_OUTPUT_TOKENS, max_len // 2)
 
 
-def _add(candidates: list[Candidate], grid: np.ndarray, view: int, logp: float, cap: int) -> None:
-    """Merge a de-augmented grid: a known grid gains the view's vote; a new one only while below the cap."""
-    known = any(c.grid.shape == grid.shape and (c.grid == grid).all() for c in candidates)
-    if known or len(candidates) < cap:
-        merge(candidates, grid, view, logp)
-
-
 class _TestRun:
     """The generation state of one test input: prompts per view, candidates, counters."""
 
@@ -85,7 +78,7 @@ class _TestRun:
             if grid is None:
                 self.n_invalid += 1
                 continue
-            _add(self.candidates, view.invert(grid), v, completion.logp, self.cfg.max_candidates)
+            merge(self.candidates, view.invert(grid), v, completion.logp, self.cfg.max_candidates)
 
     # ---------------------------------------------------------------------------------------- strategies
 

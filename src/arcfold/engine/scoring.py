@@ -26,7 +26,7 @@ from arcfold.data.augment import Transform
 from arcfold.data.codec import GridCodec
 from arcfold.data.tasks import Task
 from arcfold.engine.candidates import Candidate
-from arcfold.engine.generate import eval_mode, forward, model_device
+from arcfold.engine.generate import base_model, eval_mode, forward, model_device
 
 AGGREGATES = ("sum_logp", "sum_logp_bonus", "mean_prob", "max", "min", "votes")
 GEN_BONUS = 3.0  # the 2024 submission's bonus: each generating view adds (gen log p + 3)
@@ -115,7 +115,7 @@ def _packing_supported(model: torch.nn.Module) -> bool:
     It needs an attention that takes a prepared 4D mask as is (sdpa, eager; not flash kernels, which take no
     mask) and full attention in every layer: a sliding window would need the window inside the custom mask,
     and a sliding-window cache past its window cannot be cropped back to the prompt."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
         return False
@@ -193,7 +193,7 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
     module's `_PACK_ROW_TOKENS`) overrides the per-row cap.
     Returns the scores and the tokens pushed through the model."""
     device = model_device(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     additive = None if base.config._attn_implementation == "sdpa" else model.get_input_embeddings().weight.dtype
     if pack_tokens is None:
         pack_tokens = _PACK_ROW_TOKENS
