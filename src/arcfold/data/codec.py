@@ -9,7 +9,7 @@ table (symbol -> token id) that is either built in (the tiny model's own vocabul
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -42,7 +42,6 @@ class Encoded:
 class GridCodec:
     ids: Mapping[str, int]  # symbol -> token id: digits, input, output, row, eos (bos, pad optional)
     name: str = "builtin"
-    _by_id: dict[int, str] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         required = set(SYMBOL_TEXTS) | {"eos"}
@@ -57,10 +56,6 @@ class GridCodec:
             if extra in self.ids and self.ids[extra] in core.values() and self.ids[extra] != self.ids["eos"]:
                 raise ArcDataError(f"{extra} id {self.ids[extra]} is also a grid symbol's id", file=self.name,
                                    field=f"codec.{extra}")
-        self._by_id.update({i: s for s, i in core.items()})
-        for extra in ("bos", "pad"):
-            if extra in self.ids:
-                self._by_id.setdefault(self.ids[extra], extra)
 
     def __hash__(self) -> int:  # the generated hash would fail on the dict of ids
         return hash((self.name, tuple(sorted(self.ids.items()))))
@@ -235,11 +230,6 @@ class GridCodec:
         if width > MAX_SIDE or any(len(r) != width for r in rows):
             return None
         return np.asarray(rows, dtype=np.int8)
-
-    def decode_symbols(self, ids: Sequence[int]) -> str:
-        """A readable rendering of ids for logs and error messages."""
-        names = {"row": "\n", "input": "I", "output": "O", "eos": "$", "bos": "^", "pad": "_"}
-        return "".join(names.get(self._by_id.get(int(i), "?"), self._by_id.get(int(i), "?")) for i in ids)
 
 
 def train_tokens(demos: Sequence[Pair]) -> int:

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import inspect
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -50,9 +50,6 @@ class GenStats:
         self.seconds += other.seconds
         self.timed_out |= other.timed_out
         self.capped |= other.capped
-
-    def as_dict(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
 
 
 # ------------------------------------------------------------------------------------------ model plumbing
