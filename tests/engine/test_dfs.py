@@ -174,3 +174,24 @@ def test_dfs_on_a_peft_model():
 def test_bad_threshold():
     with pytest.raises(ValueError):
         dfs(peaky_model(0), PROMPT, CODEC, 0.0, MAX_NEW)
+
+
+@pytest.mark.parametrize("guess,explore", [(False, "likely"), (True, "likely"), (True, "unlikely")])
+def test_the_cache_it_is_given_ends_holding_exactly_the_prompt(setup, guess, explore):
+    """What scoring reuses (engine.predict): after the search, the cache's keys and values are those of a fresh
+    pass over the prompt alone, whatever path the search walked last."""
+    from transformers import DynamicCache
+
+    model, table = setup
+    g = list(max(above(table, 0.01), key=len)) if guess else None
+    cache = DynamicCache()
+    found, _ = dfs(model, PROMPT, CODEC, 0.01, MAX_NEW, guess=g, explore=explore, cache=cache)
+    assert_same(found, above(table, 0.01))
+    fresh = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([PROMPT]), past_key_values=fresh, use_cache=True)
+    assert cache.get_seq_length() == len(PROMPT)
+    for kept, ref in zip(cache.layers, fresh.layers):
+        assert torch.allclose(kept.keys, ref.keys, atol=1e-5) and torch.allclose(kept.values, ref.values, atol=1e-5)
+    with pytest.raises(ValueError, match="empty cache"):
+        dfs(model, PROMPT, CODEC, 0.01, MAX_NEW, cache=cache)

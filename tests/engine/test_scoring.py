@@ -156,7 +156,7 @@ def test_packed_scores_equal_scratch(codec, task, attention, pack_tokens, monkey
         assert groups <= len(packed_forwards) <= 2 * groups
     else:
         assert len(packed_forwards) >= 3 * groups  # several packs per group
-    longest = max(len(a) - 1 for view_answers in answers for a in view_answers)
+    longest = max(len(a) for view_answers in answers for a in view_answers)  # a block: last prompt token + len-1
     widest = max(width for _, width in packed_forwards)
     assert widest > longest if pack_tokens != 1 else widest == longest  # several answers in a pack, or one
     assert packed_tokens < scratch_tokens / 2
@@ -202,7 +202,7 @@ def test_the_path_prefix_reuse_takes(codec, monkeypatch):
     ran = []
     for name in ("_score_packed", "_score_copied"):
         real = getattr(scoring, name)
-        monkeypatch.setattr(scoring, name, lambda *args, _real=real, _name=name: ran.append(_name) or _real(*args))
+        monkeypatch.setattr(scoring, name, lambda *args, _real=real, _name=name, **kw: ran.append(_name) or _real(*args, **kw))
     for model, path in ((sliding, "_score_copied"), (peft_model, "_score_packed"), (tiny_llama(), "_score_packed")):
         ran.clear()
         teacher_forced_logp(model, [1, 2, 3, 4], [[5, 6], [7]])
@@ -366,13 +366,56 @@ def test_a_few_training_steps_lower_the_test_output_nll(codec, task):
 
 def test_pack_budget():
     """A 150k vocabulary packs about batch_size answers per forward (its logits bound it); a small one packs
-    up to a prompt's length per row; an answer longer than either still gets a pack."""
+    up to half a prompt's length per row; an answer longer than either still gets a pack."""
     from types import SimpleNamespace
 
     def base(vocab, hidden=64):
         return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab, hidden_size=hidden))
 
     assert scoring._pack_cap(base(150_000, 4096), rows=4, batch_size=8, prompt_len=8000, longest=900) == 1800
-    assert scoring._pack_cap(base(16), rows=4, batch_size=8, prompt_len=690, longest=48) == 690
+    assert scoring._pack_cap(base(16), rows=4, batch_size=8, prompt_len=690, longest=48) == 345
     assert scoring._pack_cap(base(16), rows=4, batch_size=8, prompt_len=20, longest=48) == 48
     assert scoring._pack_cap(SimpleNamespace(config=SimpleNamespace()), 4, 8, 690, 48) == 96
+
+
+@pytest.mark.parametrize("kind", ["packed", "copied"])
+def test_kept_prompt_caches_score_like_running_the_prompts(codec, task, kind, monkeypatch):
+    """Views whose prompt cache is handed in (as the DFS leaves it) score exactly as if their prompts ran here,
+    those prompts are not run again (only the others' prompts, less their last token, are prefilled), and the
+    handed-in caches are left as they were. Both reuse paths; kept views of both prompt lengths, and views
+    without."""
+    from transformers import DynamicCache
+
+    model = tiny_llama() if kind == "packed" else tiny_mistral(codec)
+    assert scoring._packing_supported(model) == (kind == "packed")
+    views = make_views(task, 1, seed=3)[:6]
+    prompts = [codec.encode_prompt(v.pairs(task.train), v.grid(task.test[0].input)).ids for v in views]
+    answers = [[codec.encode_answer(view.grid(g)) for g in perturbed(task.test[0].output)] + [[5]] for view in views]
+    kept_views = [0, 1, 3, 4]
+    assert len({len(prompts[v]) for v in kept_views}) == 2 and len({len(p) for p in prompts}) == 2
+    kept = {}
+    with torch.inference_mode():
+        for v in kept_views:
+            kept[v] = DynamicCache()
+            model(input_ids=torch.tensor([prompts[v]]), past_key_values=kept[v], use_cache=True)
+        before = {v: [(layer.keys.clone(), layer.values.clone()) for layer in c.layers] for v, c in kept.items()}
+        widths = []
+        real_forward = scoring.forward
+        monkeypatch.setattr(scoring, "forward", lambda m, ids, *a, **k: widths.append(ids.shape) or
+                            real_forward(m, ids, *a, **k))
+        reused, _ = scoring._score_with_prefix(model, prompts, answers, 3, kept)
+        prefilled = sum(rows * width for rows, width in widths if width >= min(map(len, prompts)) - 1)
+        monkeypatch.setattr(scoring, "forward", real_forward)
+        plain, _ = scoring._score_with_prefix(model, prompts, answers, 3)
+        flat, _ = scoring._score_from_scratch(model, [(p, a) for p, va in zip(prompts, answers) for a in va], 8)
+    assert [s for va in reused for s in va] == pytest.approx(flat, abs=1e-4)
+    assert [s for va in plain for s in va] == pytest.approx(flat, abs=1e-4)
+    assert max(len(a) for va in answers for a in va) < min(map(len, prompts)) / 3  # answers never look like prompts
+    assert prefilled == sum(len(prompts[v]) - 1 for v in range(len(views)) if v not in kept)
+    for v, cache in kept.items():
+        assert cache.get_seq_length() == len(prompts[v])
+        for layer, (keys, values) in zip(cache.layers, before[v]):
+            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    other = next(v for v in range(len(views)) if len(prompts[v]) != len(prompts[0]))
+    with pytest.raises(ValueError, match=f"kept cache of view {other}"):  # a cache that does not hold its prompt
+        scoring._score_with_prefix(model, prompts, answers, 3, {other: kept[0]})

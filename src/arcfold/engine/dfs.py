@@ -39,12 +39,12 @@ Explore = Literal["likely", "unlikely"]
 class _PathCache:
     """A DynamicCache for prompt + some answer tokens, tracking which answer tokens it holds."""
 
-    def __init__(self, model: torch.nn.Module, codec: GridCodec, stats: GenStats) -> None:
+    def __init__(self, model: torch.nn.Module, codec: GridCodec, stats: GenStats, cache: DynamicCache) -> None:
         self.model = model
         self.device = model_device(model)
         self.allowed = torch.tensor(codec.output_tokens, dtype=torch.long, device=self.device)
         self.stats = stats
-        self.cache = DynamicCache()
+        self.cache = cache
         self.held: list[int] = []  # answer tokens currently in the cache, after the prompt
 
     def _run(self, tokens: Sequence[int], keep: int) -> list[list[float]]:
@@ -75,17 +75,26 @@ class _PathCache:
         self.held = list(path)
         return dist
 
+    def back_to_prompt(self) -> None:
+        if self.held:
+            self.cache.crop(-len(self.held))
+            self.held = []
+
 
 def dfs(model: torch.nn.Module, prompt: list[int], codec: GridCodec, min_prob: float, max_new_tokens: int,
         guess: list[int] | None = None, max_seconds: float | None = None, max_candidates: int | None = None,
-        explore: Explore = "likely") -> tuple[list[Completion], GenStats]:
+        explore: Explore = "likely", cache: DynamicCache | None = None) -> tuple[list[Completion], GenStats]:
     """All completions (ending in eos, at most max_new_tokens tokens) with probability >= min_prob.
 
     Returns them best first, each with its full-softmax log p, and the search's stats. `max_seconds` and
     `max_candidates` stop early (stats.timed_out / stats.capped). `explore="unlikely"` walks the least likely
-    child first: a testing hook (same result, more work) that checks the cache never carries stale state."""
+    child first: a testing hook (same result, more work) that checks the cache never carries stale state.
+    `cache`: an empty DynamicCache to search in, left holding exactly the prompt afterwards, so augmentation
+    scoring can reuse the prompt's keys and values instead of running it again (engine.predict)."""
     if not 0.0 < min_prob <= 1.0:
         raise ValueError(f"min_prob must be in (0, 1], got {min_prob}")
+    if cache is not None and cache.get_seq_length():
+        raise ValueError(f"dfs needs an empty cache, got one holding {cache.get_seq_length()} tokens")
     start = time.perf_counter()
     stats = GenStats()
     found: list[Completion] = []
@@ -105,7 +114,7 @@ def dfs(model: torch.nn.Module, prompt: list[int], codec: GridCodec, min_prob: f
     model.eval()
     try:
         with torch.inference_mode():
-            path_cache = _PathCache(model, codec, stats)
+            path_cache = _PathCache(model, codec, stats, DynamicCache() if cache is None else cache)
             guess_dists = path_cache.prefill(prompt, guess)
             # Frames: [depth, children (nll, token), next child, on the guess path]; `path` is the top frame's node.
             stack: list[list] = [[0, children(guess_dists[0], 0.0), 0, bool(guess)]]
@@ -136,6 +145,7 @@ def dfs(model: torch.nn.Module, prompt: list[int], codec: GridCodec, min_prob: f
                 # Along the guess the distribution is already known from the prefill: no forward at all.
                 dist = guess_dists[depth + 1] if child_on_guess else path_cache.extend(path)
                 stack.append([depth + 1, children(dist, nll), 0, child_on_guess])
+            path_cache.back_to_prompt()
     finally:
         model.train(was_training)
     found.sort(key=lambda c: (-c.logp, c.ids))

@@ -5,6 +5,11 @@ thresholded DFS). Completions are decoded in the view's frame (invalid ones are 
 raised), mapped back with the view's inverse transform and merged, so a grid found in several views collects
 one vote per view. Ranking is by votes (then mean log p), or by augmentation scoring when cfg.scoring.views > 0;
 every ranking lands in TestPrediction.rankings so one run can compare them.
+
+Scoring under the generation views (cfg.scoring.views_from="generation", the default) reuses what the DFS
+already computed: each view's DFS runs in a KV cache that is left holding the view's prompt, and up to
+cfg.scoring.cache_mb of those caches are kept until the candidates are scored, so scoring runs only the
+candidates' tokens. Batched greedy / sampling drop finished rows from their caches, so they keep none.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from arcfold.config import InferenceConfig
 from arcfold.data.augment import Transform, make_views, task_rng
@@ -40,6 +46,12 @@ def answer_budget(max_len: int) -> int:
     return min(MAX_OUTPUT_TOKENS, max_len // 2)
 
 
+def cache_bytes(cache: DynamicCache) -> int:
+    """Memory held by a cache's keys and values."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
 class _TestRun:
     """The generation state of one test input: prompts per view, candidates, counters."""
 
@@ -54,6 +66,8 @@ class _TestRun:
         self.n_completions = self.n_invalid = 0
         self.views_done = 0
         self.prompts: list[tuple[int, Transform, list[int]]] = []  # (view index, view, prompt ids)
+        self.kept: dict[int, DynamicCache] = {}  # view index -> KV cache holding exactly its prompt
+        self.kept_bytes = 0
         dropped: list[int] = []
         test_input = task.test[index].input
         for v, view in enumerate(views):
@@ -102,8 +116,23 @@ class _TestRun:
                 self.collect(v, view, completions)
             self.views_done += len(chunk)
 
+    def keep(self, v: int, cache: DynamicCache, prompt: list[int]) -> None:
+        """Keep view v's prompt cache for scoring if it holds exactly the prompt and fits the memory budget."""
+        size = cache_bytes(cache)
+        if cache.get_seq_length() == len(prompt) and self.kept_bytes + size <= self.cfg.scoring.cache_mb * 2**20:
+            self.kept[v] = cache
+            self.kept_bytes += size
+
+    def scoring_views(self) -> set[int]:
+        """The generation views that scoring will use (their caches are worth keeping)."""
+        scoring = self.cfg.scoring
+        if scoring.views <= 0 or scoring.views_from != "generation" or scoring.cache_mb <= 0:
+            return set()
+        return {v for v, _, _ in self.prompts[:scoring.views]}
+
     def run_dfs(self) -> None:
         """DFS view by view; each view starts from the best candidate so far, mapped into its frame, as guess."""
+        to_keep = self.scoring_views()
         for v, view, ids in self.prompts:
             if self.remaining() <= 0:
                 self.gen.timed_out = True
@@ -112,26 +141,37 @@ class _TestRun:
             if self.candidates:
                 best = self.candidates[rank_by_votes(self.candidates)[0]]
                 guess = self.codec.encode_answer(view.grid(best.grid))
+            cache = DynamicCache() if v in to_keep else None
             found, stats = dfs(self.model, ids, self.codec, self.cfg.min_prob, self.max_new, guess=guess,
-                               max_seconds=self.remaining(), max_candidates=self.cfg.max_candidates)
+                               max_seconds=self.remaining(), max_candidates=self.cfg.max_candidates, cache=cache)
+            if cache is not None:
+                self.keep(v, cache, ids)
             self.gen.add(stats)
             self.collect(v, view, found)
             self.views_done += 1
 
 
-def _rank(model: torch.nn.Module, codec: GridCodec, task: Task, index: int, cfg: InferenceConfig,
-          candidates: list[Candidate]) -> tuple[dict[str, list[int]], list[int], dict[str, float]]:
+def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, float]]:
     """Every ranking we can compute, the one that picks the attempts, and scoring stats."""
+    cfg, candidates = run.cfg, run.candidates
     rankings = {"votes": rank_by_votes(candidates)}
     stats = {"scoring_seconds": 0.0, "scoring_tokens": 0.0}
     if cfg.scoring.views <= 0 or not candidates:
         return rankings, rankings["votes"], stats
     from arcfold.engine import scoring  # imported here: generation alone must not depend on it
 
-    views = make_views(task, math.ceil(cfg.scoring.views / 8), cfg.scoring.seed, cfg.scoring.colours,
-                       cfg.shuffle_demos)[:cfg.scoring.views]
-    stats.update(scoring.score_candidates(model, codec, task, index, candidates, views, max_len=cfg.max_len,
-                                          batch_size=cfg.batch_size))
+    if cfg.scoring.views_from == "generation":
+        chosen = run.prompts[:cfg.scoring.views]
+        views: list[Transform] = [view for _, view, _ in chosen]
+        prompts: list[list[int]] | None = [ids for _, _, ids in chosen]
+        kept = {j: run.kept[v] for j, (v, _, _) in enumerate(chosen) if v in run.kept}
+    else:
+        views = make_views(run.task, math.ceil(cfg.scoring.views / 8), cfg.scoring.seed, cfg.scoring.colours,
+                           cfg.shuffle_demos)[:cfg.scoring.views]
+        prompts, kept = None, {}
+    stats.update(scoring.score_candidates(run.model, run.codec, run.task, run.index, candidates, views,
+                                          max_len=cfg.max_len, batch_size=cfg.batch_size, prompts=prompts,
+                                          kept=kept))
     for name in scoring.AGGREGATES:
         rankings[name] = scoring.rank(candidates, name)
     rankings["votes"] = rank_by_votes(candidates)  # the shared definition, whatever scoring calls votes
@@ -148,7 +188,8 @@ def predict_test(model: torch.nn.Module, codec: GridCodec, task: Task, index: in
     else:
         run.run_batched()
     gen_seconds = time.perf_counter() - run.start
-    rankings, order, scoring_stats = _rank(model, codec, task, index, cfg, run.candidates)
+    rankings, order, scoring_stats = _rank(run)
+    run.kept.clear()  # the caches' memory goes back before the next test input
     stats = {
         "seconds": time.perf_counter() - run.start,
         "gen_seconds": gen_seconds,
@@ -184,4 +225,4 @@ def predict_task(model: torch.nn.Module, codec: GridCodec, task: Task, cfg: Infe
         return [predict_test(model, codec, task, i, cfg, views) for i in range(len(task.test))]
 
 
-__all__ = ["predict_task", "predict_test", "answer_budget", "STRATEGIES"]
+__all__ = ["predict_task", "predict_test", "answer_budget", "cache_bytes", "STRATEGIES"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -98,15 +98,18 @@ def _score_from_scratch(model: torch.nn.Module, pairs: Sequence[tuple[list[int],
 
 
 def _score_with_prefix(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
-                       batch_size: int) -> tuple[list[list[float]], int]:
-    """Sum log p of each answers[v][i] after prompts[v]: every prompt runs once, its answers from its KV cache.
+                       batch_size: int, kept: Mapping[int, DynamicCache] | None = None
+                       ) -> tuple[list[list[float]], int]:
+    """Sum log p of each answers[v][i] after prompts[v]: every prompt runs at most once, its answers from its KV
+    cache. `kept[v]`, where given, already holds exactly prompts[v] (the DFS leaves one behind, see
+    engine.predict): that prompt does not run again.
 
     Packed (`_score_packed`) where the model takes a custom attention mask over a croppable cache, else one
     cache copy per (view, answer) row (`_score_copied`). Same numbers either way.
     Returns the scores and the tokens pushed through the model."""
     if _packing_supported(model):
-        return _score_packed(model, prompts, answers, batch_size)
-    return _score_copied(model, prompts, answers, batch_size)
+        return _score_packed(model, prompts, answers, batch_size, kept=kept)
+    return _score_copied(model, prompts, answers, batch_size, kept=kept)
 
 
 def _packing_supported(model: torch.nn.Module) -> bool:
@@ -124,6 +127,55 @@ def _packing_supported(model: torch.nn.Module) -> bool:
         return False
     layer_types = getattr(text, "layer_types", None)
     return not layer_types or all(kind == "full_attention" for kind in layer_types)
+
+
+def _prompt_groups(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
+                   batch_size: int, kept: Mapping[int, DynamicCache] | None) -> Iterator[tuple[list[int],
+                                                                                          DynamicCache, int]]:
+    """Views with answers to score, grouped by prompt length (the 4 D8 views that keep a grid's shape, and the 4
+    that transpose it), batch_size at a time, with one KV cache per group (row r: view group[r]).
+
+    The cache holds each prompt but its LAST token: every answer is fed after that token (see `_answer_inputs`),
+    so the logits for an answer's first token come out of the answer's own forward, and an answer of any
+    length, one token included, is handled the same way. A kept cache is cut to that length (stacking copies
+    it, so the kept one stays as it was); the other prompts run here, a group at a time, with no padding.
+    Yields (view indices, their cache, the tokens this pushed through the model)."""
+    kept = kept or {}
+    for v, cache in kept.items():  # before any work
+        if cache.get_seq_length() != len(prompts[v]):
+            raise ValueError(f"kept cache of view {v} holds {cache.get_seq_length()} tokens, its prompt "
+                             f"{len(prompts[v])}")
+    device = model_device(model)
+    same_length: dict[tuple[bool, int], list[int]] = {}
+    for v, prompt in enumerate(prompts):
+        if answers[v]:
+            same_length.setdefault((v in kept, len(prompt)), []).append(v)
+    for (is_kept, length), views in same_length.items():
+        for group in _chunks(views, batch_size):
+            if is_kept:
+                yield group, _stacked([kept[v] for v in group], length - 1), 0
+                continue
+            cache = DynamicCache()
+            if length > 1:
+                forward(model, torch.tensor([prompts[v][:-1] for v in group], device=device), cache, 1)
+            yield group, cache, len(group) * (length - 1)
+
+
+def _stacked(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
+    """One cache whose row r is caches[r] (batch 1 each) cut to its first `length` tokens (a new tensor: the
+    callers' caches are left as they were)."""
+    out = DynamicCache()
+    for layer in range(len(caches[0].layers)):
+        keys = torch.cat([c.layers[layer].keys[..., :length, :] for c in caches])
+        values = torch.cat([c.layers[layer].values[..., :length, :] for c in caches])
+        out.update(keys, values, layer)
+    return out
+
+
+def _answer_inputs(prompt: Sequence[int], answer: Sequence[int]) -> list[int]:
+    """What the model reads to score `answer` over a cache of prompt[:-1]: the prompt's last token, then every
+    answer token but the last (position t predicts answer[t])."""
+    return [prompt[-1], *answer[:-1]]
 
 
 def _pack(lengths: dict[int, int], cap: int) -> list[list[int]]:
@@ -151,7 +203,7 @@ def _pack_cap(base: torch.nn.Module, rows: int, batch_size: int, prompt_len: int
     per_forward = batch_size * longest  # tokens whose logits a from-scratch batch keeps
     if vocab and hidden:
         per_forward = max(per_forward, batch_size * (prompt_len + longest) * hidden // vocab)
-    return max(longest, min(prompt_len, per_forward // rows))
+    return max(longest, min(prompt_len // 2, per_forward // rows))
 
 
 def _packed_mask(blocks: torch.Tensor, prompt_len: int, additive_dtype: torch.dtype | None) -> torch.Tensor:
@@ -174,23 +226,24 @@ def _packed_mask(blocks: torch.Tensor, prompt_len: int, additive_dtype: torch.dt
 
 
 def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
-                  batch_size: int, pack_tokens: int | None = None) -> tuple[list[list[float]], int]:
+                  batch_size: int, pack_tokens: int | None = None, kept: Mapping[int, DynamicCache] | None = None
+                  ) -> tuple[list[list[float]], int]:
     """`_score_with_prefix` by packing ("tree attention"): no cache copies.
 
-    Prompts of equal length prefill together (up to batch_size, one cache row per view), as in the copy path.
-    The prompt's last logits give every answer's first token. Then each row takes several of its view's
-    answers (all tokens but the last, the inputs) one after another: position ids restart at the prompt length
-    for every answer and `_packed_mask` keeps each answer causal within itself and blind to the others. The
-    forward appends the packed tokens to the group's cache; `crop` takes them off again before the next pack.
+    Each group of views (`_prompt_groups`) has one cache row per view. Each row then takes several of its
+    view's answers (`_answer_inputs`) one after another: position ids restart after the cached prefix for every
+    answer and `_packed_mask` keeps each answer causal within itself and blind to the others. The forward
+    appends the packed tokens to the group's cache; `crop` takes them off again before the next pack.
 
     The budget (`_pack_cap`): one packed forward's logits (rows x packed tokens x vocabulary, the largest
     tensor here for a 150k vocabulary) stay within the larger of what a from-scratch batch holds anyway: its
     logits (batch_size x longest answer x vocabulary) or one layer's hidden states (batch_size x (prompt +
-    longest) x hidden size). And a row packs at most max(longest answer, prompt) tokens, so the attention
-    scores, rows x packed x (prompt + packed), stay within 2x a from-scratch batch's batch_size x
-    (prompt + longest)^2. A 150k-vocabulary model thus packs about batch_size answers per forward; a small-
-    vocabulary one (the tiny model, an ARC-only embedding) a prompt's length per row. `pack_tokens` (or the
-    module's `_PACK_ROW_TOKENS`) overrides the per-row cap.
+    longest) x hidden size). And a row packs at most max(longest answer, prompt / 2) tokens: the dense mask
+    computes a packed x packed block of which only the answers' own causal triangles are used, so this keeps
+    that waste under half the useful packed x prompt work (a cap of a whole prompt measured 1.4x slower at 8
+    candidates, benchmarks/bench_inference.py). A 150k-vocabulary model thus packs about batch_size answers
+    per forward; a small-vocabulary one (the tiny model, an ARC-only embedding) half a prompt per row.
+    `pack_tokens` (or the module's `_PACK_ROW_TOKENS`) overrides the per-row cap.
     Returns the scores and the tokens pushed through the model."""
     device = model_device(model)
     base = base_model(model)
@@ -199,42 +252,33 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
         pack_tokens = _PACK_ROW_TOKENS
     scores = [[0.0] * len(a) for a in answers]
     tokens = 0
-    for group, cache, last_logits in _prefilled_groups(model, prompts, answers, batch_size):
-        prompt_len = len(prompts[group[0]])
-        tokens += len(group) * prompt_len
-        # Every answer's first token, off the prompt's last logits (row r: view group[r]).
-        firsts = [(r, v, i) for r, v in enumerate(group) for i in range(len(answers[v]))]
-        first_lps = _token_logps(last_logits[[r for r, _, _ in firsts]],
-                                 torch.tensor([answers[v][i][0] for _, v, i in firsts], device=device))
-        for (_, v, i), lp in zip(firsts, first_lps.tolist()):
-            scores[v][i] = lp
-        # The rest: answers of one token are done.
-        inputs = [{i: len(a) - 1 for i, a in enumerate(answers[v]) if len(a) > 1} for v in group]
-        longest = max((n for lengths in inputs for n in lengths.values()), default=0)
-        if not longest:
-            continue
-        cap = pack_tokens or _pack_cap(base, len(group), batch_size, prompt_len, longest)
+    for group, cache, prompt_tokens in _prompt_groups(model, prompts, answers, batch_size, kept):
+        tokens += prompt_tokens
+        prefix = len(prompts[group[0]]) - 1  # tokens in the cache
+        inputs = [{i: len(a) for i, a in enumerate(answers[v])} for v in group]
+        longest = max(n for lengths in inputs for n in lengths.values())
+        cap = pack_tokens or _pack_cap(base, len(group), batch_size, prefix + 1, longest)
         packs = [_pack(lengths, cap) for lengths in inputs]
         for k in range(max(map(len, packs))):
             row_packs = [view_packs[k] if k < len(view_packs) else [] for view_packs in packs]
             width = max(sum(inputs[r][i] for i in pack) for r, pack in enumerate(row_packs))
             ids = torch.full((len(group), width), _PAD, dtype=torch.long)
             targets = torch.full((len(group), width), _PAD, dtype=torch.long)
-            positions = torch.full((len(group), width), prompt_len, dtype=torch.long)
+            positions = torch.full((len(group), width), prefix, dtype=torch.long)
             blocks = torch.full((len(group), width), -1, dtype=torch.long)
             owners = []  # block b is answers[v][i]
             for r, (v, pack) in enumerate(zip(group, row_packs)):
                 start = 0
                 for i in pack:
                     answer, n = answers[v][i], inputs[r][i]
-                    ids[r, start:start + n] = torch.tensor(answer[:-1])
-                    targets[r, start:start + n] = torch.tensor(answer[1:])  # position t predicts token t+1
-                    positions[r, start:start + n] = torch.arange(prompt_len, prompt_len + n)
+                    ids[r, start:start + n] = torch.tensor(_answer_inputs(prompts[v], answer))
+                    targets[r, start:start + n] = torch.tensor(answer)
+                    positions[r, start:start + n] = torch.arange(prefix, prefix + n)
                     blocks[r, start:start + n] = len(owners)
                     owners.append((v, i))
                     start += n
             ids, targets, positions, blocks = (t.to(device) for t in (ids, targets, positions, blocks))
-            mask = _packed_mask(blocks, prompt_len, additive)
+            mask = _packed_mask(blocks, prefix, additive)
             out_logits = forward(model, ids, cache, width, attention_mask=mask, position_ids=positions)
             cache.crop(-width)  # back to the prompt for the next pack
             tokens += ids.numel()
@@ -242,61 +286,36 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
             sums = torch.zeros(len(owners), dtype=torch.float64, device=device).index_add_(
                 0, blocks[real], _token_logps(out_logits, targets)[real])
             for (v, i), lp in zip(owners, sums.tolist()):
-                scores[v][i] += lp
+                scores[v][i] = lp
     return scores, tokens
 
 
-def _prefilled_groups(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
-                      batch_size: int) -> Iterator[tuple[list[int], DynamicCache, torch.Tensor]]:
-    """Views with answers to score, grouped by prompt length (the 4 D8 views that keep a grid's shape, and the 4
-    that transpose it) and batch_size at a time, each group's prompts run once with no padding.
-    Yields (view indices, their KV cache, the prompts' last logits: row r predicts view group[r]'s answers)."""
-    same_length: dict[int, list[int]] = {}
-    for v, prompt in enumerate(prompts):
-        if answers[v]:
-            same_length.setdefault(len(prompt), []).append(v)
-    device = model_device(model)
-    for views_of_length in same_length.values():
-        for group in _chunks(views_of_length, batch_size):
-            cache = DynamicCache()
-            logits = forward(model, torch.tensor([prompts[v] for v in group], device=device), cache, 1)
-            yield group, cache, logits[:, -1]
-
-
 def _score_copied(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
-                       batch_size: int) -> tuple[list[list[float]], int]:
+                  batch_size: int, kept: Mapping[int, DynamicCache] | None = None) -> tuple[list[list[float]], int]:
     """`_score_with_prefix` for any cache: each (view, answer) row on its own copy of the prompt's cache.
 
-    After each group's prompt pass (`_prefilled_groups`), (view, answer) rows run in batches, longest answers
-    first, each on its own copy of the group's cache with the right view per row
-    (`batch_select_indices`); the group's last batch takes the cache itself. Why a copy: a forward appends to
-    the cache it is given, and a `crop` back to the prompt is not possible for every cache (a sliding-window
-    layer past its window refuses it). The deep copy costs one pass over the group's cache, small next to the
-    forward it feeds, and it is exact for any cache.
-    Returns the scores and the tokens pushed through the model."""
+    For each group of views (`_prompt_groups`), (view, answer) rows run in batches, longest answers first, each
+    on its own copy of the group's cache with the right view per row (`batch_select_indices`); the group's last
+    batch takes the cache itself. Why a copy: a forward appends to the cache it is given, and a `crop` back to
+    the prompt is not possible for every cache (a sliding-window layer past its window refuses it). The deep
+    copy costs one pass over the group's cache, small next to the forward it feeds, and it is exact for any
+    cache. Returns the scores and the tokens pushed through the model."""
     device = model_device(model)
     scores = [[0.0] * len(a) for a in answers]
     tokens = 0
-    for group, cache, first_logits in _prefilled_groups(model, prompts, answers, batch_size):
-        # first_logits[r] predicts the first token of every answer of view group[r]
-        tokens += len(group) * len(prompts[group[0]])
+    for group, cache, prompt_tokens in _prompt_groups(model, prompts, answers, batch_size, kept):
+        tokens += prompt_tokens
         rows = [(r, v, i) for r, v in enumerate(group) for i in range(len(answers[v]))]
         rows.sort(key=lambda row: -len(answers[row[1]][row[2]]))
         batches = list(_chunks(rows, batch_size))
         for n, batch in enumerate(batches):
-            ids = _padded([answers[v][i][:-1] for _, v, i in batch], device)
-            out_logits = None
-            if ids.shape[1] > 0:  # answers of one token need nothing beyond the prompt's last logits
-                view_cache = cache if n == len(batches) - 1 else copy.deepcopy(cache)  # the last may spend it
-                view_cache.batch_select_indices(torch.tensor([r for r, _, _ in batch], device=device))
-                out_logits = forward(model, ids, view_cache, ids.shape[1])
-                tokens += ids.numel()
-            # Row k's answer is predicted by the prompt's last logits, then by its own first len-1 positions.
-            step_logits = first_logits[[r for r, _, _ in batch]][:, None]
-            if out_logits is not None:
-                step_logits = torch.cat([step_logits, out_logits], dim=1)
-            row_scores = _summed_logps(step_logits, [answers[v][i] for _, v, i in batch])
-            for (_, v, i), score in zip(batch, row_scores):
+            # Right padding after each row's answer: causal attention keeps it from the real tokens.
+            ids = _padded([_answer_inputs(prompts[v], answers[v][i]) for _, v, i in batch], device)
+            view_cache = cache if n == len(batches) - 1 else copy.deepcopy(cache)  # the last may spend it
+            view_cache.batch_select_indices(torch.tensor([r for r, _, _ in batch], device=device))
+            out_logits = forward(model, ids, view_cache, ids.shape[1])
+            tokens += ids.numel()
+            for (_, v, i), score in zip(batch, _summed_logps(out_logits, [answers[v][i] for _, v, i in batch])):
                 scores[v][i] = score
     return scores, tokens
 
@@ -304,8 +323,8 @@ def _score_copied(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
 def teacher_forced_logp(model: torch.nn.Module, prompt: list[int], answers: list[list[int]],
                         batch_size: int = 8, reuse_prefix: bool = True) -> list[float]:
     """Sum of log p (full softmax, float64 sum) of each answer's tokens given the prompt, in one pass each."""
-    if any(not a for a in answers):
-        raise ValueError("every answer needs at least one token")
+    if not prompt or any(not a for a in answers):
+        raise ValueError("the prompt and every answer need at least one token")
     with eval_mode(model):
         if reuse_prefix:
             return _score_with_prefix(model, [prompt], [answers], batch_size)[0][0]
@@ -322,11 +341,15 @@ def _view_prompt(codec: GridCodec, task: Task, test_index: int, view: Transform,
 
 def score_candidates(model: torch.nn.Module, codec: GridCodec, task: Task, test_index: int,
                      candidates: list[Candidate], views: list[Transform], max_len: int, batch_size: int = 8,
-                     reuse_prefix: bool = True) -> dict[str, float]:
+                     reuse_prefix: bool = True, prompts: Sequence[list[int]] | None = None,
+                     kept: Mapping[int, DynamicCache] | None = None) -> dict[str, float]:
     """Fill `c.scores[v]` (v = index into `views`) with the teacher-forced log p of each candidate under each view.
 
-    Candidates with the same grid are scored once and share the numbers. Every prompt reserves room for the
-    longest candidate, so all candidates of one view see the same prompt. Returns timing and token stats."""
+    Candidates with the same grid are scored once and share the numbers. `prompts[v]`, when given, is view v's
+    prompt (engine.predict passes the generation's, which reserve room for any answer it could have produced);
+    by default each prompt reserves room for the longest candidate, so all candidates of one view see the same
+    prompt. `kept[v]`: a KV cache already holding prompts[v] (see `_score_with_prefix`); it is read, never
+    changed. Returns timing and token stats."""
     start = time.perf_counter()
     unique: dict[tuple[tuple[int, ...], bytes], list[Candidate]] = {}
     for cand in candidates:
@@ -335,14 +358,15 @@ def score_candidates(model: torch.nn.Module, codec: GridCodec, task: Task, test_
     groups = list(unique.values())
     tokens = 0
     if groups:
-        prompts, answers = [], []
-        for view in views:
-            view_answers = [codec.encode_answer(view.grid(np.asarray(g[0].grid))) for g in groups]
-            prompts.append(_view_prompt(codec, task, test_index, view, max_len, max(map(len, view_answers))))
-            answers.append(view_answers)
+        answers = [[codec.encode_answer(view.grid(np.asarray(g[0].grid))) for g in groups] for view in views]
+        if prompts is None:
+            prompts = [_view_prompt(codec, task, test_index, view, max_len, max(map(len, view_answers)))
+                       for view, view_answers in zip(views, answers)]
+        elif len(prompts) != len(views):
+            raise ValueError(f"{len(prompts)} prompts for {len(views)} views")
         with eval_mode(model):
             if reuse_prefix:
-                scores, tokens = _score_with_prefix(model, prompts, answers, batch_size)
+                scores, tokens = _score_with_prefix(model, prompts, answers, batch_size, kept)
             else:
                 flat = [(p, a) for p, view_answers in zip(prompts, answers) for a in view_answers]
                 flat_scores, tokens = _score_from_scratch(model, flat, batch_size)
@@ -352,7 +376,8 @@ def score_candidates(model: torch.nn.Module, codec: GridCodec, task: Task, test_
                 for cand in group:
                     cand.scores[v] = score
     return {"scoring_seconds": time.perf_counter() - start, "scoring_tokens": float(tokens),
-            "scoring_views": float(len(views) if groups else 0), "scoring_candidates": float(len(groups))}
+            "scoring_views": float(len(views) if groups else 0), "scoring_candidates": float(len(groups)),
+            "scoring_kept_views": float(len(kept or {}) if groups and reuse_prefix else 0)}
 
 
 def answer_nll(model: torch.nn.Module, codec: GridCodec, task: Task, test_index: int, views: list[Transform],
