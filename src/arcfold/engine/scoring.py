@@ -8,7 +8,8 @@ Two scoring paths give the same numbers: `reuse_prefix=True` runs each view's pr
 candidate from its KV cache; `reuse_prefix=False` runs each prompt + candidate from scratch (the baseline).
 Prefix reuse packs a view's candidates side by side in one row after its prompt ("tree attention": a custom
 mask keeps them apart) where the model's attention takes such a mask, and else copies the prompt's cache per
-candidate.
+candidate. A view whose prompt cache is handed in (the DFS leaves one per generation view, engine.predict)
+does not run its prompt at all.
 """
 
 from __future__ import annotations
