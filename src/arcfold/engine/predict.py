@@ -123,7 +123,7 @@ class _TestRun:
             self.kept[v] = cache
             self.kept_bytes += size
 
-    def scoring_views(self) -> set[int]:
+    def views_to_keep(self) -> set[int]:
         """The generation views that scoring will use (their caches are worth keeping)."""
         scoring = self.cfg.scoring
         if scoring.views <= 0 or scoring.views_from != "generation" or scoring.cache_mb <= 0:
@@ -132,7 +132,7 @@ class _TestRun:
 
     def run_dfs(self) -> None:
         """DFS view by view; each view starts from the best candidate so far, mapped into its frame, as guess."""
-        to_keep = self.scoring_views()
+        to_keep = self.views_to_keep()
         for v, view, ids in self.prompts:
             if self.remaining() <= 0:
                 self.gen.timed_out = True
