@@ -241,8 +241,8 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
     logits (batch_size x longest answer x vocabulary) or one layer's hidden states (batch_size x (prompt +
     longest) x hidden size). And a row packs at most max(longest answer, prompt / 2) tokens: the dense mask
     computes a packed x packed block of which only the answers' own causal triangles are used, so this keeps
-    that waste under half the useful packed x prompt work (a cap of a whole prompt measured 1.4x slower at 8
-    candidates, benchmarks/bench_inference.py). A 150k-vocabulary model thus packs about batch_size answers
+    that waste under half the useful packed x prompt work (on bench_inference.py's candidates, a whole-prompt
+    cap took 1.4x as long at 8 candidates). A 150k-vocabulary model thus packs about batch_size answers
     per forward; a small-vocabulary one (the tiny model, an ARC-only embedding) half a prompt per row.
     `pack_tokens` (or the module's `_PACK_ROW_TOKENS`) overrides the per-row cap.
     Returns the scores and the tokens pushed through the model."""
