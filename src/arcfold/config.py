@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+LOSS_KERNELS = ("torch", "liger")  # train.loss_kernel: the chunked torch head, or Liger's fused kernel (CUDA)
+
 
 @dataclass
 class DataConfig:
@@ -74,6 +76,9 @@ class TrainConfig:
     colours: str = "all"  # colour augmentation: all | keep_zero | none
     shuffle_demos: bool = True
     mixed_precision: str = "auto"  # auto (bf16 where supported) | no | bf16 | fp16
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: memory for time
+    group_by_length: bool = True  # batches of similar length (little padding); false: random batches
+    loss_kernel: str = "torch"  # torch (chunked head, any device) | liger (fused linear cross-entropy, CUDA)
     seed: int = 0
 
 
@@ -152,6 +157,7 @@ def check(cfg: Any) -> None:
                "split.strategy": (cfg.split.strategy, ("random", "balanced", "per_task")),
                "inference.strategy": (cfg.inference.strategy, ("greedy", "dfs", "sample")),
                "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
+               "train.loss_kernel": (cfg.train.loss_kernel, LOSS_KERNELS),
                "inference.colours": (cfg.inference.colours, ("all", "keep_zero", "none")),
                "inference.scoring.views_from": (cfg.inference.scoring.views_from, ("generation", "fresh"))}
     for key, (value, allowed) in choices.items():

@@ -139,14 +139,14 @@ def test_packed_scores_equal_scratch(codec, task, attention, pack_tokens, monkey
     answers[1] = answers[1][::-1]  # views of one group with their answers in another order
     answers[2] = [[11], [3, 3]]  # a view with short answers only: rows of a pack round with different widths
     packed_forwards = []
-    real_forward = scoring.forward
+    real_forward = scoring.hidden_states
 
     def spy(model, ids, cache, keep=1, attention_mask=None, position_ids=None):
         if attention_mask is not None:
             packed_forwards.append(ids.shape)
         return real_forward(model, ids, cache, keep, attention_mask, position_ids)
 
-    monkeypatch.setattr(scoring, "forward", spy)
+    monkeypatch.setattr(scoring, "hidden_states", spy)
     with torch.inference_mode():
         packed, packed_tokens = scoring._score_packed(model, prompts, answers, batch_size=8, pack_tokens=pack_tokens)
         flat, scratch_tokens = scoring._score_from_scratch(model, [(p, a) for p, view_answers in zip(prompts, answers)
@@ -400,12 +400,12 @@ def test_kept_prompt_caches_score_like_running_the_prompts(codec, task, kind, mo
             model(input_ids=torch.tensor([prompts[v]]), past_key_values=kept[v], use_cache=True)
         before = {v: [(layer.keys.clone(), layer.values.clone()) for layer in c.layers] for v, c in kept.items()}
         widths = []
-        real_forward = scoring.forward
-        monkeypatch.setattr(scoring, "forward", lambda m, ids, *a, **k: widths.append(ids.shape) or
+        real_forward = scoring.hidden_states
+        monkeypatch.setattr(scoring, "hidden_states", lambda m, ids, *a, **k: widths.append(ids.shape) or
                             real_forward(m, ids, *a, **k))
         reused, _ = scoring._score_with_prefix(model, prompts, answers, 3, kept)
         prefilled = sum(rows * width for rows, width in widths if width >= min(map(len, prompts)) - 1)
-        monkeypatch.setattr(scoring, "forward", real_forward)
+        monkeypatch.setattr(scoring, "hidden_states", real_forward)
         plain, _ = scoring._score_with_prefix(model, prompts, answers, 3)
         flat, _ = scoring._score_from_scratch(model, [(p, a) for p, va in zip(prompts, answers) for a in va], 8)
     assert [s for va in reused for s in va] == pytest.approx(flat, abs=1e-4)

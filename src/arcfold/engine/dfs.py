@@ -14,8 +14,8 @@ in ONE forward pass, which gives the next-token distribution at every node along
 down the guess needs no decoding at all, and only branches off it cost forwards. The guess changes the cost,
 never the result.
 
-Numerics: log-softmax in float32 over the full vocabulary (the convention of engine.generate), accumulated in
-float64. A child is kept iff its NLL <= -ln(min_prob) + NLL_TOLERANCE, the same test everywhere, so a
+Numerics: log-softmax in float32 over the full vocabulary (engine.logits, in chunks of positions), accumulated
+in float64. A child is kept iff its NLL <= -ln(min_prob) + NLL_TOLERANCE, the same test everywhere, so a
 completion sitting exactly at the threshold is not lost to rounding.
 """
 
@@ -29,7 +29,8 @@ import torch
 from transformers import DynamicCache
 
 from arcfold.data.codec import GridCodec
-from arcfold.engine.generate import Completion, GenStats, forward, full_logprobs, model_device
+from arcfold.engine.generate import Completion, GenStats, model_device
+from arcfold.engine.logits import column_logps, hidden_states
 
 NLL_TOLERANCE = 1e-6  # nats; far above float64 accumulation error, far below any meaningful gap
 
@@ -50,11 +51,11 @@ class _PathCache:
     def _run(self, tokens: Sequence[int], keep: int) -> list[list[float]]:
         """Feed tokens on top of the cache; log p of each output token at the last `keep` positions."""
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        logits = forward(self.model, ids, self.cache, keep)[0]
+        hidden = hidden_states(self.model, ids, self.cache, keep)[0]
         self.stats.forward_tokens += len(tokens)
         self.stats.forward_passes += 1
-        # Full-vocabulary softmax first, then keep the output tokens' columns: probabilities are not renormalised.
-        return full_logprobs(logits).index_select(-1, self.allowed).tolist()
+        # Full-vocabulary softmax, read at the output tokens' columns only: probabilities are not renormalised.
+        return column_logps(self.model, hidden, self.allowed).tolist()
 
     def prefill(self, prompt: Sequence[int], guess: Sequence[int]) -> list[list[float]]:
         """Prompt and guess in one pass: the distributions after prompt + guess[:k] for k = 0..len(guess)."""

@@ -15,8 +15,6 @@ stay stable across transformers versions (generate's cache and output arguments 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -25,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from arcfold.data.codec import GridCodec
+from arcfold.engine.logits import head_logits, hidden_states
 
 
 Pick = Callable[[torch.Tensor], torch.Tensor]  # (rows, output-token logits) -> chosen column per row
@@ -70,47 +69,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PeftModel (whose forward only has **kwargs)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _forward_params(model: torch.nn.Module) -> frozenset[str]:
-    return _params_of(type(base_model(model)))
-
-
-@functools.lru_cache(maxsize=None)
-def _params_of(cls: type) -> frozenset[str]:
-    # Cached per class: inspect.signature on every decoding step would be measurable overhead.
-    return frozenset(inspect.signature(cls.forward).parameters)
-
-
-def forward(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache | None, keep: int = 1,
-            attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Run `ids` (batch, new) on top of `cache` (extended in place); return logits of the last `keep` positions.
-    With cache=None nothing is cached (a one-off pass over whole sequences).
-
-    transformers 5 names the cache argument `cache`, 4.x `past_key_values`; `logits_to_keep` spares the lm_head
-    (a 150k-vocabulary head over an 8k prompt is gigabytes) on positions we never read."""
-    params = _forward_params(model)
-    kwargs: dict[str, Any] = {"use_cache": cache is not None}
-    if cache is not None:
-        kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = keep
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    logits = model(input_ids=ids, **kwargs).logits
-    return logits[:, -keep:]
-
-
-def full_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the whole vocabulary, computed in float32 (bf16 logits lose too much), as float64."""
-    return torch.log_softmax(logits.float(), dim=-1).double()
-
-
 # ------------------------------------------------------------------------------------------ batched decoding
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
@@ -139,15 +97,14 @@ def _decode_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], code
     cache = DynamicCache()
     results = [Completion([], 0.0) for _ in prompts]
     active = list(range(len(prompts)))  # original row of each cache row
-    logits = forward(model, ids, cache, 1, mask, positions)[:, -1]
+    logits = head_logits(model, hidden_states(model, ids, cache, 1, mask, positions)[:, -1])
     stats.forward_tokens += ids.numel()
     stats.forward_passes += 1
     next_pos = positions[:, -1:] + 1
     for step in range(max_new_tokens):
-        flat = logits.float()  # float32 whatever the model's dtype, as in full_logprobs
-        choice = allowed[pick(flat.index_select(-1, allowed))]
+        choice = allowed[pick(logits.index_select(-1, allowed))]  # head_logits are fp32 whatever the model's dtype
         # log p of the chosen token under the full softmax: a gather and a logsumexp, not a whole log-softmax.
-        chosen_logp = (flat.gather(-1, choice[:, None])[:, 0] - torch.logsumexp(flat, -1)).double().tolist()
+        chosen_logp = (logits.gather(-1, choice[:, None])[:, 0] - torch.logsumexp(logits, -1)).double().tolist()
         tokens = choice.tolist()
         keep = []
         for row, (tok, lp) in enumerate(zip(tokens, chosen_logp)):
@@ -165,7 +122,7 @@ def _decode_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], code
             mask, next_pos, choice = mask[index], next_pos[index], choice[index]
             active = [active[r] for r in keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        logits = forward(model, choice[:, None], cache, 1, mask, next_pos)[:, -1]
+        logits = head_logits(model, hidden_states(model, choice[:, None], cache, 1, mask, next_pos)[:, -1])
         next_pos = next_pos + 1
         stats.forward_tokens += len(active)
         stats.forward_passes += 1

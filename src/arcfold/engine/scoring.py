@@ -27,7 +27,8 @@ from arcfold.data.augment import Transform
 from arcfold.data.codec import GridCodec
 from arcfold.data.tasks import Task
 from arcfold.engine.candidates import Candidate
-from arcfold.engine.generate import base_model, eval_mode, forward, model_device
+from arcfold.engine.generate import eval_mode, model_device
+from arcfold.engine.logits import base_model, hidden_states, token_logps
 
 AGGREGATES = ("sum_logp", "sum_logp_bonus", "mean_prob", "max", "min", "votes")
 GEN_BONUS = 3.0  # the 2024 submission's bonus: each generating view adds (gen log p + 3)
@@ -38,22 +39,13 @@ _PACK_ROW_TOKENS: int | None = None  # tests: cap on one row's packed tokens (No
 
 # ------------------------------------------------------------------------------------------ model plumbing
 
-def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) under the full softmax, per position, in float64. logsumexp + gather avoids building the
-    whole log-softmax tensor, which matters for a large vocabulary."""
-    logits = logits.float()
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)).double()
-
-
-def _summed_logps(logits: torch.Tensor, answers: Sequence[Sequence[int]]) -> list[float]:
-    """Per row, the summed log p of answers[row] read off logits[row, :len(answer)] (one batched call, so the
-    cost does not grow with a Python loop over rows). Positions past an answer's end are masked out."""
-    width = logits.shape[1]
-    targets = _padded([list(a) + [_PAD] * (width - len(a)) for a in answers], logits.device)
-    lengths = torch.tensor([len(a) for a in answers], device=logits.device)
-    mask = torch.arange(width, device=logits.device)[None] < lengths[:, None]
-    return (_token_logps(logits, targets) * mask).sum(dim=1).tolist()
+def _block_sums(model: torch.nn.Module, hidden: torch.Tensor, blocks: torch.Tensor, targets: torch.Tensor,
+                count: int) -> list[float]:
+    """Summed log p per answer: blocks[r, q] names the answer (0..count-1) whose token targets[r, q] position q of
+    row r predicts, -1 where nothing is read. The head runs at the read positions only (engine.logits)."""
+    real = blocks >= 0
+    logps = token_logps(model, hidden[real], targets[real])
+    return torch.zeros(count, dtype=torch.float64, device=hidden.device).index_add_(0, blocks[real], logps).tolist()
 
 
 def _padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
@@ -84,16 +76,19 @@ def _score_from_scratch(model: torch.nn.Module, pairs: Sequence[tuple[list[int],
         seqs = [pairs[i][0] + pairs[i][1][:-1] for i in batch]
         ids = _padded(seqs, device)
         first = min(len(pairs[i][0]) for i in batch) - 1  # earliest position that predicts an answer token
-        logits = forward(model, ids, None, ids.shape[1] - first)
-        offset = ids.shape[1] - logits.shape[1]  # logits cover positions offset..end
+        hidden = hidden_states(model, ids, None, ids.shape[1] - first)
+        offset = ids.shape[1] - hidden.shape[1]  # hidden states cover positions offset..end
         tokens += ids.numel()
-        # Answer tokens of row i are predicted at positions len(prompt)-1 ... len(prompt)+len(answer)-2.
-        starts = [len(pairs[i][0]) - 1 - offset for i in batch]
-        width = max(len(pairs[i][1]) for i in batch)
-        index = torch.tensor([[min(s + j, logits.shape[1] - 1) for j in range(width)] for s in starts],
-                             device=device)
-        aligned = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
-        for i, score in zip(batch, _summed_logps(aligned, [pairs[i][1] for i in batch])):
+        # Answer tokens of row r are predicted at positions len(prompt)-1 ... len(prompt)+len(answer)-2.
+        blocks = torch.full(hidden.shape[:2], -1, dtype=torch.long)
+        targets = torch.full(hidden.shape[:2], _PAD, dtype=torch.long)
+        for r, i in enumerate(batch):
+            prompt, answer = pairs[i]
+            start = len(prompt) - 1 - offset
+            blocks[r, start:start + len(answer)] = r
+            targets[r, start:start + len(answer)] = torch.tensor(answer)
+        sums = _block_sums(model, hidden, blocks.to(device), targets.to(device), len(batch))
+        for i, score in zip(batch, sums):
             scores[i] = score
     return scores, tokens
 
@@ -158,7 +153,7 @@ def _prompt_groups(model: torch.nn.Module, prompts: Sequence[list[int]], answers
                 continue
             cache = DynamicCache()
             if length > 1:
-                forward(model, torch.tensor([prompts[v][:-1] for v in group], device=device), cache, 1)
+                hidden_states(model, torch.tensor([prompts[v][:-1] for v in group], device=device), cache, 1)
             yield group, cache, len(group) * (length - 1)
 
 
@@ -236,9 +231,9 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
     answer and `_packed_mask` keeps each answer causal within itself and blind to the others. The forward
     appends the packed tokens to the group's cache; `crop` takes them off again before the next pack.
 
-    The budget (`_pack_cap`): one packed forward's logits (rows x packed tokens x vocabulary, the largest
-    tensor here for a 150k vocabulary) stay within the larger of what a from-scratch batch holds anyway: its
-    logits (batch_size x longest answer x vocabulary) or one layer's hidden states (batch_size x (prompt +
+    The budget (`_pack_cap`): one packed forward's tokens (rows x packed tokens; their attention and, before
+    the head ran in chunks, their logits) stay within the larger of what a from-scratch batch holds anyway: its
+    answers' logits (batch_size x longest answer x vocabulary) or one layer's hidden states (batch_size x (prompt +
     longest) x hidden size). And a row packs at most max(longest answer, prompt / 2) tokens: the dense mask
     computes a packed x packed block of which only the answers' own causal triangles are used, so this keeps
     that waste under half the useful packed x prompt work (on bench_inference.py's candidates, a whole-prompt
@@ -280,13 +275,10 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
                     start += n
             ids, targets, positions, blocks = (t.to(device) for t in (ids, targets, positions, blocks))
             mask = _packed_mask(blocks, prefix, additive)
-            out_logits = forward(model, ids, cache, width, attention_mask=mask, position_ids=positions)
+            hidden = hidden_states(model, ids, cache, width, attention_mask=mask, position_ids=positions)
             cache.crop(-width)  # back to the prompt for the next pack
             tokens += ids.numel()
-            real = blocks >= 0
-            sums = torch.zeros(len(owners), dtype=torch.float64, device=device).index_add_(
-                0, blocks[real], _token_logps(out_logits, targets)[real])
-            for (v, i), lp in zip(owners, sums.tolist()):
+            for (v, i), lp in zip(owners, _block_sums(model, hidden, blocks, targets, len(owners))):
                 scores[v][i] = lp
     return scores, tokens
 
@@ -314,9 +306,13 @@ def _score_copied(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
             ids = _padded([_answer_inputs(prompts[v], answers[v][i]) for _, v, i in batch], device)
             view_cache = cache if n == len(batches) - 1 else copy.deepcopy(cache)  # the last may spend it
             view_cache.batch_select_indices(torch.tensor([r for r, _, _ in batch], device=device))
-            out_logits = forward(model, ids, view_cache, ids.shape[1])
+            hidden = hidden_states(model, ids, view_cache, ids.shape[1])
             tokens += ids.numel()
-            for (_, v, i), score in zip(batch, _summed_logps(out_logits, [answers[v][i] for _, v, i in batch])):
+            lengths = torch.tensor([len(answers[v][i]) for _, v, i in batch], device=device)
+            read = torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]
+            blocks = torch.where(read, torch.arange(len(batch), device=device)[:, None], -1)
+            targets = _padded([answers[v][i] for _, v, i in batch], device)
+            for (_, v, i), score in zip(batch, _block_sums(model, hidden, blocks, targets, len(batch))):
                 scores[v][i] = score
     return scores, tokens
 

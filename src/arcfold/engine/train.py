@@ -1,14 +1,16 @@
 """Training one fold's LoRA: all augmented copies of the fold's tasks in ONE optimiser pass (reference section 3).
 
-Each sample is a whole task view whose labels mark only output-grid tokens and their end token; the model's
-own causal LM loss (it shifts labels internally) is the objective. Mixed precision, gradient accumulation and
-the fp16 scaler come from accelerate; the schedule from transformers.
+Each sample is a whole task view whose labels mark only output-grid tokens and their end token; the objective is
+the causal LM loss over those tokens, with the head applied at labelled positions only (engine.logits: no
+sequence x vocabulary tensor). Batches group samples of similar length, so little compute goes to padding.
+Mixed precision, gradient accumulation and the fp16 scaler come from accelerate; the schedule from transformers.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import resource
 import sys
 import time
@@ -27,6 +29,7 @@ from arcfold.data.augment import epoch_plan
 from arcfold.data.codec import IGNORE, Encoded, GridCodec
 from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
+from arcfold.engine.logits import LOSS_KERNELS, base_model, causal_lm_loss, hidden_states
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class FoldTrainStats:
     steps: int
     samples: int
     tokens: int  # total tokens of all training sequences (padding excluded)
+    padded_tokens: int  # tokens the batches processed, padding included
     seconds: float
     tokens_per_second: float
     final_loss: float
@@ -60,6 +64,32 @@ def build_samples(codec: GridCodec, tasks: Sequence[Task], cfg: TrainConfig) -> 
         log.warning("skipped %d of %d training samples (too long for max_len=%d)", skipped,
                     skipped + len(samples), cfg.max_len)
     return samples, skipped
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, window: int = 64
+                           ) -> list[list[int]]:
+    """Sample indices in batches of similar length, in a random order (as transformers' LengthGroupedSampler).
+
+    A seeded shuffle, then each window of `window` batches' worth of samples is sorted by length and cut into
+    batches, and the batches are shuffled: randomness comes from the shuffle, padding only from neighbours in a
+    sorted window."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * window
+    batches = []
+    for start in range(0, len(order), span):
+        group = sorted(order[start:start + span], key=lambda i: lengths[i])
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def random_batches(count: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Sample indices in random batches, regardless of length (train.group_by_length=false)."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, count, batch_size)]
 
 
 def collate(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -105,20 +135,27 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
     tokens = sum(len(s.ids) for s in samples)
     if not samples:
         log.warning("fold of %d tasks has no training sample; adapter left untouched", len(tasks))
-        return FoldTrainStats(0, 0, 0, 0.0, 0.0, math.nan, [], 0, dropped, skipped)
+        return FoldTrainStats(0, 0, 0, 0, 0.0, 0.0, math.nan, [], 0, dropped, skipped)
     device = next(peft_model.parameters()).device
     accelerator = accelerator or make_accelerator(cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    steps = math.ceil(len(samples) / (cfg.batch_size * cfg.grad_accum))
+    if cfg.loss_kernel not in LOSS_KERNELS:
+        raise ArcDataError(f"unknown loss kernel {cfg.loss_kernel!r}; use one of {', '.join(LOSS_KERNELS)}",
+                           field="train.loss_kernel")
+    lengths = [len(s.ids) for s in samples]
+    batches = (length_grouped_batches(lengths, cfg.batch_size, cfg.seed) if cfg.group_by_length
+               else random_batches(len(samples), cfg.batch_size, cfg.seed))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    steps = math.ceil(len(batches) / cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * steps)
-    # Fork the RNG so seeding shuffling and dropout here leaves the caller's random stream alone.
+    if cfg.gradient_checkpointing:  # recompute each layer in the backward pass: activations of one layer at a time
+        base_model(peft_model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Fork the RNG so seeding dropout here leaves the caller's random stream alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        loader = DataLoader(samples, batch_size=cfg.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(cfg.seed),
-                            collate_fn=partial(collate, pad_id=codec.pad_id))
+        loader = DataLoader(samples, batch_sampler=batches, collate_fn=partial(collate, pad_id=codec.pad_id))
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = transformers.get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup,
@@ -126,21 +163,22 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
         model, optimizer, loader, scheduler = accelerator.prepare(peft_model, optimizer, loader, scheduler)
         try:
             losses, seconds = _loop(accelerator, model, optimizer, loader, scheduler, device, steps,
-                                    cfg.max_grad_norm, progress)
+                                    cfg.max_grad_norm, cfg.loss_kernel, progress)
         finally:
             _release(accelerator, peft_model)
             peft_model.eval()
     if len(losses) != steps:  # accelerate syncs at the end of the loader, so this would be a logic error
         log.warning("expected %d optimiser steps, made %d", steps, len(losses))
     return FoldTrainStats(
-        steps=len(losses), samples=len(samples), tokens=tokens, seconds=seconds,
+        steps=len(losses), samples=len(samples), tokens=tokens, padded_tokens=padded, seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         final_loss=losses[-1] if losses else math.nan, losses=losses, peak_memory_bytes=_peak_memory(device),
         dropped_demos=dropped, skipped_samples=skipped)
 
 
 def _loop(accelerator: accelerate.Accelerator, model: torch.nn.Module, optimizer, loader, scheduler,
-          device: torch.device, steps: int, max_grad_norm: float, progress: bool) -> tuple[list[float], float]:
+          device: torch.device, steps: int, max_grad_norm: float, kernel: str, progress: bool
+          ) -> tuple[list[float], float]:
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # micro-batch losses of the current optimiser step
     bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, leave=False)
@@ -149,7 +187,9 @@ def _loop(accelerator: accelerate.Accelerator, model: torch.nn.Module, optimizer
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with accelerator.accumulate(model):
-            loss = model(**batch).loss
+            with accelerator.autocast():  # the backbone runs directly, outside prepare()'s wrapped forward
+                hidden = hidden_states(model, batch["input_ids"], None, None, batch["attention_mask"])
+                loss = causal_lm_loss(model, hidden, batch["labels"], kernel)
             accelerator.backward(loss)
             pending.append(loss.detach())
             if accelerator.sync_gradients and max_grad_norm > 0:
@@ -180,4 +220,5 @@ def _release(accelerator: accelerate.Accelerator, peft_model: torch.nn.Module) -
     accelerator.free_memory()
 
 
-__all__ = ["FoldTrainStats", "build_samples", "collate", "make_accelerator", "train_fold"]
+__all__ = ["FoldTrainStats", "build_samples", "collate", "length_grouped_batches", "make_accelerator",
+           "random_batches", "train_fold"]
