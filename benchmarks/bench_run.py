@@ -58,8 +58,8 @@ def main(overrides: list[str]) -> None:
     # Time every forward of the base model (training, generation, scoring all go through it).
     original_load = model_module.load_model
 
-    def timed_load(cfg):
-        loaded = original_load(cfg)
+    def timed_load(cfg, fmt):
+        loaded = original_load(cfg, fmt)
         loaded.model.register_forward_pre_hook(clock.pre)
         loaded.model.register_forward_hook(clock.post)
         return loaded

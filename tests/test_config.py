@@ -13,7 +13,7 @@ from arcfold.config import RunConfig, check, register
 from arcfold.data import ArcDataError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["data", "model", "split", "lora", "train", "inference", "tracking"]
+GROUPS = ["data", "model", "format", "split", "lora", "train", "inference", "tracking"]
 # Options whose mandatory keys (???) must be given to compose a usable config.
 REQUIRED = {("data", "kaggle"): ["data.challenges=c.json"], ("data", "dir"): ["data.path=tasks"],
             ("model", "hf"): ["model.path=/models/m"]}
@@ -45,6 +45,8 @@ def test_every_group_option_composes_into_the_schema(group, option):
         assert typed.data.name == option
     if group == "inference":
         assert typed.inference.strategy == option
+    if group == "format":
+        assert typed.format.name == option
 
 
 def test_the_documented_single_run_overrides():
@@ -90,9 +92,21 @@ def test_bad_choices_name_their_field(override, field):
         check(compose_with(override.split()))
 
 
+@pytest.mark.parametrize("override,field", [("format.name=xml", "format.name"),
+                                            ("format=architects", "format"), ("format=chat", "format")])
+def test_a_bad_prompt_format_is_refused_in_one_line(override, field):
+    # The default model is tiny, whose built-in vocabulary can write only the plain format.
+    with pytest.raises(ArcDataError) as err:
+        check(compose_with(override.split()))
+    assert err.value.field == field and "\n" not in str(err.value)
+
+
 def test_the_default_config_passes_the_check():
     check(compose_with([]))
     check(compose_with(["folds=per_task"]))
+    assert compose_with([]).format.name == "plain"
+    for fmt in ("architects", "chat"):
+        check(compose_with(["model=hf", "model.path=/models/m", f"format={fmt}"]))
     check(compose_with(["inference=dfs", "inference.scoring.views=16", "inference.n=2"]))
     check(compose_with(["inference=dfs", "inference.scoring.views=16", "inference.scoring.views_from=fresh"]))
 

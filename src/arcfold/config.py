@@ -44,6 +44,11 @@ class ModelConfig:
 
 
 @dataclass
+class FormatConfig:
+    name: str = "plain"  # plain (I / O markers) | architects (the ARChitects' text) | chat (the model's chat template)
+
+
+@dataclass
 class SplitConfig:
     strategy: str = "random"  # random (equal sizes) | balanced (equal training tokens) | per_task
     seed: int = 0
@@ -127,6 +132,7 @@ class RunConfig:
     folds: Any = 2
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    format: FormatConfig = field(default_factory=FormatConfig)  # the prompt text the model sees
     split: SplitConfig = field(default_factory=SplitConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -142,6 +148,7 @@ def check(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     from arcfold.data.errors import ArcDataError
+    from arcfold.data.formats import FORMATS
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     # Paths an option needs (a schema default of None cannot be overridden by "???" in YAML, so check here).
@@ -154,6 +161,7 @@ def check(cfg: Any) -> None:
     choices = {"data.order": (cfg.data.order, ("id", "size")),
                "data.on_invalid": (cfg.data.on_invalid, ("raise", "skip")),
                "model.kind": (cfg.model.kind, ("tiny", "hf")),
+               "format.name": (cfg.format.name, FORMATS),
                "split.strategy": (cfg.split.strategy, ("random", "balanced", "per_task")),
                "inference.strategy": (cfg.inference.strategy, ("greedy", "dfs", "sample")),
                "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
@@ -163,6 +171,9 @@ def check(cfg: Any) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ArcDataError(f"{value!r} is not one of {', '.join(allowed)}", file="config", field=key)
+    if cfg.model.kind == "tiny" and cfg.format.name != "plain":
+        raise ArcDataError(f"the tiny model's built-in vocabulary writes only format=plain, not {cfg.format.name!r} "
+                           "(use model=hf with a tokenizer)", file="config", field="format")
     scoring = cfg.inference.scoring
     if scoring.views_from == "generation" and scoring.views > 8 * cfg.inference.n:
         raise ArcDataError(f"{scoring.views} scoring views from {8 * cfg.inference.n} generation views (8 * "
@@ -180,11 +191,11 @@ def register() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
-    for group, node in [("data", DataConfig), ("model", ModelConfig), ("split", SplitConfig),
-                        ("lora", LoraConfig), ("train", TrainConfig), ("inference", InferenceConfig),
-                        ("tracking", TrackingConfig)]:
+    for group, node in [("data", DataConfig), ("model", ModelConfig), ("format", FormatConfig),
+                        ("split", SplitConfig), ("lora", LoraConfig), ("train", TrainConfig),
+                        ("inference", InferenceConfig), ("tracking", TrackingConfig)]:
         cs.store(group=group, name=f"base_{group}", node=node)
 
 
-__all__ = ["DataConfig", "ModelConfig", "SplitConfig", "LoraConfig", "TrainConfig", "InferenceConfig",
+__all__ = ["DataConfig", "ModelConfig", "FormatConfig", "SplitConfig", "LoraConfig", "TrainConfig", "InferenceConfig",
            "ScoringConfig", "TrackingConfig", "RunConfig", "check", "register"]

@@ -90,7 +90,7 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
         folds = split(tasks, cfg.folds, cfg.split.strategy, cfg.split.seed)
         results = RunResults(tasks, everything)
         results.write_submission(run_dir / "submission.json")  # valid from the first second: all placeholders
-        loaded = load_model(cfg.model)
+        loaded = load_model(cfg.model, cfg.format.name)
         model = attach_lora(loaded.model, cfg.lora)
         fresh_adapter = AdapterReset(model)  # each fold starts from these weights; the base is never reloaded
         accelerator = make_accelerator(cfg.train, loaded.device)

@@ -61,16 +61,16 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def load_model(cfg: ModelConfig, fmt: str = "plain") -> LoadedModel:  # fmt: the prompt format, format.name
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.kind == "tiny":
-        codec, tokenizer, name = GridCodec.builtin(), None, "tiny"
+        codec, tokenizer, name = GridCodec.builtin(fmt), None, "tiny"
         model = _tiny_model(cfg, codec, dtype)
     elif cfg.kind == "hf":
         model, tokenizer = _hf_model(cfg, dtype)
         name = str(cfg.path)
-        codec = GridCodec.from_tokenizer(tokenizer, name=name)
+        codec = GridCodec.from_tokenizer(tokenizer, name=name, fmt=fmt)
         rows = model.get_input_embeddings().num_embeddings
         if codec.vocab_size > rows:
             raise ArcDataError(f"tokenizer ids go up to {codec.vocab_size - 1} but the model has only {rows} "
