@@ -32,6 +32,11 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' choice)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = False
+    # hf only:
+    quantization: str = "none"  # none | 8bit | 4bit (bitsandbytes, CUDA only: pip install '.[gpu]'; QLoRA)
+    device_map: Optional[str] = None  # None: all on model.device | auto | "{model: 0, lm_head: 1}" (a string)
+    shrink_vocab: bool = False  # keep only the format's tokens and the special tokens (embedding + head rows)
+    shrink_vocab_save: Optional[str] = None  # with shrink_vocab: also save the shrunk model + tokenizer here
     # The tiny model's shape (Llama-style). Ignored for hf.
     hidden_size: int = 64
     num_layers: int = 2
@@ -149,6 +154,7 @@ def check(cfg: Any) -> None:
     choices = {"data.order": (cfg.data.order, ("id", "size")),
                "data.on_invalid": (cfg.data.on_invalid, ("raise", "skip")),
                "model.kind": (cfg.model.kind, ("tiny", "hf")),
+               "model.quantization": (cfg.model.quantization, ("none", "8bit", "4bit")),
                "split.strategy": (cfg.split.strategy, ("random", "balanced", "per_task")),
                "inference.strategy": (cfg.inference.strategy, ("greedy", "dfs", "sample")),
                "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
@@ -162,6 +168,9 @@ def check(cfg: Any) -> None:
         raise ArcDataError(f"{scoring.views} scoring views from {8 * cfg.inference.n} generation views (8 * "
                            "inference.n); raise inference.n or set inference.scoring.views_from=fresh",
                            file="config", field="inference.scoring.views")
+    if cfg.model.shrink_vocab_save and not cfg.model.shrink_vocab:
+        raise ArcDataError("saving a shrunk vocabulary needs model.shrink_vocab=true", file="config",
+                           field="model.shrink_vocab_save")
     folds = cfg.folds
     if not (folds == "per_task" or (isinstance(folds, int) and not isinstance(folds, bool) and folds >= 1)):
         raise ArcDataError(f"folds must be a positive integer or per_task, got {folds!r}", file="config",
