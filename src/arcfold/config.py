@@ -133,7 +133,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
-    save_adapters: bool = True
+    save_adapters: str = "none"  # none | last (the last fold's adapter) | all (every fold's)
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
 
 
@@ -155,6 +155,7 @@ def check(cfg: Any) -> None:
                "data.on_invalid": (cfg.data.on_invalid, ("raise", "skip")),
                "model.kind": (cfg.model.kind, ("tiny", "hf")),
                "model.quantization": (cfg.model.quantization, ("none", "8bit", "4bit")),
+               "save_adapters": (cfg.save_adapters, ("none", "last", "all")),
                "split.strategy": (cfg.split.strategy, ("random", "balanced", "per_task")),
                "inference.strategy": (cfg.inference.strategy, ("greedy", "dfs", "sample")),
                "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
