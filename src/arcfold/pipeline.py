@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ def split(tasks: Sequence[Task], folds: Any, strategy: str, seed: int) -> list[l
 
 def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
     # The engine is imported here, not at module top, so that config tests and `--help` stay torch-free.
-    from arcfold.engine.lora import AdapterReset, attach_lora
+    from arcfold.engine.lora import AdapterReset, attach_lora, trainable_parameters
     from arcfold.engine.model import load_model
     from arcfold.engine.train import make_accelerator
 
@@ -90,12 +91,17 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
         folds = split(tasks, cfg.folds, cfg.split.strategy, cfg.split.seed)
         results = RunResults(tasks, everything)
         results.write_submission(run_dir / "submission.json")  # valid from the first second: all placeholders
-        loaded = load_model(cfg.model, cfg.format.name)
+        loaded = load_model(cfg.model, cfg.format.name, max_len={"train.max_len": cfg.train.max_len,
+                                                                 "inference.max_len": cfg.inference.max_len})
         model = attach_lora(loaded.model, cfg.lora)
         fresh_adapter = AdapterReset(model)  # each fold starts from these weights; the base is never reloaded
         accelerator = make_accelerator(cfg.train, loaded.device)
+    saved_folds = {"none": set(), "last": {len(folds) - 1}, "all": set(range(len(folds)))}[cfg.save_adapters]
+    adapters_mb = trainable_parameters(model) * loaded.dtype.itemsize * len(saved_folds) / 2**20
     tracker.log_params({"folds.k": len(folds), "folds.strategy": "per_task" if str(cfg.folds) == "per_task"
                         else cfg.split.strategy, "data.n_tasks": len(tasks)})
+    tracker.log_metrics({"adapters_disk_mb": adapters_mb})
+    log_adapter_disk(len(saved_folds), adapters_mb, run_dir)
     tracker.set_tags({"device": str(loaded.device)})
     log.info("%d tasks in %d folds on %s", len(tasks), len(folds), loaded.device)
 
@@ -103,7 +109,8 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
         for f, fold in enumerate(folds):
             fresh_adapter.reset(model)
             try:
-                row = run_fold(f, fold, model, loaded.codec, cfg, accelerator, results, clock, run_dir)
+                row = run_fold(f, fold, model, loaded.codec, cfg, accelerator, results, clock, run_dir,
+                               adapter_dtype=loaded.dtype if f in saved_folds else None)
             except Exception as err:  # one fold's failure (out of memory, say) must not cost the other folds
                 log.error("fold %d failed, its tasks get placeholders: %s", f, err, exc_info=True)
                 results.failures.update({t.id: f"fold {f}: {type(err).__name__}: {err}" for t in fold})
@@ -134,26 +141,39 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
 
 
 def run_fold(f: int, fold: Sequence[Task], model: Any, codec: Any, cfg: Any, accelerator: Any,
-             results: RunResults, clock: Timings, run_dir: Path) -> dict[str, Any]:
-    """Train the (freshly reset) adapter on one fold, save it, predict the fold's tasks; the fold's table row."""
+             results: RunResults, clock: Timings, run_dir: Path, adapter_dtype: Any = None) -> dict[str, Any]:
+    """Train the (freshly reset) adapter on one fold, predict the fold's tasks, then save the adapter in
+    `adapter_dtype` (None: not saved); the fold's table row."""
     from arcfold.engine.lora import save_adapter
     from arcfold.engine.train import train_fold
 
     with clock("train"):
         stats = train_fold(model, codec, fold, cfg.train, accelerator)
-    if cfg.save_adapters:
-        save_adapter(model, run_dir / "adapters" / f"fold_{f}")
     start = time.perf_counter()
     with clock("inference"):
         for task in fold:
             results.fold_of[task.id] = f
             predict_one(model, codec, task, cfg.inference, results)
     results.write_submission(run_dir / "submission.json")  # after every fold: nothing computed is lost
+    if adapter_dtype is not None:
+        try:  # after the predictions: a full disk costs the adapter, not the fold's answers
+            save_adapter(model, run_dir / "adapters" / f"fold_{f}", adapter_dtype)
+        except OSError as err:
+            log.error("fold %d: adapter not saved: %s", f, err)
     row = {**vars(FoldRow(f, len(fold), stats.tokens, stats.steps, stats.seconds, time.perf_counter() - start,
                           stats.peak_memory_bytes / 2**20, stats.final_loss, stats.tokens_per_second)),
            **results.metrics(fold)}
     results.folds.append(row)
     return row
+
+
+def log_adapter_disk(count: int, megabytes: float, run_dir: Path) -> None:
+    """Say up front what save_adapters will write, and warn if the disk will not hold it."""
+    if not count:
+        return
+    free_mb = shutil.disk_usage(next(p for p in [run_dir, *run_dir.parents] if p.exists())).free / 2**20
+    log.log(logging.WARNING if megabytes > free_mb else logging.INFO,
+            "save_adapters: %d adapters, about %.1f MB on disk (%.0f MB free)", count, megabytes, free_mb)
 
 
 def write_placeholder_submission(data: Any, run_dir: Path) -> None:

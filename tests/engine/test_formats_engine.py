@@ -113,11 +113,12 @@ def test_a_run_writes_the_configured_format(format_model_dir: Path, tmp_path: Pa
         cfg = compose("config", overrides=[
             f"outputs={tmp_path}", "model=hf", f"model.path={format_model_dir}", "model.device=cpu",
             "model.dtype=float32", "format=chat", "data.limit=1", "data.order=size", "folds=1", "tracking=off",
-            "save_adapters=false", "train.max_len=1200", "inference.max_len=1200", "inference.max_seconds=20"])
+            "save_adapters=none", "train.max_len=1200", "inference.max_len=1200", "inference.max_seconds=20"])
     check(cfg)
     loaded = []
     real_load = model_module.load_model
-    monkeypatch.setattr(model_module, "load_model", lambda *args: loaded.append(real_load(*args)) or loaded[-1])
+    monkeypatch.setattr(model_module, "load_model",
+                        lambda *args, **kwargs: loaded.append(real_load(*args, **kwargs)) or loaded[-1])
     result = pipeline.run(cfg, tmp_path)
     assert [m.codec.format for m in loaded] == ["chat"]
     assert not result.failures and len(result.folds) == 1 and result.folds[0]["train_tokens"] > 0

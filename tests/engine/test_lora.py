@@ -77,7 +77,7 @@ def test_save_adapter_round_trips(tiny_loaded, lora_cfg, make_tiny_cfg, tmp_path
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.normal_()  # non-zero B, so the saved adapter actually changes the model
-    out = save_adapter(pm, tmp_path / "adapter")
+    out = save_adapter(pm, tmp_path / "adapter", torch.float32)
     assert (out / "adapter_config.json").is_file()
     restored = peft.PeftModel.from_pretrained(load_model(make_tiny_cfg()).model, out)
     a, b = _adapter(pm), _adapter(restored)

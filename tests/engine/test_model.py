@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +111,83 @@ def test_resolve_device_and_dtype():
 def test_cuda_without_cuda_is_an_error():
     with pytest.raises(ArcDataError, match="model.device"):
         resolve_device("cuda")
+
+
+def _dir_without_weights(tmp_path, hf_model_dir, **config_changes):
+    """The fixture's config and tokenizer beside a corrupt weights file: any attempt to read weights fails."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_text((hf_model_dir / name).read_text())
+    config = json.loads((hf_model_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **config_changes}))
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantization_without_bitsandbytes_is_refused_before_loading(tmp_path, hf_model_dir, monkeypatch, bits):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: `import` raises
+    path = _dir_without_weights(tmp_path, hf_model_dir)
+    with pytest.raises(ArcDataError, match="model.quantization") as err:
+        load_model(ModelConfig(kind="hf", path=path, device="cpu", quantization=bits))
+    assert "bitsandbytes" in str(err.value) and bits in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantization_on_a_cpu_is_refused_before_loading(tmp_path, hf_model_dir, monkeypatch, bits):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))  # as if installed
+    path = _dir_without_weights(tmp_path, hf_model_dir)
+    with pytest.raises(ArcDataError, match="model.quantization") as err:
+        load_model(ModelConfig(kind="hf", path=path, device="cpu", quantization=bits))
+    assert "CUDA" in str(err.value) and "cpu" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ArcDataError, match="model.quantization"):  # the tiny model has nothing to quantize
+        load_model(ModelConfig(kind="tiny", device="cpu", quantization=bits))
+
+
+def test_the_corrupt_weights_directory_does_fail_when_read(tmp_path, hf_model_dir):
+    """The refusals above prove something only if reading this directory's weights fails."""
+    with pytest.raises(ArcDataError, match="model.path"):
+        load_model(ModelConfig(kind="hf", path=_dir_without_weights(tmp_path, hf_model_dir), device="cpu"))
+
+
+@pytest.mark.parametrize("device_map", [None, "auto", "cpu", "{'': cpu}", "{model: cpu, lm_head: cpu}"])
+def test_a_device_map_load_gives_the_plain_loads_logits(hf_cfg, hf_model_dir, device_map):
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32)
+    loaded = load_model(dataclasses.replace(hf_cfg, device_map=device_map))
+    assert loaded.device == torch.device("cpu")
+    ids = torch.tensor([[2, 6, 9, 10, 8, 7, 11, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_a_device_map_load_lands_in_the_configured_dtype(hf_cfg):
+    loaded = load_model(dataclasses.replace(hf_cfg, dtype="bfloat16"))
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("device_map", ["{model: cpu", "[0, 1]"])
+def test_a_bad_device_map_is_one_line(hf_cfg, device_map):
+    with pytest.raises(ArcDataError, match="model.device_map") as err:
+        load_model(dataclasses.replace(hf_cfg, device_map=device_map))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["train.max_len", "inference.max_len"])
+def test_a_max_len_past_the_hf_models_context_is_refused_before_loading(tmp_path, hf_model_dir, key):
+    path = _dir_without_weights(tmp_path, hf_model_dir, max_position_embeddings=1000)
+    max_len = {"train.max_len": 1000, "inference.max_len": 1000, key: 1001}
+    with pytest.raises(ArcDataError, match=key) as err:
+        load_model(ModelConfig(kind="hf", path=path, device="cpu"), max_len=max_len)
+    message = str(err.value)
+    assert f"{key}=1001" in message and "max_position_embeddings=1000" in message and "\n" not in message
+
+
+def test_a_max_len_within_the_context_loads(hf_cfg, make_tiny_cfg):
+    assert load_model(hf_cfg, max_len={"train.max_len": 2048, "inference.max_len": 2048}).model is not None
+    assert load_model(make_tiny_cfg(max_position_embeddings=512), max_len={"train.max_len": 512}).model is not None
+
+
+@pytest.mark.parametrize("key", ["train.max_len", "inference.max_len"])
+def test_a_max_len_past_the_tiny_models_context_is_refused(make_tiny_cfg, key):
+    with pytest.raises(ArcDataError, match=key) as err:
+        load_model(make_tiny_cfg(max_position_embeddings=512), max_len={key: 600})
+    assert f"{key}=600" in str(err.value) and "model.max_position_embeddings=512" in str(err.value)

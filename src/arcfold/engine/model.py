@@ -7,15 +7,22 @@ a page of Hugging Face traceback.
 from __future__ import annotations
 
 import logging
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, Mapping
 
+import peft
+import safetensors
 import torch
 import transformers
+import yaml
 
 from arcfold.config import ModelConfig
 from arcfold.data.codec import GridCodec
 from arcfold.data.errors import ArcDataError
+from arcfold.engine.vocab import check_shrinkable, kept_token_ids, remap_codec, shrink_model, shrink_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +68,83 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
-def load_model(cfg: ModelConfig, fmt: str = "plain") -> LoadedModel:  # fmt: the prompt format, format.name
+def load_model(cfg: ModelConfig, fmt: str = "plain", max_len: Mapping[str, int] | None = None) -> LoadedModel:
+    """The base model, its codec (in prompt format `fmt`, format.name) and tokenizer. `max_len`
+    ({"train.max_len": n, ...}) is checked against the model's context length; that and every other refusal
+    comes before any weight is read."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    quantization = _quantization_config(cfg, device, dtype)
     if cfg.kind == "tiny":
+        if cfg.shrink_vocab:
+            raise ArcDataError("the tiny model's vocabulary is the codec's already; use it with model.kind=hf",
+                               field="model.shrink_vocab")
+        check_context(cfg.max_position_embeddings, "model.max_position_embeddings", max_len, file="config")
         codec, tokenizer, name = GridCodec.builtin(fmt), None, "tiny"
-        model = _tiny_model(cfg, codec, dtype)
+        model = _tiny_model(cfg, codec, dtype).to(device)  # built on the CPU from a seed, then moved
     elif cfg.kind == "hf":
-        model, tokenizer = _hf_model(cfg, dtype)
+        model, codec, tokenizer = _hf_model(cfg, fmt, device, dtype, quantization, max_len or {})
         name = str(cfg.path)
-        codec = GridCodec.from_tokenizer(tokenizer, name=name, fmt=fmt)
-        rows = model.get_input_embeddings().num_embeddings
-        if codec.vocab_size > rows:
-            raise ArcDataError(f"tokenizer ids go up to {codec.vocab_size - 1} but the model has only {rows} "
-                               "embedding rows", file=name, field="model.path")
+        device = model.get_input_embeddings().weight.device  # inputs go where the device map put the embeddings
     else:
         raise ArcDataError(f"unknown model kind {cfg.kind!r}; use tiny or hf", field="model.kind")
-    model.to(device)
     model.eval()
-    log.info("loaded %s: %.2fM parameters, %s on %s", name, model.num_parameters() / 1e6, dtype, device)
+    log.info("loaded %s: %.2fM parameters, %s%s on %s", name, model.num_parameters() / 1e6, dtype,
+             f" ({cfg.quantization} weights)" if quantization else "", device)
     return LoadedModel(model, codec, tokenizer, device, dtype, name)
+
+
+def check_context(context: int | None, context_key: str, max_len: Mapping[str, int] | None,
+                  file: str | None = None) -> None:
+    """Refuse a max_len the model has no positions for (it would run past the context it was trained on)."""
+    for key, n in (max_len or {}).items():
+        if context is not None and n > context:
+            raise ArcDataError(f"{key}={n} exceeds the model's context length {context_key}={context}; "
+                               f"lower {key}", file=file, field=key)
+
+
+def _quantization_config(cfg: ModelConfig, device: torch.device,
+                         dtype: torch.dtype) -> transformers.BitsAndBytesConfig | None:
+    if cfg.quantization == "none":
+        return None
+    field = "model.quantization"
+    if cfg.quantization not in ("8bit", "4bit"):
+        raise ArcDataError(f"unknown quantization {cfg.quantization!r}; use none, 8bit or 4bit", field=field)
+    if cfg.kind != "hf":
+        raise ArcDataError(f"{cfg.quantization} quantizes a pretrained model: needs model.kind=hf", field=field)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ArcDataError(f"{cfg.quantization} needs bitsandbytes: pip install '.[gpu]'", field=field) from None
+    if device.type != "cuda":
+        raise ArcDataError(f"{cfg.quantization} (bitsandbytes) needs a CUDA device; model.device is {device}",
+                           field=field)
+    if cfg.quantization == "8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+
+
+def _device_map(spec: str | None, device: torch.device) -> Any:
+    """None: everything on the resolved device; a placement strategy or a device as given; "{...}": a dict."""
+    if spec is None:
+        return {"": device}
+    if spec in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return spec
+    if spec.lstrip().startswith("{"):
+        try:
+            value = yaml.safe_load(spec)  # a YAML flow mapping: {model: 0, lm_head: 1} or {'': 0}
+        except yaml.YAMLError:
+            value = None
+        if isinstance(value, dict):
+            return value
+    else:
+        try:
+            return str(torch.device(spec))
+        except RuntimeError:
+            pass
+    raise ArcDataError(f"{spec!r} is not auto, balanced, sequential, a device or a mapping of module names to "
+                       "devices", field="model.device_map")
 
 
 def _tiny_model(cfg: ModelConfig, codec: GridCodec, dtype: torch.dtype) -> transformers.PreTrainedModel:
@@ -99,7 +163,9 @@ def _tiny_model(cfg: ModelConfig, codec: GridCodec, dtype: torch.dtype) -> trans
             config, dtype=dtype, attn_implementation=cfg.attn_implementation)
 
 
-def _hf_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[transformers.PreTrainedModel, object]:
+def _hf_model(cfg: ModelConfig, fmt: str, device: torch.device, dtype: torch.dtype,
+              quantization: transformers.BitsAndBytesConfig | None,
+              max_len: Mapping[str, int]) -> tuple[transformers.PreTrainedModel, GridCodec, object]:
     if not cfg.path:
         raise ArcDataError("model.kind=hf needs a model directory", field="model.path")
     path = Path(cfg.path).expanduser()
@@ -107,17 +173,67 @@ def _hf_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[transformers.PreTra
         raise ArcDataError("no such model directory", file=str(path), field="model.path")
     if not (path / "config.json").is_file():
         raise ArcDataError("no config.json: not a Hugging Face model directory", file=str(path), field="model.path")
-    try:
+    device_map = _device_map(cfg.device_map, device)
+    with _one_line_errors(path):
+        config = transformers.AutoConfig.from_pretrained(
+            path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    text_config = config.get_text_config()
+    context = getattr(text_config, "max_position_embeddings", getattr(text_config, "n_positions", None))
+    if context is None:
+        log.warning("%s: config.json gives no max_position_embeddings: max_len is not checked", path)
+    check_context(context, "max_position_embeddings", max_len, file=str(path / "config.json"))
+    with _one_line_errors(path):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    codec = GridCodec.from_tokenizer(tokenizer, name=str(path), fmt=fmt)
+    keep = kept_token_ids(codec, tokenizer) if cfg.shrink_vocab else None
+    if keep is not None:  # the tokenizer is rewritten first: an unshrinkable one is refused before the weights
+        check_shrinkable(tokenizer, str(path))
+        with _directory(cfg.shrink_vocab_save) as directory:
+            tokenizer = shrink_tokenizer(tokenizer, keep, config, directory)
+    with _one_line_errors(path):
+        # Straight onto the device(s) in the final dtype (or quantized): never a full fp32 copy on the CPU first.
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        # HF errors span many lines: fold them into one, cut short.
+            path, config=config, dtype=dtype, device_map=device_map, quantization_config=quantization,
+            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+            local_files_only=True)
+    rows = model.get_input_embeddings().num_embeddings
+    if codec.vocab_size > rows:
+        raise ArcDataError(f"tokenizer ids go up to {codec.vocab_size - 1} but the model has only {rows} "
+                           "embedding rows", file=str(path), field="model.path")
+    if keep is not None:
+        shrink_model(model, keep)
+        codec = remap_codec(codec, keep)
+        if cfg.shrink_vocab_save:
+            model.save_pretrained(cfg.shrink_vocab_save)
+            log.info("shrunk model and tokenizer saved to %s", cfg.shrink_vocab_save)
+    if quantization is not None:
+        # QLoRA's preparation (norms and unquantized layers in fp32, base frozen); checkpointing is train's switch.
+        peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, codec, tokenizer
+
+
+@contextmanager
+def _one_line_errors(path: Path) -> Iterator[None]:
+    """HF errors span many lines: fold them into one ArcDataError, cut short."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
+        if isinstance(err, ArcDataError):
+            raise
         detail = " ".join(str(err).split())[:300] or type(err).__name__
         raise ArcDataError(f"cannot load a causal LM: {detail}", file=str(path), field="model.path") from None
-    return model, tokenizer
 
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype"]
+@contextmanager
+def _directory(path: str | None) -> Iterator[str]:
+    """The given directory (created), or a temporary one removed afterwards."""
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix="arcfold-vocab-") as tmp:
+            yield tmp
+
+
+__all__ = ["LoadedModel", "check_context", "load_model", "resolve_device", "resolve_dtype"]

@@ -1,0 +1,75 @@
+"""GPU only (skipped without CUDA): 4-bit and 8-bit loads of a random-weight Llama through bitsandbytes, a LoRA on
+top, one training step. Run on a CUDA machine with `pip install .[gpu]`: pytest -m gpu."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from arcfold.config import ModelConfig
+from arcfold.engine.lora import attach_lora
+from arcfold.engine.model import load_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, hf_model_dir) -> Path:
+    """A random Llama wide enough for bitsandbytes' blocks (hidden 128), with the hf fixture's tokenizer."""
+    directory = tmp_path_factory.mktemp("llama_gpu")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_model_dir / name, directory / name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("shrink", [False, True])
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_a_quantized_base_takes_a_lora_and_one_training_step(llama_dir, lora_cfg, bits, shrink):
+    pytest.importorskip("bitsandbytes")
+    cfg = ModelConfig(kind="hf", path=str(llama_dir), device="cuda", dtype="bfloat16", quantization=bits,
+                      shrink_vocab=shrink)
+    loaded = load_model(cfg, max_len={"train.max_len": 2048, "inference.max_len": 2048})
+    assert getattr(loaded.model, f"is_loaded_in_{bits}") and loaded.device.type == "cuda"
+    model = attach_lora(loaded.model, lora_cfg)
+    adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert adapter and all("lora_" in n for n in adapter)
+    before = {n: p.detach().clone() for n, p in adapter.items()}
+    codec = loaded.codec
+    ids = torch.tensor([[codec.ids["input"], *[codec.ids[d] for d in "0120"], codec.ids["row"], codec.ids["output"],
+                         codec.ids["3"], codec.ids["row"], codec.eos_id]], device=loaded.device)
+    optimizer = torch.optim.AdamW(adapter.values(), lr=1e-2)
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[n], p) for n, p in adapter.items())  # the step moved the adapter
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape[-1] == loaded.model.get_output_embeddings().weight.shape[0]
+    assert torch.isfinite(logits).all()
+
+
+def test_a_plain_cuda_load_matches_the_cpu_load(llama_dir):
+    cpu = load_model(ModelConfig(kind="hf", path=str(llama_dir), device="cpu", dtype="float32"))
+    gpu = load_model(ModelConfig(kind="hf", path=str(llama_dir), device="cuda", dtype="float32"))
+    assert gpu.device.type == "cuda" and {p.device.type for p in gpu.model.parameters()} == {"cuda"}
+    ids = torch.tensor([[2, 6, 9, 10, 8, 7, 11, 3]])
+    with torch.no_grad():
+        expected = cpu.model(input_ids=ids).logits
+        got = gpu.model(input_ids=ids.to(gpu.device)).logits.cpu()
+    assert torch.allclose(got, expected, atol=1e-4)
