@@ -9,14 +9,13 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from arcfold.config import RunConfig, check, register
-from arcfold.data import ArcDataError
+from arcfold.config import ConfigError, RunConfig, check, register
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["data", "model", "split", "lora", "train", "inference", "tracking"]
+GROUPS = ["data", "model", "split", "lora", "train", "inference", "tracking", "experiment"]
 # Options whose mandatory keys (???) must be given to compose a usable config.
 REQUIRED = {("data", "kaggle"): ["data.challenges=c.json"], ("data", "dir"): ["data.path=tasks"],
-            ("model", "hf"): ["model.path=/models/m"]}
+            ("model", "hf"): ["model.path=/models/m"], ("experiment", "kaggle"): ["model.path=/models/m"]}
 
 register()
 
@@ -72,22 +71,11 @@ def test_a_mistyped_key_or_value_fails_at_composition():
 
 
 def test_mandatory_paths_are_reported_missing_in_one_line():
-    with pytest.raises(ArcDataError, match="model.path") as err:
+    with pytest.raises(ConfigError, match="model.path") as err:
         check(compose_with(["model=hf"]))
     assert "\n" not in str(err.value)
-    with pytest.raises(ArcDataError, match="data.challenges"):
+    with pytest.raises(ConfigError, match="data.challenges"):
         check(compose_with(["data=kaggle"]))
-
-
-@pytest.mark.parametrize("override,field", [("folds=0", "folds"), ("folds=some", "folds"),
-                                            ("inference.strategy=beam", "inference.strategy"),
-                                            ("data.order=random", "data.order"),
-                                            ("inference.scoring.views_from=other", "inference.scoring.views_from"),
-                                            # 16 scoring views out of the 8 generation views there are
-                                            ("inference=dfs inference.scoring.views=16", "inference.scoring.views")])
-def test_bad_choices_name_their_field(override, field):
-    with pytest.raises(ArcDataError, match=field):
-        check(compose_with(override.split()))
 
 
 def test_the_default_config_passes_the_check():
@@ -97,11 +85,24 @@ def test_the_default_config_passes_the_check():
     check(compose_with(["inference=dfs", "inference.scoring.views=16", "inference.scoring.views_from=fresh"]))
 
 
-def test_the_tiny_model_sizes_the_run_for_a_cpu_and_a_real_model_does_not():
+def test_the_cpu_demo_experiment_sizes_the_default_run_and_groups_mean_what_they_say():
     demo = compose_with([])
-    assert (demo.model.kind, demo.data.limit, demo.data.order) == ("tiny", 8, "size")
-    real = compose_with(["model=hf", "model.path=/models/m"])
-    assert real.data.limit is None and real.train.lr == 1e-4
-    # Command-line overrides still win over what the tiny option sets.
+    assert (demo.model.kind, demo.data.limit, demo.data.order, demo.train.lr) == ("tiny", 8, "size", 3e-3)
+    # The model option no longer sizes the run: a chosen train option keeps its own schedule under the demo.
+    arc25 = compose_with(["model=tiny", "train=arc25"])
+    assert (arc25.train.lr, arc25.train.epochs) == (2e-4, 10)
+    assert compose_with(["train=default"]).train.lr == 1e-4
+    # Without the preset: the schema's defaults, every task.
+    real = compose_with(["experiment=none", "model=hf", "model.path=/models/m"])
+    assert (real.data.limit, real.data.order, real.train.lr, real.model.kind) == (None, "id", 1e-4, "hf")
+    # Command-line values still win over what the experiment sets.
     assert compose_with(["data.limit=null", "train.lr=0.01"]).data.limit is None
     assert compose_with(["train.lr=0.01"]).train.lr == 0.01
+
+
+def test_the_kaggle_experiment_writes_the_submission_where_kaggle_reads_it():
+    with initialize_config_module("arcfold.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=kaggle", "model.path=/m"], return_hydra_config=True)
+    assert (cfg.data.name, cfg.model.kind, cfg.tracking.enabled) == ("kaggle", "hf", False)
+    assert cfg.data.challenges.startswith("/kaggle/input/") and cfg.data.limit is None and cfg.train.lr == 1e-4
+    assert cfg.outputs == cfg.hydra.run.dir == "/kaggle/working"
