@@ -91,6 +91,10 @@ def validate_submission(sub: Any, tasks: Sequence[Task], file: str = "submission
                 if not isinstance(entry, dict) or name not in entry:
                     raise ArcDataError(f"missing '{name}'", file=file, task=task.id, field=f"test[{i}]")
                 parse_grid(entry[name], file=file, task=task.id, field=f"test[{i}].{name}")
+            other = sorted(set(entry) - set(ATTEMPTS))
+            if other:  # an answer under another key would be ignored by Kaggle's scorer, or the file refused
+                raise ArcDataError(f"unexpected key(s) {other}: an entry holds only attempt_1 and attempt_2",
+                                   file=file, task=task.id, field=f"test[{i}]")
     known = {t.id for t in tasks}
     extra = [k for k in sub if k not in known]
     if extra:

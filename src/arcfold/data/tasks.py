@@ -265,6 +265,28 @@ def load_kaggle(challenges: str | Path, solutions: str | Path | None = None,
     return _collect(chal.items(), build, on_invalid)
 
 
+def load_solutions(solutions: str | Path) -> list[Task]:
+    """Score-only tasks from a Kaggle solutions file alone: each task's test outputs, and no demonstrations.
+
+    What a submission is scored against is only the ids and the outputs; the test inputs, unknown here, are
+    empty grids (shape (0, 0)), so these tasks can be scored but not predicted."""
+    path = str(solutions)
+    sols, errors = _read_task_map(path, "list of output grids")
+
+    def build(task_id: str, outputs: Any) -> Task:
+        if task_id in errors:
+            raise errors[task_id]
+        if not isinstance(outputs, list) or not outputs:
+            got = f"{len(outputs)} grids" if isinstance(outputs, list) else type(outputs).__name__
+            raise ArcDataError(f"expected a non-empty list of output grids, got {got}", file=path, task=task_id,
+                               field="solutions")
+        unknown = np.zeros((0, 0), dtype=np.int8)
+        return Task(task_id, (), tuple(Pair(unknown, parse_grid(g, file=path, task=task_id, field=f"solutions[{i}]"))
+                                       for i, g in enumerate(outputs)))
+
+    return _collect(sols.items(), build, "raise")
+
+
 def load_dir(path: str | Path, on_invalid: OnInvalid = "raise") -> list[Task]:
     """A directory of one-task-per-file JSONs (the ARC repositories' layout); the id is the file stem.
 
