@@ -106,10 +106,11 @@ def test_a_bad_config_is_refused_in_one_line_naming_key_value_and_what_is_allowe
 
 
 def test_good_configs_pass(paths):
-    for overrides in ([], ["folds=per_task"], ["folds=8"], ["inference=dfs", "inference.n=2", "inference.scoring.views=16"],
+    for overrides in ([], ["folds=per_task"], ["folds=8"],
+                      ["inference=dfs", "inference.n=2", "inference.scoring.views=16"],
                       ["inference=dfs", "inference.scoring.views=16", "inference.scoring.views_from=fresh"],
                       ["lora.dropout=0.0", "train.epochs=0", "inference.min_prob=1.0"],
-                      [f"model=hf", f"model.path={paths['MODEL']}"],
+                      ["model=hf", f"model.path={paths['MODEL']}"],
                       ["data=kaggle", f"data.challenges={paths['FILE']}", f"data.solutions={paths['FILE']}"],
                       ["experiment=kaggle", f"model.path={paths['MODEL']}", f"data.challenges={paths['FILE']}"]):
         check(compose_with(overrides))

@@ -227,10 +227,10 @@ def check(cfg: Any) -> None:
     missing += [key for key, needed in needs.items() if needed and not OmegaConf.select(cfg, key)]
     if missing:
         raise ConfigError(f"no value given (set it on the command line, e.g. {missing[0]}=...)", key=missing[0])
-    for key, allowed in CHOICES.items():
+    for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise refuse(key, value, " | ".join(allowed))
+        if value not in choices:
+            raise refuse(key, value, " | ".join(choices))
     for key, (ok, allowed) in RANGES.items():
         value = OmegaConf.select(cfg, key)
         if not ok(value):

