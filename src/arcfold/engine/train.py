@@ -24,7 +24,7 @@ import transformers
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from arcfold.config import TrainConfig
+from arcfold.config import CHOICES, TrainConfig
 from arcfold.data.augment import epoch_plan
 from arcfold.data.codec import IGNORE, Encoded, GridCodec
 from arcfold.data.errors import ArcDataError
@@ -109,8 +109,8 @@ def collate(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 def make_accelerator(cfg: TrainConfig, device: torch.device) -> accelerate.Accelerator:
     """One Accelerator per run. Note accelerate's state is process-wide: its mixed precision cannot change later."""
     mixed = cfg.mixed_precision
-    if mixed not in ("auto", "no", "bf16", "fp16"):
-        raise ArcDataError(f"unknown mixed precision {mixed!r}; use auto, no, bf16 or fp16",
+    if mixed not in CHOICES["train.mixed_precision"]:
+        raise ArcDataError(f"unknown mixed precision {mixed!r}; use {' | '.join(CHOICES['train.mixed_precision'])}",
                            field="train.mixed_precision")
     if mixed == "auto":
         # bf16 autocast where the hardware has it; fp16 needs loss scaling and is opt-in only.
