@@ -140,6 +140,9 @@ class Planner:
 
     def start_fold(self, f: int, now: float) -> FoldPlan:
         projected = self.projection(now)
+        if projected is not None:
+            log.info("budget: the run is projected to take %.0f s in all%s", projected,
+                     "" if self.write_by is None else f" ({self.write_by - self.start:.0f} s allowed)")
         if self.write_by is None:
             return FoldPlan(None, None, projected)
         left = max(0.0, self.write_by - now)
