@@ -36,8 +36,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inference.scoring.views_from": ("generation", "fresh"),
     "inference.scoring.colours": COLOURS,
     "save_adapters": ("none", "last", "all"),
+    "on_error": ("auto", "fail", "skip"),  # auto: skip for data=kaggle (a submission), fail elsewhere
 }
 LOSS_KERNELS = CHOICES["train.loss_kernel"]
+DEGRADE_STEPS = ("views", "min_prob", "greedy", "placeholders")  # budget.degrade, cheapest cut first
 
 
 @dataclass
@@ -157,6 +159,17 @@ class TrackingConfig:
 
 
 @dataclass
+class BudgetConfig:
+    hours: Optional[float] = None  # the run's deadline (hours and seconds add up; neither: no deadline)
+    seconds: Optional[float] = None
+    margin_seconds: float = 60.0  # the final submission is on disk this long before the deadline
+    # What inference cuts, in order, when the projection passes the deadline; placeholders is the last resort.
+    degrade: list[str] = field(default_factory=lambda: list(DEGRADE_STEPS))
+    views: int = 2  # the views cut: generation views per test input
+    min_prob: float = 0.5  # the min_prob cut: the DFS threshold is raised to this
+
+
+@dataclass
 class RunConfig:
     # folds is a value, not a config group: Hydra parses `folds=8` as an int, which a group cannot take.
     # An int k (k folds, strategy from `split`) or "per_task" (one fold per task).
@@ -169,6 +182,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    on_error: str = "auto"  # fail | skip (placeholders, recorded) | auto (skip for data=kaggle, else fail)
+    train_fallback: bool = True  # a fold whose training failed (and was skipped) predicts with the base model
+    resume: Optional[str] = None  # a run dir to finish: its config, its finished folds and test inputs are kept
     outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
     save_adapters: str = "none"  # none | last (the last fold's adapter) | all (every fold's)
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
@@ -259,12 +276,12 @@ def check(cfg: Any) -> None:
     if cfg.model.kind == "tiny" and cfg.model.hidden_size % cfg.model.num_heads:
         raise refuse("model.num_heads", cfg.model.num_heads,
                      f"a divisor of model.hidden_size ({cfg.model.hidden_size})")
-
     if cfg.model.kind == "tiny" and cfg.format.name != "plain":
         raise refuse("format.name", cfg.format.name, "plain with model.kind=tiny (its built-in vocabulary has no "
                      "letters; use model=hf with a tokenizer for architects or chat)")
     if cfg.model.shrink_vocab_save and not cfg.model.shrink_vocab:
         raise refuse("model.shrink_vocab_save", cfg.model.shrink_vocab_save, "null unless model.shrink_vocab=true")
+    check_budget(cfg.budget)
 
 
 def _check_folds(cfg: Any) -> None:
@@ -301,10 +318,37 @@ def _check_paths(cfg: Any) -> None:
             raise refuse(key, path, PATH_KINDS[kind] + ("" if given.exists() else "; no such path"))
 
 
+def check_budget(budget: Any) -> None:
+    for key in ("hours", "seconds"):
+        value = getattr(budget, key)
+        if value is not None and not value > 0:
+            raise refuse(f"budget.{key}", value, "a positive number (leave it unset for no deadline)")
+    steps = list(budget.degrade)
+    unknown = [s for s in steps if s not in DEGRADE_STEPS]
+    if unknown or len(set(steps)) != len(steps) or steps[-1:] != ["placeholders"]:
+        raise refuse("budget.degrade", steps, f"distinct steps of {', '.join(DEGRADE_STEPS)}, ending with placeholders")
+    total = (budget.hours or 0) * 3600 + (budget.seconds or 0)
+    if not 0 <= budget.margin_seconds < (total or float("inf")):
+        raise refuse("budget.margin_seconds", budget.margin_seconds, f">= 0 and below the budget ({total:g} s)")
+    if budget.views < 1:
+        raise refuse("budget.views", budget.views, "an integer >= 1")
+    if not 0 < budget.min_prob <= 1:
+        raise refuse("budget.min_prob", budget.min_prob, "a probability in (0, 1]")
+
+
+def session_dir(resume: Optional[str], outputs: str, stamp: str) -> str:
+    """Where Hydra puts this session's log and .hydra: <resume>/resumed/<time>, else <outputs>/runs/<time>."""
+    return f"{resume}/resumed/{stamp}" if resume else f"{outputs}/runs/{stamp}"
+
+
 def register() -> None:
     """Register the schemas: the root as `base_config`, each group's as `base_<group>`."""
     from hydra.core.config_store import ConfigStore
 
+    from omegaconf import OmegaConf
+
+    # hydra.run.dir: a resumed run's session logs go under the run it resumes, not into a new run dir.
+    OmegaConf.register_new_resolver("arcfold_run_dir", session_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for group, node in [("data", DataConfig), ("model", ModelConfig), ("format", FormatConfig),
@@ -314,5 +358,5 @@ def register() -> None:
 
 
 __all__ = ["CHOICES", "COLOURS", "ConfigError", "DataConfig", "ModelConfig", "FormatConfig", "SplitConfig",
-           "LoraConfig", "TrainConfig", "InferenceConfig", "ScoringConfig", "TrackingConfig", "RunConfig", "check",
-           "refuse", "register"]
+           "LoraConfig", "TrainConfig", "InferenceConfig", "ScoringConfig", "TrackingConfig", "BudgetConfig",
+           "RunConfig", "check", "check_budget", "refuse", "register"]
