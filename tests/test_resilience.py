@@ -270,7 +270,7 @@ def test_on_error_is_checked_and_auto_skips_only_for_kaggle_submissions(tmp_path
 
     with pytest.raises(Exception) as err:
         check(config(tmp_path, "on_error=maybe"))
-    assert err.value.field == "on_error" and "auto, fail, skip" in str(err.value)
+    assert err.value.key == "on_error" and "auto | fail | skip" in str(err.value)
     assert not skips(config(tmp_path)) and skips(config(tmp_path, "on_error=skip"))
     assert skips(config(tmp_path, "data=kaggle", "data.challenges=c.json"))
     assert not skips(config(tmp_path, "data=kaggle", "data.challenges=c.json", "on_error=fail"))

@@ -20,7 +20,7 @@ from arcfold.tracking import config_params
 
 # One small job: a 1-layer tiny model, 2 small tasks, one epoch, a short cap on each test input's decoding.
 SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-         "data.limit=2", "train.epochs=1", "inference.max_seconds=2", "save_adapters=false"]
+         "data.limit=2", "train.epochs=1", "inference.max_seconds=2", "save_adapters=none"]
 
 
 @pytest.mark.parametrize("launcher,cores,threads", [
