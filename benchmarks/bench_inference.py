@@ -10,7 +10,8 @@ for --train-steps steps per task on the tasks' demonstration pairs only (a batch
 the same --train-view-sets views again and again, loss on outputs: test-time training in miniature that the
 tiny model can fit in minutes on a CPU, test outputs never seen), which makes it confident and teaches it the
 grid format. --train-on-answers also trains on the test outputs, a stand-in for a model that solves the tasks
-(views then agree more, so DFS guesses hit); --sharpen k multiplies the logits by k. Both change what the model is, not how it is run: the report prints what was done.
+(views then agree more, so DFS guesses hit); --sharpen k multiplies the logits by k. Both change what the model
+is, not how it is run: the report prints what was done.
 
 Scoring is timed on the same candidates under the same m views (the first m generation views, as the runner
 scores by default), padded with the tasks' demonstration grids up to --scoring-candidates candidates per test
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 row, scores = run_scoring(model, codec, tasks, pools, views, args, mode)
                 if mode not in best or row.seconds < best[mode][0].seconds:
                     best[mode] = (row, scores)
-        for mode, (row, scores) in best.items():
+        for row, scores in best.values():
             row.name += f", {want} cand."
             agree = max([agree] + [abs(a - b) for x, y in zip(scores, best["scratch"][1]) for a, b in zip(x, y)])
         score_rows.append({mode: row for mode, (row, _) in best.items()})

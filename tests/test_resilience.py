@@ -260,7 +260,8 @@ def test_failures_in_a_prediction_and_a_training_are_recorded_and_the_mlflow_run
     assert len({t for t, r in by_task.items() if r["error"]}) == 2
     _, run = mlflow_run(outputs)
     assert run.info.status == "FAILED"
-    assert run.data.tags["arcfold.outcome"] == "completed_with_failures" and run.data.tags["arcfold.failed_tasks"] == "2"
+    assert run.data.tags["arcfold.outcome"] == "completed_with_failures"
+    assert run.data.tags["arcfold.failed_tasks"] == "2"
     assert run.data.metrics["failed_tasks"] == 2 and "score" in run.data.metrics
 
 

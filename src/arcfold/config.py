@@ -344,7 +344,6 @@ def session_dir(resume: Optional[str], outputs: str, stamp: str) -> str:
 def register() -> None:
     """Register the schemas: the root as `base_config`, each group's as `base_<group>`."""
     from hydra.core.config_store import ConfigStore
-
     from omegaconf import OmegaConf
 
     # hydra.run.dir: a resumed run's session logs go under the run it resumes, not into a new run dir.

@@ -157,7 +157,8 @@ class RunResults:
                     "solved": (any(grid_equal(g, pair.output) for g in pred.attempts)
                                if pred and pair.output is not None else None),
                     "covered": self.covered(task, i) if pair.output is not None else None,
-                    "attempt_1_shape": shapes[0] if shapes else "", "attempt_2_shape": shapes[1] if len(shapes) > 1 else "",
+                    "attempt_1_shape": shapes[0] if shapes else "",
+                    "attempt_2_shape": shapes[1] if len(shapes) > 1 else "",
                     "true_shape": f"{pair.output.shape[0]}x{pair.output.shape[1]}" if pair.output is not None else "",
                     "candidates": len(pred.candidates) if pred else 0,
                     "answer_nll": self.nll.get((task.id, i), math.nan),

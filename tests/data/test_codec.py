@@ -11,7 +11,7 @@ import pytest
 from arcfold.data import IGNORE, MAX_OUTPUT_TOKENS, ArcDataError, GridCodec, Pair, Task, make_views
 
 CODEC = GridCodec.builtin()
-I, O, ROW, EOS = CODEC.ids["input"], CODEC.ids["output"], CODEC.ids["row"], CODEC.eos_id
+IN, OUT, ROW, EOS = CODEC.ids["input"], CODEC.ids["output"], CODEC.ids["row"], CODEC.eos_id
 DIGIT = [CODEC.ids[str(d)] for d in range(10)]
 
 
@@ -54,7 +54,7 @@ def test_train_labels_are_exactly_the_outputs_and_their_end_tokens(eval_tasks: l
         # Rebuild the sequence from the demonstrations: the codec invents nothing and loses nothing.
         rebuilt = []
         for pair in demos:
-            rebuilt += [I] + expected_grid_ids(pair.input) + [O] + expected_grid_ids(pair.output) + [EOS]
+            rebuilt += [IN] + expected_grid_ids(pair.input) + [OUT] + expected_grid_ids(pair.output) + [EOS]
         prefix = [CODEC.ids["bos"]]
         assert enc.ids == prefix + rebuilt and len(enc.labels) == len(enc.ids)
         # A label is either IGNORE or the very token at its position (the model shifts them itself).
@@ -70,7 +70,7 @@ def test_prompt_is_the_training_sequence_cut_before_the_answer(eval_tasks: list[
             full = CODEC.encode_train(list(task.train) + [test])
             assert prompt.labels is None and prompt.dropped == 0
             assert full.ids == prompt.ids + CODEC.encode_answer(test.output)
-            assert prompt.ids[-1] == O
+            assert prompt.ids[-1] == OUT
 
 
 GRID = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int8)
@@ -85,8 +85,8 @@ GOOD = expected_grid_ids(GRID) + [EOS]
     ("empty row", [ROW, DIGIT[1], ROW, EOS]),
     ("empty row in the middle", [DIGIT[1], ROW, ROW, DIGIT[1], ROW, EOS]),
     ("last row without its row token", [DIGIT[1], ROW, DIGIT[2], EOS]),
-    ("input marker", [DIGIT[1], I, ROW, EOS]),
-    ("output marker", [O, DIGIT[1], ROW, EOS]),
+    ("input marker", [DIGIT[1], IN, ROW, EOS]),
+    ("output marker", [OUT, DIGIT[1], ROW, EOS]),
     ("bos", [CODEC.ids["bos"], DIGIT[1], ROW, EOS]),
     ("unknown id", [DIGIT[1], 999, ROW, EOS]),
     ("31 rows", [DIGIT[1], ROW] * 31 + [EOS]),
@@ -99,7 +99,7 @@ def test_decode_rejects_malformed_outputs(name: str, ids: list[int]) -> None:
 def test_decode_accepts_the_largest_grid_and_stops_at_the_first_end_token() -> None:
     big = np.full((30, 30), 7, dtype=np.int8)
     assert np.array_equal(CODEC.decode(CODEC.encode_answer(big)), big)
-    assert np.array_equal(CODEC.decode(np.array(GOOD + [DIGIT[9], I, 12345])), GRID)  # after the end: ignored
+    assert np.array_equal(CODEC.decode(np.array(GOOD + [DIGIT[9], IN, 12345])), GRID)  # after the end: ignored
 
 
 def test_decode_inverts_encode_on_random_grids() -> None:

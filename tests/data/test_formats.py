@@ -260,8 +260,8 @@ def test_chat_needs_a_template_it_can_split(backend) -> None:
         "{{ raise_exception('roles must alternate') }}": "roles must alternate",
     }
     for template, says in broken.items():
-        message = one_line_refusal(lambda: GridCodec.from_tokenizer(wrap(backend, template), name="tpl",
-                                                                    fmt="chat"))
+        message = one_line_refusal(lambda template=template: GridCodec.from_tokenizer(
+            wrap(backend, template), name="tpl", fmt="chat"))
         assert message.startswith("tpl: format: ") and says in message, template
     assert "xml" in one_line_refusal(lambda: GridCodec.from_tokenizer(wrap(backend, None), fmt="xml"))
 

@@ -8,8 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arcfold.data import (PLACEHOLDER, ArcDataError, Pair, Task, build_submission, load_submission,
-                          score_submission, validate_submission, write_submission)
+from arcfold.data import (
+    PLACEHOLDER,
+    ArcDataError,
+    Pair,
+    Task,
+    build_submission,
+    load_submission,
+    score_submission,
+    validate_submission,
+    write_submission,
+)
 
 
 def answers(tasks: list[Task]) -> dict[str, dict[int, list[np.ndarray]]]:

