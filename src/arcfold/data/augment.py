@@ -60,8 +60,8 @@ class Transform:
         # A view made for another task (or before demos were dropped) would silently lose or repeat pairs.
         if sorted(order) != list(range(len(pairs))):
             raise ValueError(f"demo_order {self.demo_order} is not a permutation of {len(pairs)} pairs")
-        return tuple(Pair(self.grid(pairs[i].input),
-                          None if pairs[i].output is None else self.grid(pairs[i].output)) for i in order)
+        return tuple(Pair(self.grid(p.input), None if p.output is None else self.grid(p.output))
+                     for p in (pairs[i] for i in order))
 
     def task(self, task: Task) -> Task:
         """The augmented task: demonstrations transformed and reordered, test pairs transformed in place."""
@@ -113,5 +113,5 @@ def epoch_plan(tasks: Sequence[Task], epochs: int, seed: int, colours: ColourMod
             for d8 in range(N_D8):
                 order = tuple(int(i) for i in rng.permutation(n_demos)) if shuffle_demos else ()
                 plan.append((task, Transform(d8, random_colours(rng, colours), order)))
-    order = task_rng(seed, "shuffle", len(plan)).permutation(len(plan))
-    return [plan[i] for i in order]
+    shuffled = task_rng(seed, "shuffle", len(plan)).permutation(len(plan))
+    return [plan[i] for i in shuffled]

@@ -11,7 +11,7 @@ read off a tokenizer, and from the format's literal pieces, tokenized once at co
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -46,11 +46,11 @@ class Encoded:
 class GridCodec:
     ids: Mapping[str, int]  # symbol -> token id: digits, row, eos (the end token); plain: input, output; bos, pad
     name: str = "builtin"
-    pieces: Mapping[str, tuple[int, ...]] | None = None  # PIECES -> token ids; None: plain's, from ids
+    pieces: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # PIECES -> token ids; empty: plain's
     format: str = "plain"  # the prompt format's name (data.formats)
 
     def __post_init__(self) -> None:
-        plain = self.pieces is None
+        plain = not self.pieces
         required = set(DIGITS) | {"row", "eos"} | ({"input", "output"} if plain else set())
         missing = required - set(self.ids)
         if missing:
@@ -162,6 +162,7 @@ class GridCodec:
 
     def _pair(self, pair: Pair) -> tuple[list[int], list[int]]:
         """(ids, labels) of one demonstration: loss on the output rows and the end token only."""
+        assert pair.output is not None  # a demonstration always has one (the loaders refuse it otherwise)
         head = self._head(pair.input)
         answer = self.encode_answer(pair.output)
         return head + answer, [IGNORE] * len(head) + answer

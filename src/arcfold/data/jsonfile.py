@@ -50,6 +50,7 @@ def duplicate_errors(data: Any, duplicates: list[Duplicate], file: str,
     With `task` the whole file is that one task; otherwise the top-level keys are task ids. The key None holds
     a duplicate that belongs to no task (inside a value that a later duplicate replaced)."""
     errors: dict[str | None, ArcDataError] = {}
+    owner: str | None
     for obj, key in duplicates:
         if task is not None:
             owner, path = task, _path_to(data, obj)

@@ -334,7 +334,10 @@ def select(tasks: Sequence[Task], ids: Sequence[str] | None = None, limit: int |
 
 def task_cells(task: Task) -> int:
     """Cells in all grids a test prompt shows plus the largest test output: a proxy for its cost."""
-    cells = sum(p.input.size + p.output.size for p in task.train)
+    cells = 0
+    for p in task.train:
+        assert p.output is not None  # a demonstration always has one (the loaders refuse it otherwise)
+        cells += p.input.size + p.output.size
     cells += sum(p.input.size for p in task.test)
     return cells + max((p.output.size for p in task.test if p.output is not None), default=0)
 
