@@ -18,12 +18,13 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence, cast
 
 from arcfold.budget import FoldPlan, FoldWork, Planner, Step, degraded, input_units, total_seconds, train_units
 from arcfold.checkpoint import Checkpoint, FoldOutcome, InputRecord, TrainingRecord
 from arcfold.data import ArcDataError, Task, load_dataset, make_folds, make_views, select
 from arcfold.data.codec import train_tokens
+from arcfold.data.folds import Strategy
 from arcfold.failures import describe, free_memory, skips
 from arcfold.results import FoldRow, RunResults
 
@@ -81,7 +82,7 @@ def split(tasks: Sequence[Task], folds: Any, strategy: str, seed: int) -> list[l
         k = int(folds)
     except (TypeError, ValueError):
         raise ArcDataError(f"folds must be an integer or per_task, got {folds!r}", field="folds") from None
-    return make_folds(tasks, k, strategy, seed, cost=lambda t: train_tokens(t.train))
+    return make_folds(tasks, k, cast(Strategy, strategy), seed, cost=lambda t: train_tokens(t.train))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -117,7 +117,7 @@ class RunTracker:
         log.info("MLflow run %s in %s", self.run_id, self.uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        if not self.enabled:
+        if self.run_id is None:  # tracking disabled
             return
         from mlflow.entities import Param
 
@@ -134,7 +134,7 @@ class RunTracker:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if not self.enabled:
+        if self.run_id is None:  # tracking disabled
             return
         import time
 
@@ -146,7 +146,7 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        if self.enabled:
+        if self.run_id is not None:  # tracking enabled
             for k, v in tags.items():
                 self.client.set_tag(self.run_id, k, str(v))
 
@@ -204,4 +204,4 @@ def end_parent(sweep_dir: str | Path, status: str) -> None:
 
 def config_params(cfg: DictConfig) -> dict[str, Any]:
     """The flattened config as MLflow params (folds.k etc. are added by the pipeline once resolved)."""
-    return flatten(OmegaConf.to_container(cfg, resolve=True))
+    return flatten(cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True)))  # a DictConfig's is a dict

@@ -128,7 +128,7 @@ def _decode_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], code
     return results
 
 
-def _run(model: torch.nn.Module, rows: list[Sequence[int]], codec: GridCodec, max_new_tokens: int,
+def _run(model: torch.nn.Module, rows: Sequence[Sequence[int]], codec: GridCodec, max_new_tokens: int,
          batch_size: int, pick: Pick, max_seconds: float | None) -> tuple[list[Completion], GenStats]:
     """Decode all rows in batches of similar prompt length (less padding); results in the input order."""
     start = time.perf_counter()

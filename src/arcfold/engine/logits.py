@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,16 @@ from torch.utils.checkpoint import checkpoint
 from arcfold.config import LOSS_KERNELS, ConfigError
 from arcfold.data.codec import IGNORE
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 CHUNK_BYTES = 1 << 28  # fp32 logits per head chunk: 256 MiB, about 440 positions of a 152k vocabulary
 
 
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
+def base_model(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model under a PeftModel (whose forward only has **kwargs)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)
+    return cast("PreTrainedModel", get_base_model() if get_base_model is not None else model)
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -36,9 +40,9 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=None)
-def _params_of(cls: type) -> frozenset[str]:
-    # Cached per class: inspect.signature on every decoding step would be measurable overhead.
-    return frozenset(inspect.signature(cls.forward).parameters)
+def _params_of(forward: Callable[..., Any]) -> frozenset[str]:
+    # Cached per class's forward: inspect.signature on every decoding step would be measurable overhead.
+    return frozenset(inspect.signature(forward).parameters)
 
 
 def hidden_states(model: torch.nn.Module, ids: torch.Tensor, cache: Any | None, keep: int | None = 1,
@@ -47,7 +51,7 @@ def hidden_states(model: torch.nn.Module, ids: torch.Tensor, cache: Any | None, 
     """Run `ids` (batch, new) on top of `cache` (extended in place; None: nothing cached) through the backbone;
     the final hidden states of the last `keep` positions (None: all), (batch, keep, hidden)."""
     decoder = _decoder(model)
-    params = _params_of(type(decoder))
+    params = _params_of(type(decoder).forward)
     kwargs: dict[str, Any] = {"use_cache": cache is not None}
     if cache is not None:
         kwargs["past_key_values" if "past_key_values" in params else "cache"] = cache

@@ -69,7 +69,7 @@ def save_adapter(peft_model: peft.PeftModel, directory: str | Path, dtype: torch
     """Save the adapter in peft's format, its tensors in `dtype` (the model's: a QLoRA trains them in fp32)."""
     directory = Path(directory)
     state = {name: p.detach().to(dtype) for name, p in peft_model.named_parameters() if p.requires_grad}
-    peft_model.save_pretrained(directory, state_dict=state)
+    peft_model.save_pretrained(str(directory), state_dict=state)
     return directory
 
 

@@ -11,7 +11,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, cast
 
 import peft
 import safetensors
@@ -81,11 +81,13 @@ def load_model(cfg: ModelConfig, fmt: str = "plain", max_len: Mapping[str, int] 
                                key="model.shrink_vocab")
         check_context(cfg.max_position_embeddings, "model.max_position_embeddings", max_len, file="config")
         codec, tokenizer, name = GridCodec.builtin(fmt), None, "tiny"
-        model = _tiny_model(cfg, codec, dtype).to(device)  # built on the CPU from a seed, then moved
+        # Built on the CPU from a seed, then moved (transformers' @wraps(Module.to) hides the bound signature).
+        model = _tiny_model(cfg, codec, dtype).to(device)  # type: ignore[arg-type]
     elif cfg.kind == "hf":
         model, codec, tokenizer = _hf_model(cfg, fmt, device, dtype, quantization, max_len or {})
         name = str(cfg.path)
-        device = model.get_input_embeddings().weight.device  # inputs go where the device map put the embeddings
+        # Inputs go where the device map put the embeddings.
+        device = cast(torch.nn.Embedding, model.get_input_embeddings()).weight.device
     else:
         raise ConfigError(f"unknown model kind {cfg.kind!r}; use tiny or hf", key="model.kind")
     model.eval()
@@ -197,7 +199,7 @@ def _hf_model(cfg: ModelConfig, fmt: str, device: torch.device, dtype: torch.dty
             path, config=config, dtype=dtype, device_map=device_map, quantization_config=quantization,
             attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
             local_files_only=True)
-    rows = model.get_input_embeddings().num_embeddings
+    rows = cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings
     if codec.vocab_size > rows:
         raise ArcDataError(f"tokenizer ids go up to {codec.vocab_size - 1} but the model has only {rows} "
                            "embedding rows", file=str(path), field="model.path")

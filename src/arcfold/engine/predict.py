@@ -17,20 +17,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
 from arcfold.config import CHOICES, InferenceConfig
-from arcfold.data.augment import Transform, make_views, task_rng
+from arcfold.data.augment import ColourMode, Transform, make_views, task_rng
 from arcfold.data.codec import MAX_OUTPUT_TOKENS, Encoded, GridCodec
 from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
 from arcfold.engine.candidates import Candidate, TestPrediction, merge, rank_by_votes
 from arcfold.engine.dfs import dfs
 from arcfold.engine.generate import Completion, GenStats, eval_mode, greedy, sample
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import CacheLayerMixin
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,8 @@ def generation_prompt(codec: GridCodec, task: Task, index: int, view: Transform,
 
 def cache_bytes(cache: DynamicCache) -> int:
     """Memory held by a cache's keys and values."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
+    layers = cast("list[CacheLayerMixin]", cache.layers)  # attention layers (transformers types any kind)
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
 
 
 class _TestRun:
@@ -171,8 +174,8 @@ def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, flo
         prompts: list[list[int]] | None = [ids for _, _, ids in chosen]
         kept = {j: run.kept[v] for j, (v, _, _) in enumerate(chosen) if v in run.kept}
     else:
-        views = make_views(run.task, math.ceil(cfg.scoring.views / 8), cfg.scoring.seed, cfg.scoring.colours,
-                           cfg.shuffle_demos)[:cfg.scoring.views]
+        views = make_views(run.task, math.ceil(cfg.scoring.views / 8), cfg.scoring.seed,
+                           cast(ColourMode, cfg.scoring.colours), cfg.shuffle_demos)[:cfg.scoring.views]
         prompts, kept = None, {}
     stats.update(scoring.score_candidates(run.model, run.codec, run.task, run.index, candidates, views,
                                           max_len=cfg.max_len, batch_size=cfg.batch_size, prompts=prompts,
@@ -226,7 +229,7 @@ def predict_task(model: torch.nn.Module, codec: GridCodec, task: Task, cfg: Infe
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"unknown inference strategy {cfg.strategy!r}; choose one of {STRATEGIES}")
     if views is None:
-        views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)
+        views = make_views(task, cfg.n, cfg.seed, cast(ColourMode, cfg.colours), cfg.shuffle_demos)
     with eval_mode(model):
         return [predict_test(model, codec, task, i, cfg, views)
                 for i in (range(len(task.test)) if indices is None else indices)]

@@ -18,6 +18,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import numpy as np
 import torch
@@ -30,6 +31,10 @@ from arcfold.data.tasks import Task
 from arcfold.engine.candidates import Candidate
 from arcfold.engine.generate import eval_mode, model_device
 from arcfold.engine.logits import base_model, hidden_states, token_logps
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.cache_utils import CacheLayerMixin
 
 AGGREGATES = CHOICES["inference.scoring.aggregate"]
 GEN_BONUS = 3.0  # the 2024 submission's bonus: each generating view adds (gen log p + 3)
@@ -54,7 +59,10 @@ def _padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor
     return torch.tensor([list(r) + [_PAD] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
-def _chunks(order: list[int], size: int) -> Iterator[list[int]]:
+T = TypeVar("T")
+
+
+def _chunks(order: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(order), size):
         yield order[start:start + size]
 
@@ -163,8 +171,10 @@ def _stacked(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
     callers' caches are left as they were)."""
     out = DynamicCache()
     for layer in range(len(caches[0].layers)):
-        keys = torch.cat([c.layers[layer].keys[..., :length, :] for c in caches])
-        values = torch.cat([c.layers[layer].values[..., :length, :] for c in caches])
+        # Attention layers holding a prompt: keys and values are set (transformers types them Optional).
+        rows = [cast("CacheLayerMixin", c.layers[layer]) for c in caches]
+        keys = torch.cat([cast(torch.Tensor, r.keys)[..., :length, :] for r in rows])
+        values = torch.cat([cast(torch.Tensor, r.values)[..., :length, :] for r in rows])
         out.update(keys, values, layer)
     return out
 
@@ -192,7 +202,7 @@ def _pack(lengths: dict[int, int], cap: int) -> list[list[int]]:
     return packs
 
 
-def _pack_cap(base: torch.nn.Module, rows: int, batch_size: int, prompt_len: int, longest: int) -> int:
+def _pack_cap(base: PreTrainedModel, rows: int, batch_size: int, prompt_len: int, longest: int) -> int:
     """Packed tokens per row: see `_score_packed`. Without a known vocabulary and hidden size, the logits of
     a from-scratch batch's answers are the bound."""
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
@@ -244,7 +254,8 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
     Returns the scores and the tokens pushed through the model."""
     device = model_device(model)
     base = base_model(model)
-    additive = None if base.config._attn_implementation == "sdpa" else model.get_input_embeddings().weight.dtype
+    embed = cast(torch.nn.Embedding, base.get_input_embeddings())  # the model's own (peft forwards the call)
+    additive = None if base.config._attn_implementation == "sdpa" else embed.weight.dtype
     if pack_tokens is None:
         pack_tokens = _PACK_ROW_TOKENS
     scores = [[0.0] * len(a) for a in answers]
@@ -263,7 +274,7 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
             targets = torch.full((len(group), width), _PAD, dtype=torch.long)
             positions = torch.full((len(group), width), prefix, dtype=torch.long)
             blocks = torch.full((len(group), width), -1, dtype=torch.long)
-            owners = []  # block b is answers[v][i]
+            owners: list[tuple[int, int]] = []  # block b is answers[v][i]
             for r, (v, pack) in enumerate(zip(group, row_packs)):
                 start = 0
                 for i in pack:

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Sequence
+from typing import Sequence, cast
 
 import accelerate
 import torch
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from arcfold.config import CHOICES, ConfigError, TrainConfig
-from arcfold.data.augment import epoch_plan
+from arcfold.data.augment import ColourMode, epoch_plan
 from arcfold.data.codec import IGNORE, Encoded, GridCodec
 from arcfold.data.tasks import Task
 from arcfold.engine.logits import LOSS_KERNELS, base_model, causal_lm_loss, hidden_states
@@ -53,10 +53,10 @@ def build_samples(codec: GridCodec, tasks: Sequence[Task], cfg: TrainConfig) -> 
     """The fold's training sequences (8 * epochs augmented views per task) and how many were skipped."""
     samples: list[Encoded] = []
     skipped = 0
-    for task, view in epoch_plan(tasks, cfg.epochs, cfg.seed, cfg.colours, cfg.shuffle_demos):
+    for task, view in epoch_plan(tasks, cfg.epochs, cfg.seed, cast(ColourMode, cfg.colours), cfg.shuffle_demos):
         enc = codec.encode_train(view.pairs(task.train), cfg.max_len, cfg.mask_first_output)
         # A sequence with no labelled token would give a NaN loss: treat it like one that does not fit.
-        if enc is None or all(label == IGNORE for label in enc.labels):
+        if enc is None or enc.labels is None or all(label == IGNORE for label in enc.labels):
             skipped += 1
             continue
         samples.append(enc)
@@ -159,7 +159,9 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
     # Fork the RNG so seeding dropout here leaves the caller's random stream alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        loader = DataLoader(samples, batch_sampler=batches, collate_fn=partial(collate, pad_id=codec.pad_id))
+        # A list is a map-style dataset (torch's docs); its stubs ask for a Dataset subclass.
+        loader: DataLoader[Encoded] = DataLoader(samples, batch_sampler=batches,  # type: ignore[arg-type]
+                                                 collate_fn=partial(collate, pad_id=codec.pad_id))
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = transformers.get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup,

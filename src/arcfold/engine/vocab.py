@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import transformers
@@ -92,7 +92,7 @@ def _renumber_post_processor(node: Any, id_of: dict[str, int], file: str) -> Non
 def shrink_model(model: transformers.PreTrainedModel, keep: Sequence[int]) -> None:
     """Keep only rows `keep` of the input embedding and the LM head (weights tied or not, bias if any), in place,
     and renumber the config's vocabulary size and special-token ids."""
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embed, head = cast(torch.nn.Embedding, model.get_input_embeddings()), model.get_output_embeddings()
     rows = embed.num_embeddings
     if keep[-1] >= rows:
         raise ArcDataError(f"kept token id {keep[-1]} but the model has only {rows} embedding rows",
