@@ -13,7 +13,7 @@ from arcfold.config import RunConfig, check, register
 from arcfold.data import ArcDataError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["data", "model", "format", "split", "lora", "train", "inference", "tracking"]
+GROUPS = ["data", "model", "format", "split", "lora", "train", "inference", "tracking", "executor"]
 # Options whose mandatory keys (???) must be given to compose a usable config.
 REQUIRED = {("data", "kaggle"): ["data.challenges=c.json"], ("data", "dir"): ["data.path=tasks"],
             ("model", "hf"): ["model.path=/models/m"]}

@@ -131,6 +131,13 @@ class TrackingConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    name: str = "local"  # local (this process; a worker process per device when devices > 1) | ray (Ray actors)
+    address: Optional[str] = None  # ray: None (a local Ray instance) | auto (`ray start`'s cluster) | ray://HOST:PORT
+    threads: Optional[int] = None  # torch threads per worker (None: the cores, or $OMP_NUM_THREADS, split evenly)
+
+
+@dataclass
 class RunConfig:
     # folds is a value, not a config group: Hydra parses `folds=8` as an int, which a group cannot take.
     # An int k (k folds, strategy from `split`) or "per_task" (one fold per task).
@@ -143,6 +150,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where folds run (arcfold.execute)
+    # One worker per device, each loading the base model once: auto (every GPU; a CPU: this process) | N | [0, 2].
+    devices: Any = "auto"
     outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
     save_adapters: str = "none"  # none | last (the last fold's adapter) | all (every fold's)
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
@@ -174,7 +184,8 @@ def check(cfg: Any) -> None:
                "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
                "train.loss_kernel": (cfg.train.loss_kernel, LOSS_KERNELS),
                "inference.colours": (cfg.inference.colours, ("all", "keep_zero", "none")),
-               "inference.scoring.views_from": (cfg.inference.scoring.views_from, ("generation", "fresh"))}
+               "inference.scoring.views_from": (cfg.inference.scoring.views_from, ("generation", "fresh")),
+               "executor.name": (cfg.executor.name, ("local", "ray"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ArcDataError(f"{value!r} is not one of {', '.join(allowed)}", file="config", field=key)
@@ -189,6 +200,11 @@ def check(cfg: Any) -> None:
     if cfg.model.shrink_vocab_save and not cfg.model.shrink_vocab:
         raise ArcDataError("saving a shrunk vocabulary needs model.shrink_vocab=true", file="config",
                            field="model.shrink_vocab_save")
+    devices = cfg.devices
+    if not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
+            or (OmegaConf.is_list(devices) and len(devices) > 0)):
+        raise ArcDataError(f"devices must be auto, a positive number or a list of devices, got {devices!r}",
+                           file="config", field="devices")
     folds = cfg.folds
     if not (folds == "per_task" or (isinstance(folds, int) and not isinstance(folds, bool) and folds >= 1)):
         raise ArcDataError(f"folds must be a positive integer or per_task, got {folds!r}", file="config",
@@ -203,9 +219,9 @@ def register() -> None:
     cs.store(name="base_config", node=RunConfig)
     for group, node in [("data", DataConfig), ("model", ModelConfig), ("format", FormatConfig),
                         ("split", SplitConfig), ("lora", LoraConfig), ("train", TrainConfig),
-                        ("inference", InferenceConfig), ("tracking", TrackingConfig)]:
+                        ("inference", InferenceConfig), ("tracking", TrackingConfig), ("executor", ExecutorConfig)]:
         cs.store(group=group, name=f"base_{group}", node=node)
 
 
 __all__ = ["DataConfig", "ModelConfig", "FormatConfig", "SplitConfig", "LoraConfig", "TrainConfig", "InferenceConfig",
-           "ScoringConfig", "TrackingConfig", "RunConfig", "check", "register"]
+           "ScoringConfig", "TrackingConfig", "ExecutorConfig", "RunConfig", "check", "register"]
