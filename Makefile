@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_CONSTRAINTS ?= -c constraints/cpu.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test sweep ui clean
+.PHONY: install run test sweep ui clean gpu-check
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ test: install
 
 sweep: install
 	$(PY) -m arcfold -m folds=1,2 lora.rank=4,8 data.limit=2 train.epochs=1
+
+# One GPU check (<= 8 min on one card): GPU-marked tests, then throughput and memory of real model shapes.
+# Needs a CUDA torch and the gpu extra: make install TORCH_CONSTRAINTS= && .venv/bin/pip install -e '.[gpu]'
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --workers 1 --host 127.0.0.1 --port 5000 \
