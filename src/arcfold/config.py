@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 LOSS_KERNELS = ("torch", "liger")  # train.loss_kernel: the chunked torch head, or Liger's fused kernel (CUDA)
+ON_ERROR = ("auto", "fail", "skip")  # on_error; auto: skip for data=kaggle (a submission), fail elsewhere
+DEGRADE_STEPS = ("views", "min_prob", "greedy", "placeholders")  # budget.degrade, cheapest cut first
 
 
 @dataclass
@@ -138,6 +140,17 @@ class ExecutorConfig:
 
 
 @dataclass
+class BudgetConfig:
+    hours: Optional[float] = None  # the run's deadline (hours and seconds add up; neither: no deadline)
+    seconds: Optional[float] = None
+    margin_seconds: float = 60.0  # the final submission is on disk this long before the deadline
+    # What inference cuts, in order, when the projection passes the deadline; placeholders is the last resort.
+    degrade: list[str] = field(default_factory=lambda: list(DEGRADE_STEPS))
+    views: int = 2  # the views cut: generation views per test input
+    min_prob: float = 0.5  # the min_prob cut: the DFS threshold is raised to this
+
+
+@dataclass
 class RunConfig:
     # folds is a value, not a config group: Hydra parses `folds=8` as an int, which a group cannot take.
     # An int k (k folds, strategy from `split`) or "per_task" (one fold per task).
@@ -153,6 +166,10 @@ class RunConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where folds run (arcfold.execute)
     # One worker per device, each loading the base model once: auto (every GPU; a CPU: this process) | N | [0, 2].
     devices: Any = "auto"
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    on_error: str = "auto"  # fail | skip (placeholders, recorded) | auto (skip for data=kaggle, else fail)
+    train_fallback: bool = True  # a fold whose training failed (and was skipped) predicts with the base model
+    resume: Optional[str] = None  # a run dir to finish: its config, its finished folds and test inputs are kept
     outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
     save_adapters: str = "none"  # none | last (the last fold's adapter) | all (every fold's)
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
@@ -185,7 +202,8 @@ def check(cfg: Any) -> None:
                "train.loss_kernel": (cfg.train.loss_kernel, LOSS_KERNELS),
                "inference.colours": (cfg.inference.colours, ("all", "keep_zero", "none")),
                "inference.scoring.views_from": (cfg.inference.scoring.views_from, ("generation", "fresh")),
-               "executor.name": (cfg.executor.name, ("local", "ray"))}
+               "executor.name": (cfg.executor.name, ("local", "ray")),
+               "on_error": (cfg.on_error, ON_ERROR)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ArcDataError(f"{value!r} is not one of {', '.join(allowed)}", file="config", field=key)
@@ -209,12 +227,45 @@ def check(cfg: Any) -> None:
     if not (folds == "per_task" or (isinstance(folds, int) and not isinstance(folds, bool) and folds >= 1)):
         raise ArcDataError(f"folds must be a positive integer or per_task, got {folds!r}", file="config",
                            field="folds")
+    check_budget(cfg.budget)
+
+
+def check_budget(budget: Any) -> None:
+    from arcfold.data.errors import ArcDataError
+
+    def refuse(key: str, problem: str) -> None:
+        raise ArcDataError(problem, file="config", field=f"budget.{key}")
+
+    for key in ("hours", "seconds"):
+        value = getattr(budget, key)
+        if value is not None and not value > 0:
+            refuse(key, f"{value!r} is not a positive number (leave it unset for no deadline)")
+    steps = list(budget.degrade)
+    unknown = [s for s in steps if s not in DEGRADE_STEPS]
+    if unknown or len(set(steps)) != len(steps) or steps[-1:] != ["placeholders"]:
+        refuse("degrade", f"{steps} must be distinct steps of {', '.join(DEGRADE_STEPS)}, ending with placeholders")
+    total = (budget.hours or 0) * 3600 + (budget.seconds or 0)
+    if not 0 <= budget.margin_seconds < (total or float("inf")):
+        refuse("margin_seconds", f"{budget.margin_seconds!r} must be >= 0 and below the budget ({total:g} s)")
+    if budget.views < 1:
+        refuse("views", f"{budget.views!r} must be at least 1")
+    if not 0 < budget.min_prob <= 1:
+        refuse("min_prob", f"{budget.min_prob!r} must be in (0, 1]")
+
+
+def session_dir(resume: Optional[str], outputs: str, stamp: str) -> str:
+    """Where Hydra puts this session's log and .hydra: <resume>/resumed/<time>, else <outputs>/runs/<time>."""
+    return f"{resume}/resumed/{stamp}" if resume else f"{outputs}/runs/{stamp}"
 
 
 def register() -> None:
     """Register the schemas: the root as `base_config`, each group's as `base_<group>`."""
     from hydra.core.config_store import ConfigStore
 
+    from omegaconf import OmegaConf
+
+    # hydra.run.dir: a resumed run's session logs go under the run it resumes, not into a new run dir.
+    OmegaConf.register_new_resolver("arcfold_run_dir", session_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for group, node in [("data", DataConfig), ("model", ModelConfig), ("format", FormatConfig),
@@ -224,4 +275,4 @@ def register() -> None:
 
 
 __all__ = ["DataConfig", "ModelConfig", "FormatConfig", "SplitConfig", "LoraConfig", "TrainConfig", "InferenceConfig",
-           "ScoringConfig", "TrackingConfig", "ExecutorConfig", "RunConfig", "check", "register"]
+           "ScoringConfig", "TrackingConfig", "ExecutorConfig", "BudgetConfig", "RunConfig", "check", "register"]

@@ -19,9 +19,12 @@ from typing import Any, Mapping
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from arcfold.data.submission import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent.json"
+RUN_FILE = "mlflow_run.json"  # in a run dir: its MLflow run, which a resume of that dir continues
 
 
 def tracking_uri(uri: str | None, outputs: str | Path) -> str:
@@ -83,21 +86,34 @@ class RunTracker:
 
     def __init__(self, enabled: bool, uri: str | None = None, experiment: str = "arcfold",
                  outputs: str | Path = "outputs", run_name: str | None = None, parent_run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None):
+                 tags: Mapping[str, str] | None = None, run_dir: str | Path | None = None):
+        """With run_dir, the run's id and store are remembered there (RUN_FILE); a tracker made for a run dir
+        that already names its MLflow run (a resume) continues that run instead of creating another."""
         self.enabled = enabled
         self.run_id: str | None = None
+        self.resumed = False
         if not enabled:
             return
         from mlflow.tracking import MlflowClient
 
-        self.uri = tracking_uri(uri, outputs)
+        previous = read_run_file(run_dir) if run_dir else None
+        self.uri = previous["uri"] if previous else tracking_uri(uri, outputs)
         self.client = MlflowClient(tracking_uri=self.uri)
+        if previous:
+            self.run_id, self.resumed = previous["run_id"], True
+            self.client.update_run(self.run_id, status="RUNNING")
+            times = int(self.client.get_run(self.run_id).data.tags.get("arcfold.resumed", "0")) + 1
+            self.client.set_tag(self.run_id, "arcfold.resumed", str(times))
+            log.info("MLflow run %s in %s, resumed", self.run_id, self.uri)
+            return
         experiment_id = ensure_experiment(self.uri, experiment, outputs)
         all_tags = {"git_commit": git_commit(), "hostname": socket.gethostname(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id  # how MLflow nests a run under its parent
         run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
+        if run_dir:
+            write_json_atomic(Path(run_dir) / RUN_FILE, {"run_id": self.run_id, "uri": self.uri})
         log.info("MLflow run %s in %s", self.run_id, self.uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -105,7 +121,15 @@ class RunTracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        values = {k: str(v)[:6000] for k, v in params.items()}
+        if self.resumed:  # MLflow refuses a param logged again with another value: a resume's changes become a tag
+            logged = self.client.get_run(self.run_id).data.params
+            changed = {k: v for k, v in values.items() if k in logged and logged[k] != v}
+            if changed:
+                self.client.set_tag(self.run_id, "arcfold.resume_changed",
+                                    ", ".join(f"{k}: {logged[k]} -> {v}" for k, v in changed.items())[:5000])
+            values = {k: v for k, v in values.items() if k not in logged}
+        items = [Param(k, v) for k, v in values.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
@@ -130,9 +154,15 @@ class RunTracker:
         if self.enabled and Path(path).exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
         if self.enabled and self.run_id:
+            self.set_tags(tags or {})
             self.client.set_terminated(self.run_id, status)
+
+
+def read_run_file(run_dir: str | Path) -> dict[str, str] | None:
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def read_parent(sweep_dir: str | Path) -> str | None:
@@ -158,14 +188,18 @@ class SweepCallback(Callback):
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.tracking.enabled:
-            return
-        path = Path(config.hydra.sweep.dir) / PARENT_FILE
-        if path.exists():
-            from mlflow.tracking import MlflowClient
+        if config.tracking.enabled:
+            end_parent(config.hydra.sweep.dir, "FINISHED")
 
-            parent = json.loads(path.read_text())
-            MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], "FINISHED")
+
+def end_parent(sweep_dir: str | Path, status: str) -> None:
+    """Mark the sweep's parent run ended (FINISHED after the last job; KILLED when a signal stops the sweep)."""
+    path = Path(sweep_dir) / PARENT_FILE
+    if path.exists():
+        from mlflow.tracking import MlflowClient
+
+        parent = json.loads(path.read_text())
+        MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], status)
 
 
 def config_params(cfg: DictConfig) -> dict[str, Any]:
