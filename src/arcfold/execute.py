@@ -29,9 +29,9 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
+from arcfold.checkpoint import FoldOutcome
 from arcfold.data import ArcDataError
 from arcfold.results import write_csv
-from arcfold.checkpoint import FoldOutcome
 from arcfold.worker import FoldJob, FoldWorker, Ledger, on_this_clock
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Pool(Protocol):
     def start(self, slot: int) -> tuple[int, int]: ...  # (worker id, pid or 0 if not known yet)
     def submit(self, worker: int, job: FoldJob) -> None: ...
     def events(self) -> list[Event]: ...  # blocks until at least one
-    def close(self) -> None: ...
+    def close(self, wait: bool) -> None: ...  # wait: let idle workers exit; else (an error, a signal) stop them now
 
 
 # --------------------------------------------------------------------------------------------- devices
@@ -164,15 +164,16 @@ class Executor:
         if len(self.devices) == 1:  # a worker process would only add its start-up
             device = self.devices[0]
             self.pool = InProcess(functools.partial(FoldWorker, plain, str(run_dir),
-                                                    device=None if device == cfg.model.device else device), ledger)
+                                                    device=None if device == cfg.model.device else device), ledger,
+                                  cfg.executor.threads)
         else:
             self.pool = Processes(self.devices, worker, threads_per_worker(len(self.devices), cfg.executor.threads))
 
     def __enter__(self) -> Executor:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.pool.close()
+    def __exit__(self, error: Any, *rest: Any) -> None:
+        self.pool.close(wait=error is None)
 
     def run(self, jobs: Sequence[FoldJob], begin: Callable[[FoldJob], FoldJob] = lambda job: job
             ) -> Iterator[Ready | Done | Lost]:
@@ -273,12 +274,18 @@ class InProcess:
     """The one worker is this process: the model loads when started, a fold runs when its event is asked for
     (so the caller has merged every earlier fold before the next one starts)."""
 
-    def __init__(self, factory: Callable[[], FoldWorker], ledger: Ledger):
-        self.factory, self.ledger = factory, ledger
+    def __init__(self, factory: Callable[[], FoldWorker], ledger: Ledger, threads: int | None = None):
+        self.factory, self.ledger, self.threads = factory, ledger, threads
         self.worker: FoldWorker | None = None
         self.job: FoldJob | None = None
+        self.previous_threads = 0
 
     def start(self, slot: int) -> tuple[int, int]:
+        if self.threads:  # executor.threads; else torch's default (every core) stays
+            import torch
+
+            self.previous_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
         self.worker = self.factory()
         return 0, os.getpid()
 
@@ -292,10 +299,14 @@ class InProcess:
         job, self.job = self.job, None
         return [("done", 0, self.worker(job, self.ledger))]
 
-    def close(self) -> None:
+    def close(self, wait: bool) -> None:
         if self.worker is not None:
             self.worker.close()
             self.worker = None
+        if self.previous_threads:  # the process goes on (a sweep's next job under the basic launcher)
+            import torch
+
+            torch.set_num_threads(self.previous_threads)
 
 
 class Processes:
@@ -346,17 +357,17 @@ class Processes:
                     found.append(("died", w, exit_reason(process.exitcode)))
         return found
 
-    def close(self) -> None:
+    def close(self, wait: bool) -> None:
         for w, (process, conn) in self.live.items():
             try:
-                conn.send(None)  # exit when the current fold (if any) is done
+                conn.send(None)  # exit: an idle worker does at once
             except OSError:
                 pass
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + (10 if wait else 0)
         for w, (process, conn) in self.live.items():
             if w in self.ready:
                 process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if process.is_alive():  # still loading, or busy (an interrupted run): stop it now
+            if process.is_alive():  # still loading, or busy (the run stops on an error or a signal): stop it now
                 process.kill()
                 process.join()
             conn.close()
@@ -401,6 +412,7 @@ def serve(conn: Connection, device: str, threads: int, factory: Callable[..., Fo
         try:
             conn.send(("done", worker(on_this_clock(job), ledger)))
         except Exception as err:  # on_error=fail: the parent stops the run
+            log.error("fold %d failed: %s", job.fold, err, exc_info=True)
             conn.send(("error", picklable(err)))
 
 

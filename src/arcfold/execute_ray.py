@@ -112,7 +112,7 @@ class RayActors:
             found.append((kind, worker, value))
         return found
 
-    def close(self) -> None:
+    def close(self, wait: bool) -> None:
         for actor in self.actors.values():
             self.ray.kill(actor)
         self.actors.clear()
