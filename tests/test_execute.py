@@ -157,3 +157,19 @@ def test_one_device_runs_in_this_process_several_in_worker_processes(tmp_path, o
         cfg = compose("config", overrides=["model.device=cpu", *overrides])
     check(cfg)
     assert type(Executor(cfg, tmp_path, Ledger(None)).pool) is pool  # nothing starts before run()
+
+
+def test_a_job_from_another_clock_keeps_its_deadline_in_seconds_from_now():
+    from arcfold.budget import FoldPlan, FoldWork, Planner
+    from arcfold.config import BudgetConfig
+    from arcfold.worker import on_this_clock
+
+    # Sent by a parent whose perf_counter read 1000.0, with 40 s left in the fold's slice and 90 s in the run.
+    planner = Planner(BudgetConfig(seconds=100.0, margin_seconds=0.0), [FoldWork(1.0, 1.0)], start=990.0,
+                      full_views=8)
+    job = FoldJob(0, [], plan=FoldPlan(1040.0, 20.0, None), planner=planner, sent=1000.0)
+    now = time.perf_counter()
+    on_this_clock(job)
+    assert job.plan.end - now == pytest.approx(40.0, abs=0.5)
+    assert planner.write_by - now == pytest.approx(90.0, abs=0.5)
+    assert planner.start - now == pytest.approx(-10.0, abs=0.5)
