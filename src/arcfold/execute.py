@@ -228,9 +228,10 @@ class Executor:
                 elif kind == "died":
                     row.state = f"died ({payload})"
                     row.idle_seconds = idle(row, now)
-                    job, sent = running.pop(w, (None, now))
+                    lost, sent = running.pop(w, (None, now))
                     row.busy_seconds += now - sent
-                    if job is not None:
+                    if lost is not None:
+                        job = lost
                         tries[job.fold] += 1
                         log.error("worker %d (%s, pid %d) died during fold %d: %s", w, row.device, row.pid,
                                   job.fold, payload)
@@ -358,7 +359,7 @@ class Processes:
         return found
 
     def close(self, wait: bool) -> None:
-        for w, (process, conn) in self.live.items():
+        for _, conn in self.live.values():
             try:
                 conn.send(None)  # exit: an idle worker does at once
             except OSError:
