@@ -221,7 +221,7 @@ def test_resume_refuses_to_change_the_run_but_takes_a_new_budget(tmp_path):
     assert cfg.devices == 4
     with pytest.raises(Exception) as err:
         resumed_config(config(tmp_path, "lora.rank=16", f"resume={run_dir}"), ["lora.rank=16", f"resume={run_dir}"])
-    assert err.value.field == "lora.rank"
+    assert err.value.key == "lora.rank"
     assert "only budget, on_error, tracking, devices, executor may change" in str(err.value)
 
 
@@ -272,7 +272,7 @@ def test_on_error_is_checked_and_auto_skips_only_for_kaggle_submissions(tmp_path
 
     with pytest.raises(Exception) as err:
         check(config(tmp_path, "on_error=maybe"))
-    assert err.value.field == "on_error" and "auto, fail, skip" in str(err.value)
+    assert err.value.key == "on_error" and "auto | fail | skip" in str(err.value)
     assert not skips(config(tmp_path)) and skips(config(tmp_path, "on_error=skip"))
     assert skips(config(tmp_path, "data=kaggle", "data.challenges=c.json"))
     assert not skips(config(tmp_path, "data=kaggle", "data.challenges=c.json", "on_error=fail"))

@@ -7,23 +7,40 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from arcfold.config import check, register
+from arcfold.config import ConfigError, check, register
 from arcfold.data import ArcDataError
 
 log = logging.getLogger("arcfold")
 register()
 
 
+def job_threads(launcher: Any, cores: int) -> int | None:
+    """CPU threads for each of a parallel sweep's jobs: the cores split among the launcher's concurrent jobs
+    (torch gives every process all cores, and jobs that share them run 10-20x slower). None: not parallel."""
+    n_jobs = launcher.get("n_jobs") if launcher is not None else None
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return None
+    jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's rule: -1 is every core, -2 all but one
+    return max(1, cores // jobs)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @hydra.main(version_base="1.3", config_path="pkg://arcfold.conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def run_app(cfg: DictConfig) -> float | None:
     from arcfold import pipeline
     from arcfold.checkpoint import resumed_config
     from arcfold.failures import Interrupted, free_memory, interrupts, outcome
@@ -34,18 +51,26 @@ def main(cfg: DictConfig) -> float | None:
     sweep_id = Path(hc.sweep.dir).name if sweeping else ""
     try:  # resume=DIR: DIR's own config and DIR as the run dir (this session's log goes to DIR/resumed/<time>)
         if cfg.resume and sweeping:
-            raise ArcDataError("resumes one run, not a sweep (resume each job's dir on its own)", file="config",
-                               field="resume")
+            raise ConfigError("resumes one run, not a sweep (resume each job's dir on its own)", key="resume")
         cfg = resumed_config(cfg, hc.overrides.task) if cfg.resume else cfg
-    except ArcDataError as err:
+    except (ArcDataError, ConfigError) as err:
         refuse(err, sweeping)
         return None
     run_dir = Path(cfg.resume or hc.runtime.output_dir)
+    threads = job_threads(hc.launcher, available_cores()) if sweeping else None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if hc.runtime.choices.get("experiment") == "cpu_demo" and cfg.model.kind != "tiny":
+        log.warning("experiment=cpu_demo sizes the run for a random tiny model (data.limit, train=cpu_demo's lr); "
+                    "for %s pick experiment=none or another experiment", cfg.model.kind)
     tracker = RunTracker(
         cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs,
         run_name=cfg.tracking.run_name or (" ".join(hc.overrides.task) or "default"),
         parent_run_id=read_parent(hc.sweep.dir) if sweeping else None,
-        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "overrides": " ".join(hc.overrides.task)},
+        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "overrides": " ".join(hc.overrides.task),
+              "experiment": str(hc.runtime.choices.get("experiment")), "torch_threads": str(threads or "default")},
         run_dir=run_dir)
     status, tags, exit_code = "FAILED", {"arcfold.outcome": "error"}, 0
     try:
@@ -56,7 +81,7 @@ def main(cfg: DictConfig) -> float | None:
         status, tags = outcome(len(result.failures))
     except Interrupted as sig:
         status, tags, exit_code = "KILLED", {"arcfold.outcome": "killed"}, sig.exit_code
-    except ArcDataError as err:
+    except (ArcDataError, ConfigError) as err:
         pipeline.write_placeholder_submission(cfg.data, run_dir)  # still a valid submission
         refuse(err, sweeping)
         return None
@@ -77,12 +102,45 @@ def main(cfg: DictConfig) -> float | None:
     return score
 
 
-def refuse(err: ArcDataError, sweeping: bool) -> None:
-    """Bad input: one clear line, no traceback, exit code 2. In a sweep, the other jobs go on."""
+def refuse(err: ArcDataError | ConfigError, sweeping: bool) -> None:
+    """Bad input or config: one clear line, no traceback, exit code 2. In a sweep, the other jobs go on."""
     log.error("%s", err)
     if not sweeping:
         print(f"arcfold: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    """The entry point. Hydra's own errors (an unknown group option, a bad override, a wrong type) become one line
+    and exit 2 as well, like arcfold's: Hydra raises them instead of printing its report when HYDRA_FULL_ERROR is
+    set, which we do unless the user set it (then the full traceback is what they asked for)."""
+    user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        run_app()
+    except (HydraException, ValueError) as err:
+        if user_wants_traceback or not composing(err):
+            raise
+        print(f"arcfold: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def composing(err: BaseException) -> bool:
+    """Raised while Hydra composed the config, before any run: a job's own errors keep their traceback."""
+    if isinstance(err, (ConfigCompositionException, OverrideParseException)):
+        return True
+    tb = err.__traceback__  # a plain ValueError of Hydra's defaults list (e.g. `experiment=null`)
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}hydra{os.sep}_internal{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's message and its cause's (OmegaConf names the key), folded into one line, without the search path."""
+    text = str(err).split("Config search path")[0]
+    if err.__cause__ is not None and str(err.__cause__) not in text:
+        text += f": {err.__cause__}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from arcfold.checkpoint import FoldOutcome
-from arcfold.data import ArcDataError
+from arcfold.config import refuse
 from arcfold.results import write_csv
 from arcfold.worker import FoldJob, FoldWorker, Ledger, on_this_clock
 
@@ -107,22 +107,19 @@ def resolve_devices(spec: Any, model_device: str = "auto", device_map: str | Non
         if not gpus:
             return ["cpu"] * spec
         if spec > gpus:
-            raise ArcDataError(f"{spec} devices asked for, but {gpus} GPUs are visible", file="config",
-                               field="devices")
+            raise refuse("devices", spec, f"at most the {gpus} visible GPUs")
         return [f"cuda:{i}" for i in range(spec)]
     if isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec):
         names = [f"cuda:{d}" if isinstance(d, int) else str(d) for d in spec]
         bad = [n for n in names if n != "cpu" and not re.fullmatch(r"cuda:\d+", n)]
         if bad:
-            raise ArcDataError(f"{bad[0]!r} is not a GPU index, cuda:N or cpu", file="config", field="devices")
+            raise refuse("devices", list(spec), f"GPU indices, cuda:N or cpu ({bad[0]!r} is none)")
         gpus = gpu_count() if any(n != "cpu" for n in names) else 0
         missing = [n for n in names if n != "cpu" and int(n.split(":")[1]) >= gpus]
         if missing:
-            raise ArcDataError(f"{missing[0]} asked for, but {gpus} GPUs are visible", file="config",
-                               field="devices")
+            raise refuse("devices", list(spec), f"the {gpus} visible GPUs ({missing[0]} is not one)")
         return names
-    raise ArcDataError(f"devices must be auto, a positive number or a list of devices, got {spec!r}",
-                       file="config", field="devices")
+    raise refuse("devices", spec, "auto, an integer >= 1 or a list of GPU indices (cuda:N, cpu)")
 
 
 def gpu_count() -> int:
@@ -158,7 +155,7 @@ class Executor:
             from arcfold.execute_ray import RayActors
 
             self.pool: Pool = RayActors(cfg.executor, cfg.devices, worker)
-            self.devices = self.pool.devices  # type: ignore[attr-defined]
+            self.devices = self.pool.devices
             return
         self.devices = resolve_devices(cfg.devices, cfg.model.device, cfg.model.device_map)
         if len(self.devices) == 1:  # a worker process would only add its start-up

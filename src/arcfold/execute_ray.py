@@ -16,7 +16,7 @@ import os
 from typing import Any, Callable
 
 from arcfold.checkpoint import FoldOutcome
-from arcfold.data import ArcDataError
+from arcfold.config import ConfigError, refuse
 from arcfold.execute import Event, gpu_count, threads_per_worker
 from arcfold.worker import FoldJob, FoldWorker, Ledger, WorkerInfo, on_this_clock
 
@@ -57,11 +57,9 @@ class RayActors:
         try:
             import ray
         except ImportError:
-            raise ArcDataError("executor=ray needs Ray: pip install 'arcfold[ray]'", file="config",
-                               field="executor") from None
+            raise ConfigError("executor=ray needs Ray: pip install 'arcfold[ray]'", key="executor.name") from None
         if not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)):
-            raise ArcDataError(f"under executor=ray Ray places the workers: devices is auto or a number of actors, "
-                               f"not {devices!r}", file="config", field="devices")
+            raise refuse("devices", devices, "auto or a number of actors (under executor=ray, Ray places them)")
         self.ray, self.owns = ray, not ray.is_initialized()
         if self.owns and executor.address:
             ray.init(address=executor.address)
@@ -72,8 +70,7 @@ class RayActors:
         gpus = int(resources.get("GPU", 0))
         n = devices if devices != "auto" else gpus or 1
         if gpus and n > gpus:
-            raise ArcDataError(f"{n} actors of one GPU each, but the Ray cluster has {gpus} GPUs", file="config",
-                               field="devices")
+            raise refuse("devices", n, f"at most the Ray cluster's {gpus} GPUs (one per actor)")
         self.threads = executor.threads or max(1, int(resources.get("CPU", 1)) // n)
         self.actor = ray.remote(FoldActor).options(num_cpus=self.threads, num_gpus=1 if gpus else 0, max_restarts=0)
         self.devices = ["ray:gpu" if gpus else "ray:cpu"] * n

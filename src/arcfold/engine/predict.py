@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from arcfold.config import InferenceConfig
+from arcfold.config import CHOICES, InferenceConfig
 from arcfold.data.augment import Transform, make_views, task_rng
 from arcfold.data.codec import MAX_OUTPUT_TOKENS, Encoded, GridCodec
 from arcfold.data.errors import ArcDataError
@@ -34,7 +34,7 @@ from arcfold.engine.generate import Completion, GenStats, eval_mode, greedy, sam
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("greedy", "dfs", "sample")
+STRATEGIES = CHOICES["inference.strategy"]
 
 
 def answer_budget(max_len: int) -> int:
