@@ -74,14 +74,14 @@ def started(tmp_path: Path) -> list[tuple[int, int]]:
 
 
 def test_every_fold_runs_once_the_costliest_first_on_whichever_worker_is_free(tmp_path, jobs):
+    handed_out: list[int] = []
     with executor(tmp_path, 2) as ex:
-        events = list(ex.run(jobs))
+        events = list(ex.run(jobs, begin=lambda job: handed_out.append(job.fold) or job))
     done = [e for e in events if isinstance(e, Done)]
     assert sorted(e.job.fold for e in done) == list(range(len(jobs)))
     runs = started(tmp_path)
     assert sorted(fold for fold, _ in runs) == list(range(len(jobs)))  # each exactly once
-    by_cost = [j.fold for j in sorted(jobs, key=lambda j: j.cost, reverse=True)]
-    assert [fold for fold, _ in runs] == by_cost
+    assert handed_out == [j.fold for j in sorted(jobs, key=lambda j: j.cost, reverse=True)]
     ready_pids = {e.info.pid for e in events if isinstance(e, Ready)}
     assert {pid for _, pid in runs} == ready_pids and len(ready_pids) == 2 and os.getpid() not in ready_pids
     rows = list(csv.DictReader(open(tmp_path / "workers.csv")))
