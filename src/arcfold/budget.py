@@ -95,6 +95,7 @@ class Planner:
     work: list[FoldWork]  # per fold, what is left (a finished fold: zeros)
     start: float  # the run's start
     full_views: int  # generation views per test input before any cut
+    workers: int = 1  # folds running at once (arcfold.execute): the work left is shared among them
     level: int = 0
     train_seconds: float = 0.0  # measured so far ...
     train_done: float = 0.0  # ... and the units they covered
@@ -134,7 +135,7 @@ class Planner:
     def projection(self, now: float) -> float | None:
         """The run's projected total seconds: elapsed plus every fold's remaining work."""
         parts = [self.seconds(w) for w in self.work]
-        return None if None in parts else now - self.start + sum(p for p in parts if p is not None)
+        return None if None in parts else now - self.start + sum(p for p in parts if p is not None) / self.workers
 
     # ------------------------------------------------------------------------------------- decisions
 
@@ -146,10 +147,13 @@ class Planner:
         if self.write_by is None:
             return FoldPlan(None, None, projected)
         left = max(0.0, self.write_by - now)
-        projected_need = [self.seconds(w) for w in self.work[f:]]
+        # Fold f first, then every other fold's remaining work (finished ones have none; workers take folds in
+        # any order).
+        rest = [self.work[f], *self.work[:f], *self.work[f + 1:]]
+        projected_need = [self.seconds(w) for w in rest]
         need = ([p for p in projected_need if p is not None] if None not in projected_need
-                else [w.train + w.inputs for w in self.work[f:]])  # not calibrated yet: token counts stand in
-        share = need[0] / sum(need) if sum(need) > 0 else 1.0
+                else [w.train + w.inputs for w in rest])  # not calibrated yet: token counts stand in
+        share = min(1.0, self.workers * need[0] / sum(need)) if sum(need) > 0 else 1.0
         end = now + left * share
         w, t, i = self.work[f], self.train_rate(), self.infer_rate(self.level)
         train_share = 0.5 if t is None or i is None else t * w.train / max(t * w.train + i * w.inputs, 1e-9)

@@ -31,7 +31,7 @@ from arcfold.engine.candidates import Candidate, TestPrediction
 
 log = logging.getLogger(__name__)
 
-RESUMABLE = ("resume", "budget", "on_error", "tracking")  # what a resumed session may set anew
+RESUMABLE = ("resume", "budget", "on_error", "tracking", "devices", "executor")  # what a resumed session may set anew
 
 
 @dataclass

@@ -9,6 +9,7 @@ points call.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inference.scoring.colours": COLOURS,
     "save_adapters": ("none", "last", "all"),
     "on_error": ("auto", "fail", "skip"),  # auto: skip for data=kaggle (a submission), fail elsewhere
+    "executor.name": ("local", "ray"),  # where folds run (arcfold.execute)
 }
 LOSS_KERNELS = CHOICES["train.loss_kernel"]
 DEGRADE_STEPS = ("views", "min_prob", "greedy", "placeholders")  # budget.degrade, cheapest cut first
@@ -159,6 +161,13 @@ class TrackingConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    name: str = "local"  # local (this process; a worker process per device when devices > 1) | ray (Ray actors)
+    address: Optional[str] = None  # ray: None (a local Ray instance) | auto (`ray start`'s cluster) | ray://HOST:PORT
+    threads: Optional[int] = None  # torch threads per worker (None: the cores, or $OMP_NUM_THREADS, split evenly)
+
+
+@dataclass
 class BudgetConfig:
     hours: Optional[float] = None  # the run's deadline (hours and seconds add up; neither: no deadline)
     seconds: Optional[float] = None
@@ -182,6 +191,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where folds run (arcfold.execute)
+    # One worker per device, each loading the base model once: auto (every GPU; a CPU: this process) | N | [0, 2].
+    devices: Any = "auto"
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     on_error: str = "auto"  # fail | skip (placeholders, recorded) | auto (skip for data=kaggle, else fail)
     train_fallback: bool = True  # a fold whose training failed (and was skipped) predicts with the base model
@@ -243,6 +255,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "inference.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "inference.scoring.views": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0: rank by votes)"),
     "inference.scoring.cache_mb": (lambda v: _num(v) and v >= 0, "a number of MB >= 0"),
+    "devices": (lambda v: v == "auto" or (_int(v) and v >= 1)
+                or (isinstance(v, Sequence) and not isinstance(v, str) and len(v) >= 1),
+                "auto, an integer >= 1 or a list of GPU indices (cuda:N, cpu)"),
+    "executor.threads": (lambda v: v is None or (_int(v) and v >= 1), "null (the cores split) or an integer >= 1"),
 }
 
 
@@ -352,10 +368,10 @@ def register() -> None:
     cs.store(name="base_config", node=RunConfig)
     for group, node in [("data", DataConfig), ("model", ModelConfig), ("format", FormatConfig),
                         ("split", SplitConfig), ("lora", LoraConfig), ("train", TrainConfig),
-                        ("inference", InferenceConfig), ("tracking", TrackingConfig)]:
+                        ("inference", InferenceConfig), ("tracking", TrackingConfig), ("executor", ExecutorConfig)]:
         cs.store(group=group, name=f"base_{group}", node=node)
 
 
 __all__ = ["CHOICES", "COLOURS", "ConfigError", "DataConfig", "ModelConfig", "FormatConfig", "SplitConfig",
-           "LoraConfig", "TrainConfig", "InferenceConfig", "ScoringConfig", "TrackingConfig", "BudgetConfig",
-           "RunConfig", "check", "check_budget", "refuse", "register"]
+           "LoraConfig", "TrainConfig", "InferenceConfig", "ScoringConfig", "TrackingConfig", "ExecutorConfig",
+           "BudgetConfig", "RunConfig", "check", "check_budget", "refuse", "register"]

@@ -8,25 +8,24 @@ stops the run or, under on_error=skip, costs only its task or fold and is record
 
 from __future__ import annotations
 
-import copy
-import functools
 import logging
 import math
 import shutil
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence, cast
 
-from arcfold.budget import FoldPlan, FoldWork, Planner, Step, degraded, input_units, total_seconds, train_units
-from arcfold.checkpoint import Checkpoint, FoldOutcome, InputRecord, TrainingRecord
-from arcfold.data import ArcDataError, Task, load_dataset, make_folds, make_views, select
+from arcfold.budget import FoldWork, Planner, input_units, total_seconds, train_units
+from arcfold.checkpoint import Checkpoint, FoldOutcome, InputRecord
+from arcfold.data import ArcDataError, Task, load_dataset, make_folds, select
 from arcfold.data.codec import train_tokens
 from arcfold.data.folds import Strategy
-from arcfold.failures import describe, free_memory, skips
+from arcfold.execute import Done, Executor, Lost, Ready
+from arcfold.failures import describe, skips
 from arcfold.results import FoldRow, RunResults
+from arcfold.worker import FoldJob, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -87,29 +86,19 @@ def split(tasks: Sequence[Task], folds: Any, strategy: str, seed: int) -> list[l
 
 @dataclass
 class Session:
-    """What every fold of one run shares."""
+    """What the run keeps while its folds run elsewhere (arcfold.execute): its results, checkpoint and budget."""
 
     cfg: Any
-    model: Any  # the PeftModel: the base loaded once, one adapter reset before every fold
-    codec: Any
-    adapter: Any  # AdapterReset: the adapter's initial weights
-    accelerator: Any
     results: RunResults
     store: Checkpoint
     planner: Planner
     clock: Timings
     run_dir: Path
-    saved_folds: set[int]  # whose adapters save_adapters keeps (after the fold's predictions)
-    dtype: Any  # the model's dtype: saved adapters are written in it
+    workers: dict[int, Any] = field(default_factory=dict)  # execute.WorkerRow per worker
 
 
 def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
     start = time.perf_counter()  # the budget counts from here: the margin covers the process's start-up
-    # The engine is imported here, not at module top, so that config tests and `--help` stay torch-free.
-    from arcfold.engine.lora import AdapterReset, attach_lora, trainable_parameters
-    from arcfold.engine.model import load_model
-    from arcfold.engine.train import make_accelerator
-
     tracker = tracker or NoTracker()
     run_dir = Path(run_dir)
     clock = Timings()
@@ -123,35 +112,62 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
         results.write_submission(run_dir / "submission.json")  # valid from the first second: all placeholders
         planner = Planner(cfg.budget, [remaining_work(fold, cfg, f in done or store.training(f) is not None, results)
                                        for f, fold in enumerate(folds)], start, full_views=8 * cfg.inference.n)
-        loaded = load_model(cfg.model, cfg.format.name, max_len={"train.max_len": cfg.train.max_len,
-                                                                 "inference.max_len": cfg.inference.max_len})
-        model = attach_lora(loaded.model, cfg.lora)
-        saved_folds = {"none": set(), "last": {len(folds) - 1}, "all": set(range(len(folds)))}[cfg.save_adapters]
-        s = Session(cfg, model, loaded.codec, AdapterReset(model),  # each fold starts from the initial adapter
-                    make_accelerator(cfg.train, loaded.device), results, store, planner, clock, run_dir,
-                    saved_folds, loaded.dtype)
-    adapters_mb = trainable_parameters(model) * loaded.dtype.itemsize * len(saved_folds) / 2**20
+        s = Session(cfg, results, store, planner, clock, run_dir)
+    saved_folds = {"none": set(), "last": {len(folds) - 1}, "all": set(range(len(folds)))}[cfg.save_adapters]
+    jobs = [FoldJob(f, fold, save_adapter=f in saved_folds) for f, fold in enumerate(folds) if f not in done]
     tracker.log_params({"folds.k": len(folds), "folds.strategy": "per_task" if str(cfg.folds) == "per_task"
                         else cfg.split.strategy, "data.n_tasks": len(tasks)})
-    tracker.log_metrics({"adapters_disk_mb": adapters_mb})
-    log_adapter_disk(len(saved_folds), adapters_mb, run_dir)
-    tracker.set_tags({"device": str(loaded.device)})
-    log.info("%d tasks in %d folds on %s%s", len(tasks), len(folds), loaded.device,
-             f"; folds {sorted(done)} finished in an earlier session" if done else "")
 
+    loaded = False
     try:
-        for f, fold in enumerate(folds):
-            if f in done:
-                continue
-            row = run_fold(f, fold, s)
-            tracker.log_metrics({f"fold_{k}": v for k, v in row.items()
-                                 if k != "fold" and isinstance(v, (int, float))}, step=f)
-            log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
-                     f + 1, len(folds), len(fold), row["steps"], row["final_loss"], row["train_seconds"],
-                     row["inference_seconds"], row.get("score", math.nan))
+        # The folds run in this process, in a worker process per device, or on Ray actors; what they report
+        # as they go (test inputs, trainings, the budget's measurements) lands in this process's Ledger.
+        with Executor(cfg, run_dir, Ledger(planner, store, results, run_dir)) as executor:
+            s.workers, planner.workers = executor.workers, len(executor.devices)
+            tracker.set_tags({"device": ",".join(executor.devices)})
+            log.info("%d tasks in %d folds on %s%s", len(tasks), len(folds), ", ".join(executor.devices),
+                     f"; folds {sorted(done)} finished in an earlier session" if done else "")
+            for event in executor.run(jobs, begin=lambda job: job.begin(planner, store)):
+                if isinstance(event, Ready):
+                    if not loaded:  # the first model is loaded: say what the adapters will take
+                        loaded = True
+                        clock.seconds["load"] += event.info.load_seconds
+                        tracker.log_metrics({"adapters_disk_mb": adapters_disk(event.info, len(saved_folds), run_dir)})
+                    continue
+                row = finish_fold(event, s)
+                tracker.log_metrics({f"fold_{k}": v for k, v in row.items()
+                                     if k != "fold" and isinstance(v, (int, float))}, step=row["fold"])
+                log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
+                         row["fold"] + 1, len(folds), row["tasks"], row["steps"], row["final_loss"],
+                         row["train_seconds"], row["inference_seconds"], row.get("score", math.nan))
     finally:  # even on a failure or a signal, the scores and tables of the work done so far land
         report(s, tracker, start)
     return results
+
+
+def finish_fold(event: Done | Lost, s: Session) -> dict[str, Any]:
+    """A finished fold: its row (with the fold's scores) into the results, its outcome into the checkpoint (a
+    resume skips it). A fold lost with its workers gets placeholders, recorded, or stops the run."""
+    job = event.job
+    if isinstance(event, Lost):
+        if not skips(s.cfg):
+            raise RuntimeError(f"fold {job.fold}: {event.reason}")
+        error, ledger = f"fold {job.fold}: {event.reason}", Ledger(s.planner, s.store, s.results)
+        for key in [(t.id, i) for t in job.tasks for i in range(len(t.test))]:
+            if key not in s.results.recorded:  # its placeholders, recorded and submitted
+                ledger.report("input", InputRecord(*key, job.fold, error=error))
+        row = vars(FoldRow(job.fold, len(job.tasks), 0, 0, 0.0, 0.0, 0.0, math.nan, 0.0, error=error))
+        outcome = FoldOutcome(job.fold, row, [], [])
+    else:
+        outcome = event.outcome
+    outcome.row.update(s.results.metrics(job.tasks))
+    s.store.save_fold(outcome)
+    s.results.folds.append(outcome.row)
+    s.results.events += [e for e in outcome.events if e not in s.results.events]
+    s.clock.seconds["train"] = s.clock.seconds.get("train", 0.0) + outcome.row["train_seconds"] + \
+        outcome.row.get("setup_seconds", 0.0)
+    s.clock.seconds["inference"] = s.clock.seconds.get("inference", 0.0) + outcome.row["inference_seconds"]
+    return outcome.row
 
 
 def report(s: Session, tracker: Tracker, start: float) -> None:
@@ -164,7 +180,7 @@ def report(s: Session, tracker: Tracker, start: float) -> None:
     train_tokens_total = sum(r["train_tokens"] for r in results.folds)
     train_seconds = clock.seconds.get("train", 0.0)
     budget = total_seconds(s.cfg.budget)
-    metrics.update({f"seconds_{k}": v for k, v in clock.seconds.items()},
+    metrics.update({f"seconds_{k}": v for k, v in clock.seconds.items()}, **worker_metrics(s.workers, results.folds),
                    train_tokens=train_tokens_total,
                    train_tokens_per_second=train_tokens_total / train_seconds if train_seconds else 0.0,
                    seconds_total=time.perf_counter() - start, budget_cuts=len(results.events),
@@ -177,10 +193,19 @@ def report(s: Session, tracker: Tracker, start: float) -> None:
             if results.events:
                 tracker.set_tags({"arcfold.budget_cuts": describe_cuts(results.events)[:5000]})
             for path in [s.run_dir / "submission.json", s.run_dir / "scores.json", *tables.values(),
-                         s.run_dir / ".hydra" / "config.yaml"]:
+                         s.run_dir / "workers.csv", s.run_dir / ".hydra" / "config.yaml"]:
                 tracker.log_artifact(path)
     except Exception as err:
         log.error("could not report to the tracker: %s", describe(err))
+
+
+def worker_metrics(workers: dict[int, Any], folds: list[dict[str, Any]]) -> dict[str, float]:
+    """How busy the workers were, and what the folds lost to overhead (workers.csv and folds.csv have the lines)."""
+    busy, idle = sum(w.busy_seconds for w in workers.values()), sum(w.idle_seconds for w in workers.values())
+    fold_seconds = sum(r.get("fold_seconds", 0.0) for r in folds)
+    return {"workers": len(workers), "worker_idle_share": idle / (busy + idle) if busy + idle else 0.0,
+            "fold_overhead_share": sum(r.get("overhead_seconds", 0.0) for r in folds) / fold_seconds
+            if fold_seconds else 0.0}
 
 
 def remaining_work(fold: Sequence[Task], cfg: Any, trained: bool, results: RunResults) -> FoldWork:
@@ -190,160 +215,19 @@ def remaining_work(fold: Sequence[Task], cfg: Any, trained: bool, results: RunRe
                         if (t.id, i) not in results.recorded))
 
 
-def run_fold(f: int, fold: Sequence[Task], s: Session) -> dict[str, Any]:
-    """Train (or restore) the fold's adapter, predict its unfinished test inputs, checkpoint the fold; its row."""
-    from arcfold.engine.lora import save_adapter
-
-    plan = s.planner.start_fold(f, time.perf_counter())
-    s.adapter.reset(s.model)
-    training = train(f, fold, s, plan)
-    # A failed training (skipped) leaves the base model, or placeholders without train_fallback.
-    inherited = (f"{training.error} ({'base model answers' if s.cfg.train_fallback else 'placeholders'})"
-                 if training.error else "")
-    records = s.store.inputs(f)  # finished by an earlier session
-    start = time.perf_counter()
-    with s.clock("inference"):
-        for task in fold:
-            predict_one(f, task, s, plan, inherited, records)
-    if f in s.saved_folds and training.stats is not None:
-        try:  # after the predictions: a full disk costs the adapter, not the fold's answers
-            save_adapter(s.model, s.run_dir / "adapters" / f"fold_{f}", s.dtype)
-        except OSError as err:
-            log.error("fold %d: adapter not saved: %s", f, err)
-    stats = training.stats or {}
-    events = [e for e in s.planner.events if e["fold"] == f]
-    row = {**vars(FoldRow(f, len(fold), stats.get("tokens", 0), stats.get("steps", 0), stats.get("seconds", 0.0),
-                          time.perf_counter() - start, stats.get("peak_memory_bytes", 0) / 2**20,
-                          stats.get("final_loss", math.nan), stats.get("tokens_per_second", 0.0),
-                          stats.get("planned_steps", 0), training.cut, training.error,
-                          math.nan if plan.projected_total is None else plan.projected_total,
-                          describe_cuts(events))),
-           **s.results.metrics(fold)}
-    outcome = FoldOutcome(f, row, records, events)
-    s.store.save_fold(outcome)  # the fold is finished: a resume skips it
-    s.results.folds.append(row)
-    s.results.events += events
-    return row
-
-
-def train(f: int, fold: Sequence[Task], s: Session, plan: FoldPlan) -> TrainingRecord:
-    """The fold's adapter: restored from the checkpoint, trained (within the budget's cap), or, when training
-    fails under on_error=skip or the budget leaves it no time, the base model (the reset adapter)."""
-    import torch
-
-    from arcfold.engine.lora import load_adapter_weights, save_adapter
-    from arcfold.engine.train import train_fold
-
-    record = s.store.training(f)
-    if record is not None:  # trained by an earlier session
-        if record.stats is not None:
-            load_adapter_weights(s.model, s.store.adapter_dir(f))
-        log.info("fold %d: adapter from an earlier session", f)
-        return record
-    if plan.train_seconds is not None and plan.train_seconds <= 0:
-        s.planner.skip_train(f)
-        s.planner.record(f, f"fold {f} training", "train", "no time left in the fold's slice: base model")
-        record = TrainingRecord(None, cut="skipped: no time left")
-    else:
-        log.info("fold %d: training on %d tasks", f, len(fold))
-        start = time.perf_counter()
-        try:
-            with s.clock("train"):
-                stats = train_fold(s.model, s.codec, fold, s.cfg.train, s.accelerator, max_seconds=plan.train_seconds)
-        except Exception as err:  # out of memory, say: under on_error=skip it costs this fold's adapter only
-            if not skips(s.cfg):
-                raise
-            record = TrainingRecord(None, error=f"fold {f} training: {describe(err)}")
-            log.error("%s; its tasks get %s\n%s", record.error,
-                      "the base model's answers" if s.cfg.train_fallback else "placeholders", traceback.format_exc())
-        else:
-            record = TrainingRecord(vars(stats))
-            s.planner.observe_train(f, stats.steps / stats.planned_steps if stats.planned_steps else 1.0,
-                                    time.perf_counter() - start)
-            if stats.steps < stats.planned_steps:
-                record.cut = f"stopped after {stats.steps} of {stats.planned_steps} steps"
-                s.planner.record(f, f"fold {f} training", "train", f"{record.cut}: the fold's training share "
-                                 f"({plan.train_seconds:.1f} s) is spent")
-    if record.stats is None:
-        s.adapter.reset(s.model)  # the initial adapter adds nothing: the base model's answers
-        # What the failed step held (an OOM's activations) goes before inference. Its traceback was logged as
-        # text, not exc_info: a handler that keeps records (pytest's, a MemoryHandler) would pin those frames.
-        free_memory()
-    else:  # in fp32, whatever the model's dtype: a resume must reload exactly what was trained
-        save_adapter(s.model, s.store.adapter_dir(f), torch.float32)
-    s.store.save_training(f, record)
-    return record
-
-
-def predict_one(f: int, task: Task, s: Session, plan: FoldPlan, inherited: str,
-                records: list[InputRecord]) -> None:
-    """Predict the task's unfinished test inputs; each is recorded, checkpointed and submitted as it lands.
-
-    A failure (under on_error=skip) costs this task's remaining inputs only: they get placeholders."""
-    finished = {r.index for r in records if r.task == task.id}
-    error = ""
-    for i in range(len(task.test)):
-        if i in finished:
-            continue
-        units = input_units(task, i, s.planner.full_views)
-        step = s.planner.next_input(f, plan, units, time.perf_counter(), f"task {task.id} test {i}")
-        rec = InputRecord(task.id, i, f, cut=",".join(step.cuts), error=error or inherited)
-        start = time.perf_counter()
-        failed = False
-        if not (error or step.placeholders or (inherited and not s.cfg.train_fallback)):
-            try:
-                rec.prediction, rec.nll, rec.base_nll = predict_input(task, i, s, step)
-            except Exception as err:  # one input's bad data or OOM: under on_error=skip, it costs this task only
-                if not skips(s.cfg):
-                    raise
-                error = rec.error = f"test {i}: {describe(err)}"
-                failed = True
-                log.error("task %s %s; placeholders submitted%s", task.id, error,
-                          "" if isinstance(err, ArcDataError) else "\n" + traceback.format_exc())
-        if failed:
-            free_memory()
-        s.planner.observe_input(f, step, units, time.perf_counter() - start)
-        records.append(rec)
-        s.results.add_input(rec)
-        s.store.save_input(rec)
-        s.results.write_submission(s.run_dir / "submission.json")
-
-
-def predict_input(task: Task, i: int, s: Session, step: Step) -> tuple[Any, float | None, float | None]:
-    """Test input i's prediction under the budget's step, and the true output's NLL (with and without TTT)."""
-    from arcfold.engine.predict import predict_task
-    from arcfold.engine.scoring import answer_nll
-
-    inference = s.cfg.inference
-    settings, n_views = degraded(step, s.cfg.budget, inference, s.planner.full_views)
-    if settings:
-        inference = copy.deepcopy(inference)
-        for key, value in settings.items():
-            *parents, name = key.split(".")
-            setattr(functools.reduce(getattr, parents, inference), name, value)
-    views = make_views(task, inference.n, inference.seed, inference.colours, inference.shuffle_demos)[:n_views]
-    pred = predict_task(s.model, s.codec, task, inference, views=views, indices=[i])[0]
-    nll = base_nll = None
-    if task.has_solutions:
-        nll_views = make_views(task, 1, inference.scoring.seed, inference.scoring.colours)
-        nll = answer_nll(s.model, s.codec, task, i, nll_views, inference.max_len)
-        if inference.base_nll:
-            with s.model.disable_adapter():
-                base_nll = answer_nll(s.model, s.codec, task, i, nll_views, inference.max_len)
-    return pred, nll, base_nll
-
-
 def describe_cuts(events: Sequence[dict[str, Any]]) -> str:
     return "; ".join(f"{e['at']}: {e['cut']} ({e['why']})" for e in events)
 
 
-def log_adapter_disk(count: int, megabytes: float, run_dir: Path) -> None:
-    """Say up front what save_adapters will write, and warn if the disk will not hold it."""
+def adapters_disk(worker: Any, count: int, run_dir: Path) -> float:
+    """Say up front what save_adapters will write, and warn if the disk will not hold it; megabytes."""
+    megabytes = worker.trainable_parameters * worker.dtype_bytes * count / 2**20
     if not count:
-        return
+        return megabytes
     free_mb = shutil.disk_usage(next(p for p in [run_dir, *run_dir.parents] if p.exists())).free / 2**20
     log.log(logging.WARNING if megabytes > free_mb else logging.INFO,
             "save_adapters: %d adapters, about %.1f MB on disk (%.0f MB free)", count, megabytes, free_mb)
+    return megabytes
 
 
 def write_placeholder_submission(data: Any, run_dir: Path) -> None:

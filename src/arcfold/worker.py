@@ -1,0 +1,305 @@
+"""One worker's share of a run: the base model loaded once, then fold after fold -- reset (or restore) the adapter,
+train it on the fold's tasks within the budget, predict their unfinished test inputs, save the adapter if asked.
+
+The same FoldWorker runs in the pipeline's own process, in one worker process per device, or in a Ray actor
+(arcfold.execute decides). Everything a fold reports as it goes -- each test input's record, the training
+record, the budget's measurements -- goes through its Ledger: in the pipeline's process the run's own (results,
+checkpoint, submission, planner); in a worker, a copy of the planner whose every change is also sent to the
+parent, which applies it to the run's ledger. So the parent alone writes the submission, the checkpoint, the
+tables and the tracker's records; a worker writes only adapters (into the checkpoint and adapters/).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gc
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from arcfold.budget import FoldPlan, Planner, Step, degraded, input_units
+from arcfold.checkpoint import Checkpoint, FoldOutcome, InputRecord, TrainingRecord
+from arcfold.data import ArcDataError, Task, make_views
+from arcfold.data.codec import train_tokens
+from arcfold.failures import describe, free_memory, skips
+from arcfold.results import FoldRow, RunResults
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldJob:
+    """One fold as the queue hands it out; `begin` fills in what the run knows when the fold starts."""
+
+    fold: int
+    tasks: list[Task]
+    save_adapter: bool = False  # save_adapters chose this fold
+    plan: FoldPlan | None = None  # the budget's slice for this fold
+    planner: Planner | None = None  # the run's planner (a worker process gets a copy)
+    training: TrainingRecord | None = None  # an earlier session trained this fold already
+    finished: list[InputRecord] = field(default_factory=list)  # test inputs an earlier session finished
+    adapter_dir: str = ""  # the checkpoint's adapter folder of this fold
+    sent: float = 0.0  # the parent's clock at dispatch: a worker on another machine shifts the plan by its offset
+
+    @property
+    def cost(self) -> int:
+        """Training tokens of one epoch: the queue hands out the costliest fold first."""
+        return sum(train_tokens(t.train) for t in self.tasks)
+
+    def begin(self, planner: Planner, store: Checkpoint) -> FoldJob:
+        self.sent = time.perf_counter()
+        self.plan, self.planner = planner.start_fold(self.fold, self.sent), planner
+        self.training, self.finished = store.training(self.fold), store.inputs(self.fold)
+        self.adapter_dir = str(store.adapter_dir(self.fold))
+        return self
+
+
+class Ledger:
+    """Where a fold reports as it goes. The run's ledger (store and results given) applies every report; a
+    worker's (`send` given) applies the planner's part to its copy and sends each report on to the run's."""
+
+    def __init__(self, planner: Planner | None, store: Checkpoint | None = None, results: RunResults | None = None,
+                 run_dir: Path | None = None, send: Callable[[str, tuple], None] | None = None):
+        self.planner, self.store, self.results, self.run_dir, self.send = planner, store, results, run_dir, send
+
+    def report(self, name: str, *args: Any) -> None:
+        self.apply(name, args)
+        if self.send is not None:
+            self.send(name, args)
+
+    def apply(self, name: str, args: tuple) -> None:
+        """One report: planner measurements and cuts, a training record, a test input's record."""
+        if name == "input" and self.results is not None and self.store is not None:
+            (rec,) = args
+            self.results.add_input(rec)
+            self.store.save_input(rec)
+            self.results.write_submission(self.store.run_dir / "submission.json")
+        elif name == "training" and self.store is not None:
+            self.store.save_training(*args)
+        elif name == "events" and self.planner is not None:  # cuts a worker's copy decided (idempotent)
+            events, level = args
+            self.planner.events += [e for e in events if e not in self.planner.events]
+            self.planner.level = max(self.planner.level, level)
+        elif name in ("observe_train", "skip_train", "observe_input", "record") and self.planner is not None:
+            getattr(self.planner, name)(*args)
+
+    def next_input(self, f: int, plan: FoldPlan, units: float, where: str) -> Step:
+        assert self.planner is not None
+        before = len(self.planner.events)
+        step = self.planner.next_input(f, plan, units, time.perf_counter(), where)
+        if self.send is not None and len(self.planner.events) > before:
+            self.send("events", (self.planner.events[before:], self.planner.level))
+        return step
+
+
+def on_this_clock(job: FoldJob) -> FoldJob:
+    """A job that came from another process, perhaps another machine: its budget's times moved onto this
+    process's clock (time.perf_counter's origin differs between machines)."""
+    offset = time.perf_counter() - job.sent
+    if job.planner is not None:
+        job.planner.start += offset
+        if job.planner.write_by is not None:
+            job.planner.write_by += offset
+    if job.plan is not None and job.plan.end is not None:
+        job.plan.end += offset
+    return job
+
+
+@dataclass
+class WorkerInfo:
+    device: str
+    pid: int
+    load_seconds: float  # the base model's load: once per worker
+    trainable_parameters: int
+    dtype_bytes: int  # the adapter's bytes per parameter when saved
+    threads: int = 0  # torch's CPU threads in this worker
+
+
+class FoldWorker:
+    """The base model, loaded once on `device` (None: model.device), with a LoRA whose initial weights every
+    fold starts from. `cfg` is the run's config as a plain mapping (it crosses process boundaries)."""
+
+    def __init__(self, cfg: Any, run_dir: str | Path, device: str | None = None, progress: bool = True):
+        import torch
+        from omegaconf import OmegaConf
+
+        # Looked up at call time, not import time: benchmarks and tests wrap these functions.
+        from arcfold.engine import model as model_module
+        from arcfold.engine.lora import AdapterReset, attach_lora, trainable_parameters
+        from arcfold.engine.train import make_accelerator
+
+        start = time.perf_counter()
+        self.cfg = OmegaConf.create(cfg)
+        if device is not None:
+            self.cfg.model.device = device
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        loaded = model_module.load_model(self.cfg.model, self.cfg.format.name,
+                                         max_len={"train.max_len": self.cfg.train.max_len,
+                                                  "inference.max_len": self.cfg.inference.max_len})
+        self.codec, self.dtype = loaded.codec, loaded.dtype
+        self.model = attach_lora(loaded.model, self.cfg.lora)
+        self.fresh_adapter = AdapterReset(self.model)  # each fold starts from these weights; never a base reload
+        self.accelerator = make_accelerator(self.cfg.train, loaded.device)
+        # The model and the libraries live as long as the worker: freeze them out of the cyclic collector, so the
+        # full collection after each fold (accelerate's free_memory) scans the fold's objects only (0.4 s -> ms).
+        gc.collect()
+        gc.freeze()
+        self.info = WorkerInfo(str(loaded.device), os.getpid(), time.perf_counter() - start,
+                               trainable_parameters(self.model), loaded.dtype.itemsize, torch.get_num_threads())
+
+    def close(self) -> None:
+        """Hand what the worker held back to the collector (a process that goes on after this worker)."""
+        gc.unfreeze()
+
+    def __call__(self, job: FoldJob, ledger: Ledger) -> FoldOutcome:
+        """Train (or restore) the fold's adapter, predict its unfinished test inputs; the fold's outcome. A failure
+        stops the run, or under on_error=skip costs only its task or its fold's adapter (recorded)."""
+        from arcfold.engine.lora import save_adapter
+
+        start = time.perf_counter()
+        f, fold, plan = job.fold, job.tasks, job.plan or FoldPlan(None, None, None)
+        self.fresh_adapter.reset(self.model)
+        reset = time.perf_counter() - start
+        training, setup = self.train(job, ledger, plan)
+        # A failed training (skipped) leaves the base model, or placeholders without train_fallback.
+        inherited = (f"{training.error} ({'base model answers' if self.cfg.train_fallback else 'placeholders'})"
+                     if training.error else "")
+        records = list(job.finished)  # finished by an earlier session
+        predicted = time.perf_counter()
+        for task in fold:
+            self.predict_one(f, task, ledger, plan, inherited, records)
+        inference = time.perf_counter() - predicted
+        if job.save_adapter and training.stats is not None:
+            try:  # after the predictions: a full disk costs the adapter, not the fold's answers
+                save_adapter(self.model, self.run_dir / "adapters" / f"fold_{f}", self.dtype)
+            except OSError as err:
+                log.error("fold %d: adapter not saved: %s", f, err)
+        stats = training.stats or {}
+        events = [e for e in ledger.planner.events if e["fold"] == f] if ledger.planner else []
+        row = {**vars(FoldRow(f, len(fold), stats.get("tokens", 0), stats.get("steps", 0), stats.get("seconds", 0.0),
+                              inference, stats.get("peak_memory_bytes", 0) / 2**20,
+                              stats.get("final_loss", math.nan), stats.get("tokens_per_second", 0.0),
+                              stats.get("planned_steps", 0), training.cut, training.error,
+                              math.nan if plan.projected_total is None else plan.projected_total,
+                              "; ".join(f"{e['at']}: {e['cut']} ({e['why']})" for e in events))),
+               # Per-fold overhead: the adapter reset, and training's time outside its optimiser loop (samples,
+               # optimiser, schedule, accelerate's prepare and release); the queue adds its messaging.
+               "reset_seconds": reset, "setup_seconds": setup, "worker_seconds": time.perf_counter() - start}
+        return FoldOutcome(f, row, records, events)
+
+    def train(self, job: FoldJob, ledger: Ledger, plan: FoldPlan) -> tuple[TrainingRecord, float]:
+        """The fold's adapter: restored from the checkpoint, trained (within the budget's cap), or, when training
+        fails under on_error=skip or the budget leaves it no time, the base model (the reset adapter); and the
+        seconds training spent outside its optimiser loop."""
+        import torch
+
+        from arcfold.engine.lora import load_adapter_weights, save_adapter
+        from arcfold.engine.train import train_fold
+
+        f, fold, setup = job.fold, job.tasks, 0.0
+        if job.training is not None:  # trained by an earlier session
+            if job.training.stats is not None:
+                load_adapter_weights(self.model, job.adapter_dir)
+            log.info("fold %d: adapter from an earlier session", f)
+            return job.training, setup
+        if plan.train_seconds is not None and plan.train_seconds <= 0:
+            ledger.report("skip_train", f)
+            ledger.report("record", f, f"fold {f} training", "train", "no time left in the fold's slice: base model")
+            record = TrainingRecord(None, cut="skipped: no time left")
+        else:
+            log.info("fold %d: training on %d tasks", f, len(fold))
+            start = time.perf_counter()
+            try:
+                stats = train_fold(self.model, self.codec, fold, self.cfg.train, self.accelerator,
+                                   progress=self.progress, max_seconds=plan.train_seconds)
+            except Exception as err:  # out of memory, say: under on_error=skip it costs this fold's adapter only
+                if not skips(self.cfg):
+                    raise
+                record = TrainingRecord(None, error=f"fold {f} training: {describe(err)}")
+                log.error("%s; its tasks get %s\n%s", record.error, "the base model's answers"
+                          if self.cfg.train_fallback else "placeholders", traceback.format_exc())
+            else:
+                setup = time.perf_counter() - start - stats.seconds
+                record = TrainingRecord(vars(stats))
+                ledger.report("observe_train", f, stats.steps / stats.planned_steps if stats.planned_steps else 1.0,
+                              time.perf_counter() - start)
+                if stats.steps < stats.planned_steps:
+                    record.cut = f"stopped after {stats.steps} of {stats.planned_steps} steps"
+                    ledger.report("record", f, f"fold {f} training", "train", f"{record.cut}: the fold's training "
+                                  f"share ({plan.train_seconds:.1f} s) is spent")
+        if record.stats is None:
+            self.fresh_adapter.reset(self.model)  # the initial adapter adds nothing: the base model's answers
+            # What the failed step held (an OOM's activations) goes before inference. Its traceback was logged as
+            # text, not exc_info: a handler that keeps records (pytest's, a MemoryHandler) would pin those frames.
+            free_memory()
+        elif job.adapter_dir:  # in fp32, whatever the model's dtype: a resume must reload exactly what was trained
+            save_adapter(self.model, job.adapter_dir, torch.float32)
+        ledger.report("training", f, record)
+        return record, setup
+
+    def predict_one(self, f: int, task: Task, ledger: Ledger, plan: FoldPlan, inherited: str,
+                    records: list[InputRecord]) -> None:
+        """Predict the task's unfinished test inputs; each is reported (checkpointed and submitted) as it lands.
+
+        A failure (under on_error=skip) costs this task's remaining inputs only: they get placeholders."""
+        finished = {r.index for r in records if r.task == task.id}
+        error = ""
+        for i in range(len(task.test)):
+            if i in finished:
+                continue
+            full_views = 8 * self.cfg.inference.n
+            units = input_units(task, i, full_views)
+            step = (ledger.next_input(f, plan, units, f"task {task.id} test {i}") if ledger.planner is not None
+                    else Step(0, (), None))
+            rec = InputRecord(task.id, i, f, cut=",".join(step.cuts), error=error or inherited)
+            start = time.perf_counter()
+            failed = False
+            if not (error or step.placeholders or (inherited and not self.cfg.train_fallback)):
+                try:
+                    rec.prediction, rec.nll, rec.base_nll = self.predict_input(task, i, step, full_views)
+                except Exception as err:  # one input's bad data or OOM: under on_error=skip, it costs this task
+                    if not skips(self.cfg):
+                        raise
+                    error = rec.error = f"test {i}: {describe(err)}"
+                    failed = True
+                    log.error("task %s %s; placeholders submitted%s", task.id, error,
+                              "" if isinstance(err, ArcDataError) else "\n" + traceback.format_exc())
+            if failed:
+                free_memory()
+            ledger.report("observe_input", f, step, units, time.perf_counter() - start)
+            records.append(rec)
+            ledger.report("input", rec)
+
+    def predict_input(self, task: Task, i: int, step: Step, full_views: int
+                      ) -> tuple[Any, float | None, float | None]:
+        """Test input i's prediction under the budget's step, and the true output's NLL (with and without TTT)."""
+        from arcfold.engine.predict import predict_task
+        from arcfold.engine.scoring import answer_nll
+
+        inference = self.cfg.inference
+        settings, n_views = degraded(step, self.cfg.budget, inference, full_views)
+        if settings:
+            inference = copy.deepcopy(inference)
+            for key, value in settings.items():
+                *parents, name = key.split(".")
+                setattr(functools.reduce(getattr, parents, inference), name, value)
+        views = make_views(task, inference.n, inference.seed, inference.colours, inference.shuffle_demos)[:n_views]
+        pred = predict_task(self.model, self.codec, task, inference, views=views, indices=[i])[0]
+        nll = base_nll = None
+        if task.has_solutions:
+            nll_views = make_views(task, 1, inference.scoring.seed, inference.scoring.colours)
+            nll = answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
+            if inference.base_nll:
+                with self.model.disable_adapter():
+                    base_nll = answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
+        return pred, nll, base_nll
+
+
+__all__ = ["FoldJob", "FoldWorker", "Ledger", "WorkerInfo", "on_this_clock"]
