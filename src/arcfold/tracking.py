@@ -135,6 +135,39 @@ class RunTracker:
             self.client.set_terminated(self.run_id, status)
 
 
+# The runs table's metric columns, headline first (the params shown are the swept ones).
+HEADLINE_METRICS = ("score", "oracle", "selection_accuracy", "answer_nll", "seconds_total", "failed_tasks")
+
+
+def ui_base(uri: str, ui_url: str | None = None) -> str:
+    """Where the MLflow UI is: ui_url, else a tracking server's own address, else `make ui`'s."""
+    if ui_url:
+        return ui_url.rstrip("/")
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str, ui_url: str | None = None) -> str:
+    return f"{ui_base(uri, ui_url)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def sweep_view_link(uri: str, parent_id: str, params: list[str], ui_url: str | None = None) -> str:
+    """A link to the classic runs table showing the sweep's runs flat (not collapsed under the parent), the swept
+    params and the headline metrics as columns, best score first.
+
+    MLflow's shared view state: the UI reads the experiment tag mlflow.sharedViewState.<key> named by the link's
+    viewStateShareKey (search facets and column choice; it ignores expansion, hence the filter on the parent)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    state = {"searchFilter": f"tags.mlflow.parentRunId = '{parent_id}'",
+             "orderByKey": "metrics.`score`", "orderByAsc": False, "runsHiddenMode": "SHOW_ALL",
+             "selectedColumns": [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in HEADLINE_METRICS]}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{parent_id}", json.dumps(state))
+    return (f"{ui_base(uri, ui_url)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={parent_id}")
+
+
 def read_parent(sweep_dir: str | Path) -> str | None:
     """The sweep's parent run id, written by SweepCallback before the jobs started (None outside a sweep)."""
     path = Path(sweep_dir) / PARENT_FILE
