@@ -86,7 +86,9 @@ def test_mandatory_paths_are_reported_missing_in_one_line():
                                             ("data.order=random", "data.order"),
                                             ("inference.scoring.views_from=other", "inference.scoring.views_from"),
                                             # 16 scoring views out of the 8 generation views there are
-                                            ("inference=dfs inference.scoring.views=16", "inference.scoring.views")])
+                                            ("inference=dfs inference.scoring.views=16", "inference.scoring.views"),
+                                            ("report.progress=fancy", "report.progress"), ("repeats=0", "repeats"),
+                                            ("report.render_tasks=-1", "report.render_tasks")])
 def test_bad_choices_name_their_field(override, field):
     with pytest.raises(ArcDataError, match=field):
         check(compose_with(override.split()))
@@ -143,3 +145,27 @@ def test_bad_real_model_settings_name_their_field(override, field):
     with pytest.raises(ArcDataError, match=field) as err:
         check(compose_with(["model=hf", "model.path=/models/m", override]))
     assert "\n" not in str(err.value)
+
+
+SEEDS = ("split.seed", "train.seed", "lora.init_seed", "inference.seed")
+
+
+@pytest.mark.parametrize("group", ["split=balanced", "train=arc25", "train=architects", "lora=architects"])
+def test_the_seed_drives_every_component_seed_whatever_the_options(group):
+    cfg = compose_with(["seed=7", group])
+    assert [OmegaConf.select(cfg, k) for k in SEEDS] == [7] * 4
+    assert cfg.inference.scoring.seed == 8  # fresh scoring views differ from the generation views
+    assert cfg.model.init_seed == 0  # the tiny base model stays the same model
+    default = compose_with([group])
+    assert [OmegaConf.select(default, k) for k in SEEDS] == [0] * 4 and default.inference.scoring.seed == 1
+
+
+def test_a_component_seed_set_on_the_command_line_wins_over_seed():
+    cfg = compose_with(["seed=7", "split.seed=3"])
+    assert cfg.split.seed == 3 and cfg.train.seed == 7
+
+
+def test_repeats_becomes_a_seed_sweep():
+    with initialize_config_module("arcfold.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["repeats=3"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.seed == "range(0,3)"

@@ -35,19 +35,26 @@ def release_memory() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://arcfold.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from arcfold import pipeline
-    from arcfold.tracking import RunTracker, config_params, read_parent
+    from arcfold.progress import summary_table
+    from arcfold.tracking import RunTracker, config_params, job_name, read_parent
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
     sweep_id = Path(hc.sweep.dir).name if sweeping else ""
+    parent = read_parent(hc.sweep.dir) if sweeping else None
     tracker = RunTracker(
         cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs,
-        run_name=cfg.tracking.run_name or (" ".join(hc.overrides.task) or "default"),
-        parent_run_id=read_parent(hc.sweep.dir) if sweeping else None,
-        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "overrides": " ".join(hc.overrides.task)})
+        run_name=cfg.tracking.run_name or (job_name(list(hc.overrides.task), parent["swept"]) if parent
+                                           else " ".join(hc.overrides.task) or "default"),
+        parent_run_id=parent["run_id"] if parent else None,
+        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "overrides": " ".join(hc.overrides.task)},
+        system_metrics=cfg.tracking.system_metrics, system_metrics_interval=cfg.tracking.system_metrics_interval)
     status = "FAILED"
     try:
+        if cfg.repeats > 1 and not sweeping:
+            raise ArcDataError(f"repeats={cfg.repeats} runs {cfg.repeats} seeds as a sweep: add -m", file="config",
+                               field="repeats")
         check(cfg)
         tracker.log_params(config_params(cfg))
         result = pipeline.run(cfg, run_dir, tracker)
@@ -66,7 +73,7 @@ def main(cfg: DictConfig) -> float | None:
     score = result.summary.get("score")
     log.info("run finished in %.1fs: %s", result.summary.get("seconds_total", 0.0),
              result.score().summary() if result.has_solutions else "no solutions, not scored")
-    log.info("outputs: %s", run_dir)
+    log.info("\n%s", summary_table(result.summary, len(result.failures), run_dir, tracker.link(cfg.tracking.ui_url)))
     return score
 
 

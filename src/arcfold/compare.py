@@ -133,19 +133,18 @@ def summarise(source: Source, out: str | Path, baseline: str | None = None, leve
         title = f"arcfold comparison: {source.sweep_dir.name if source.sweep_dir else source.parent_id or 'runs'}"
         files = write_report(comparison, out, title)
     if source.parent_id:
-        link = log_to_parent(source, records, comparison, files, ui_url)
+        link = log_to_parent(source, source.parent_id, records, comparison, files, ui_url)
     return comparison, files, link
 
 
-def log_to_parent(source: Source, records: Sequence[RunRecord], c: Comparison | None, files: dict[str, Path],
-                  ui_url: str | None) -> str | None:
+def log_to_parent(source: Source, pid: str, records: Sequence[RunRecord], c: Comparison | None,
+                  files: dict[str, Path], ui_url: str | None) -> str | None:
     """The parent run tells the sweep's story: jobs, failures, the best configuration, the report and plots."""
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=source.uri)
-    pid = source.parent_id
     now = int(datetime.now().timestamp() * 1000)
     summary = {"jobs": len(records), "failed_jobs": sum(r.status != "FINISHED" for r in records),
                "failed_tasks": sum(r.metrics.get("failed_tasks", 0.0) for r in records)}

@@ -127,7 +127,21 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db
     experiment: str = "arcfold"
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # None: the swept values in a sweep, else the command-line overrides
+    system_metrics: bool = True  # CPU, memory, disk, network (and GPU with nvidia-ml-py) as system/* metrics
+    system_metrics_interval: float = 10.0  # seconds between samples
+    ui_url: Optional[str] = None  # the printed links' UI (None: the uri if http(s), else `make ui`'s address)
+
+
+PROGRESS = ("auto", "bars", "lines", "off")  # report.progress
+
+
+@dataclass
+class ReportConfig:
+    progress: str = "auto"  # auto (bars on a terminal, else log lines) | bars | lines | off
+    progress_every: float = 30.0  # lines mode: at most one progress line per this many seconds
+    plots: bool = True  # PNG plots in <run dir>/plots, logged with the run
+    render_tasks: int = 3  # plots: draw this many solved and this many failed test inputs (ARC palette)
 
 
 @dataclass
@@ -143,6 +157,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)  # progress, end-of-run summary, plots
+    # seed drives every random choice of a run (conf/config.yaml points split.seed, train.seed, inference.seed,
+    # inference.scoring.seed and lora.init_seed at it); `-m seed=1,2,3` repeats a configuration.
+    seed: int = 0
+    repeats: int = 1  # with -m: N runs of each configuration, seed=0..N-1 (hydra.sweeper.params in config.yaml)
     outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
     save_adapters: str = "none"  # none | last (the last fold's adapter) | all (every fold's)
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
@@ -174,7 +193,8 @@ def check(cfg: Any) -> None:
                "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
                "train.loss_kernel": (cfg.train.loss_kernel, LOSS_KERNELS),
                "inference.colours": (cfg.inference.colours, ("all", "keep_zero", "none")),
-               "inference.scoring.views_from": (cfg.inference.scoring.views_from, ("generation", "fresh"))}
+               "inference.scoring.views_from": (cfg.inference.scoring.views_from, ("generation", "fresh")),
+               "report.progress": (cfg.report.progress, PROGRESS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ArcDataError(f"{value!r} is not one of {', '.join(allowed)}", file="config", field=key)
@@ -189,6 +209,10 @@ def check(cfg: Any) -> None:
     if cfg.model.shrink_vocab_save and not cfg.model.shrink_vocab:
         raise ArcDataError("saving a shrunk vocabulary needs model.shrink_vocab=true", file="config",
                            field="model.shrink_vocab_save")
+    if cfg.repeats < 1:
+        raise ArcDataError(f"repeats must be at least 1, got {cfg.repeats}", file="config", field="repeats")
+    if cfg.report.render_tasks < 0:
+        raise ArcDataError(f"must be >= 0, got {cfg.report.render_tasks}", file="config", field="report.render_tasks")
     folds = cfg.folds
     if not (folds == "per_task" or (isinstance(folds, int) and not isinstance(folds, bool) and folds >= 1)):
         raise ArcDataError(f"folds must be a positive integer or per_task, got {folds!r}", file="config",
@@ -198,7 +222,10 @@ def check(cfg: Any) -> None:
 def register() -> None:
     """Register the schemas: the root as `base_config`, each group's as `base_<group>`."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    # ${seed_plus:${seed},1}: a seed derived from `seed` (scoring views must differ from generation views).
+    OmegaConf.register_new_resolver("seed_plus", lambda seed, offset: int(seed) + int(offset), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for group, node in [("data", DataConfig), ("model", ModelConfig), ("format", FormatConfig),
@@ -208,4 +235,4 @@ def register() -> None:
 
 
 __all__ = ["DataConfig", "ModelConfig", "FormatConfig", "SplitConfig", "LoraConfig", "TrainConfig", "InferenceConfig",
-           "ScoringConfig", "TrackingConfig", "RunConfig", "check", "register"]
+           "ScoringConfig", "TrackingConfig", "ReportConfig", "RunConfig", "check", "register"]

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from arcfold.data import ArcDataError, Task, load_dataset, make_folds, make_views, select
 from arcfold.data.codec import train_tokens
+from arcfold.progress import Progress
 from arcfold.results import FoldRow, RunResults
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class Tracker(Protocol):
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_series(self, key: str, values: Sequence[float], first_step: int = 0) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
@@ -33,23 +35,31 @@ class Tracker(Protocol):
 class NoTracker:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_series(self, key: str, values: Sequence[float], first_step: int = 0) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
 @dataclass
 class Timings:
-    """Wall seconds per phase: load, train, inference, scoring, logging."""
+    """Wall seconds per phase (load, train, inference, scoring, logging), and every timed span for the timeline:
+    phase, fold (None: the whole run), device, start and end in seconds from the run's start."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    device: str = ""
+    origin: float = field(default_factory=time.perf_counter)
 
     @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
+    def __call__(self, phase: str, fold: int | None = None) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            end = time.perf_counter()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + end - start
+            self.spans.append({"phase": phase, "fold": fold, "device": self.device,
+                               "start": start - self.origin, "end": end - self.origin})
 
 
 def load_tasks(data: Any) -> tuple[list[Task], list[Task]]:
@@ -80,6 +90,7 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
     from arcfold.engine.lora import AdapterReset, attach_lora, trainable_parameters
     from arcfold.engine.model import load_model
     from arcfold.engine.train import make_accelerator
+    from arcfold.report.runplots import write_run_plots
 
     tracker = tracker or NoTracker()
     run_dir = Path(run_dir)
@@ -96,29 +107,35 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
         model = attach_lora(loaded.model, cfg.lora)
         fresh_adapter = AdapterReset(model)  # each fold starts from these weights; the base is never reloaded
         accelerator = make_accelerator(cfg.train, loaded.device)
+    clock.device = str(loaded.device)
+    clock.spans[-1]["device"] = clock.device  # the load span closed before the device was known
     saved_folds = {"none": set(), "last": {len(folds) - 1}, "all": set(range(len(folds)))}[cfg.save_adapters]
     adapters_mb = trainable_parameters(model) * loaded.dtype.itemsize * len(saved_folds) / 2**20
-    tracker.log_params({"folds.k": len(folds), "folds.strategy": "per_task" if str(cfg.folds) == "per_task"
-                        else cfg.split.strategy, "data.n_tasks": len(tasks)})
     tracker.log_metrics({"adapters_disk_mb": adapters_mb})
     log_adapter_disk(len(saved_folds), adapters_mb, run_dir)
     tracker.set_tags({"device": str(loaded.device)})
     log.info("%d tasks in %d folds on %s", len(tasks), len(folds), loaded.device)
 
+    progress = Progress(cfg.report.progress, len(tasks), len(folds), cfg.report.progress_every)
+    steps_logged = 0  # train_loss is one series over the run's optimiser steps, fold after fold
     try:
-        for f, fold in enumerate(folds):
-            fresh_adapter.reset(model)
-            try:
-                row = run_fold(f, fold, model, loaded.codec, cfg, accelerator, results, clock, run_dir,
-                               adapter_dtype=loaded.dtype if f in saved_folds else None)
-            except Exception as err:  # one fold's failure (out of memory, say) must not cost the other folds
-                log.error("fold %d failed, its tasks get placeholders: %s", f, err, exc_info=True)
-                results.failures.update({t.id: f"fold {f}: {type(err).__name__}: {err}" for t in fold})
-                continue
-            tracker.log_metrics({f"fold_{k}": v for k, v in row.items() if k != "fold"}, step=f)
-            log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
-                     f + 1, len(folds), len(fold), row["steps"], row["final_loss"], row["train_seconds"],
-                     row["inference_seconds"], row.get("score", math.nan))
+        with progress:
+            for f, fold in enumerate(folds):
+                progress.fold(f, len(fold))
+                fresh_adapter.reset(model)
+                try:
+                    row = run_fold(f, fold, model, loaded.codec, cfg, accelerator, results, clock, run_dir,
+                                   adapter_dtype=loaded.dtype if f in saved_folds else None, progress=progress)
+                except Exception as err:  # one fold's failure (out of memory, say) must not cost the other folds
+                    log.error("fold %d failed, its tasks get placeholders: %s", f, err, exc_info=True)
+                    results.failures.update({t.id: f"fold {f}: {type(err).__name__}: {err}" for t in fold})
+                    continue
+                tracker.log_metrics({f"fold_{k}": v for k, v in row.items() if k != "fold"}, step=f)
+                tracker.log_series("train_loss", results.losses[f], first_step=steps_logged)
+                steps_logged += len(results.losses[f])
+                log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
+                         f + 1, len(folds), len(fold), row["steps"], row["final_loss"], row["train_seconds"],
+                         row["inference_seconds"], row.get("score", math.nan))
     finally:  # even on Ctrl-C, the scores and tables of the work done so far land beside the submission
         with clock("scoring"):
             metrics = results.metrics()
@@ -127,33 +144,42 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
     train_tokens_total = sum(r["train_tokens"] for r in results.folds)
     train_seconds = clock.seconds.get("train", 0.0)
     with clock("logging"):
-        metrics.update({f"seconds_{k}": v for k, v in clock.seconds.items()},
+        metrics.update({f"seconds_{k}": v for k, v in clock.seconds.items()}, **results.fold_summary(),
+                       n_folds=len(folds),  # a metric: params hold settings only (`folds`, no `folds.k`)
                        train_tokens=train_tokens_total,
                        train_tokens_per_second=train_tokens_total / train_seconds if train_seconds else 0.0,
                        seconds_total=time.perf_counter() - start)
         tracker.log_metrics(metrics)
+        results.timeline = list(clock.spans)
         for path in [run_dir / "submission.json", run_dir / "scores.json", *tables.values(),
-                     run_dir / ".hydra" / "config.yaml"]:
+                     results.write_timeline(run_dir), run_dir / ".hydra" / "config.yaml"]:
             tracker.log_artifact(path)
+        if cfg.report.plots:
+            for path in write_run_plots(results, clock.spans, run_dir / "plots", cfg.report.render_tasks):
+                tracker.log_artifact(path, str(path.parent.relative_to(run_dir)))
     results.timings = dict(clock.seconds)
     results.summary = metrics
     return results
 
 
 def run_fold(f: int, fold: Sequence[Task], model: Any, codec: Any, cfg: Any, accelerator: Any,
-             results: RunResults, clock: Timings, run_dir: Path, adapter_dtype: Any = None) -> dict[str, Any]:
+             results: RunResults, clock: Timings, run_dir: Path, adapter_dtype: Any = None,
+             progress: Progress | None = None) -> dict[str, Any]:
     """Train the (freshly reset) adapter on one fold, predict the fold's tasks, then save the adapter in
     `adapter_dtype` (None: not saved); the fold's table row."""
     from arcfold.engine.lora import save_adapter
     from arcfold.engine.train import train_fold
 
-    with clock("train"):
-        stats = train_fold(model, codec, fold, cfg.train, accelerator)
+    progress = progress or Progress("off", len(fold), 1)
+    with clock("train", fold=f):
+        stats = train_fold(model, codec, fold, cfg.train, accelerator, progress=False, on_step=progress.train_step)
+    results.losses[f] = list(stats.losses)
     start = time.perf_counter()
-    with clock("inference"):
+    with clock("inference", fold=f):
         for task in fold:
             results.fold_of[task.id] = f
             predict_one(model, codec, task, cfg.inference, results)
+            progress.task_done(task.id)
     results.write_submission(run_dir / "submission.json")  # after every fold: nothing computed is lost
     if adapter_dtype is not None:
         try:  # after the predictions: a full disk costs the adapter, not the fold's answers

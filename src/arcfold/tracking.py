@@ -14,7 +14,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -83,22 +83,34 @@ class RunTracker:
 
     def __init__(self, enabled: bool, uri: str | None = None, experiment: str = "arcfold",
                  outputs: str | Path = "outputs", run_name: str | None = None, parent_run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None):
+                 tags: Mapping[str, str] | None = None, system_metrics: bool = False,
+                 system_metrics_interval: float = 10.0):
         self.enabled = enabled
         self.run_id: str | None = None
+        self.monitor: Any = None
         if not enabled:
             return
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(uri, outputs)
         self.client = MlflowClient(tracking_uri=self.uri)
-        experiment_id = ensure_experiment(self.uri, experiment, outputs)
+        self.experiment_id = experiment_id = ensure_experiment(self.uri, experiment, outputs)
         all_tags = {"git_commit": git_commit(), "hostname": socket.gethostname(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id  # how MLflow nests a run under its parent
         run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
         log.info("MLflow run %s in %s", self.run_id, self.uri)
+        if system_metrics:  # MLflow's sampler thread: system/cpu_utilization_percentage, memory, GPU, ...
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_interval,
+                                                tracking_uri=self.uri)
+            self.monitor.start()
+
+    def link(self, ui_url: str | None = None) -> str | None:
+        """Where the run's page is in the MLflow UI."""
+        return run_link(self.uri, self.experiment_id, self.run_id, ui_url) if self.run_id else None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -121,6 +133,19 @@ class RunTracker:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
+    def log_series(self, key: str, values: Sequence[float], first_step: int = 0) -> None:
+        """One metric's history in batches (a per-step loss), steps first_step, first_step + 1, ..."""
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.enabled:
             for k, v in tags.items():
@@ -131,6 +156,8 @@ class RunTracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self.monitor is not None:
+            self.monitor.finish()  # before the status changes: the sampler stops on a terminated run
         if self.enabled and self.run_id:
             self.client.set_terminated(self.run_id, status)
 
@@ -168,39 +195,81 @@ def sweep_view_link(uri: str, parent_id: str, params: list[str], ui_url: str | N
             f"&viewStateShareKey={parent_id}")
 
 
-def read_parent(sweep_dir: str | Path) -> str | None:
-    """The sweep's parent run id, written by SweepCallback before the jobs started (None outside a sweep)."""
+def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
+    """The sweep's parent run (run_id, uri, swept keys), written by SweepCallback before the jobs started (None
+    outside a sweep)."""
     path = Path(sweep_dir) / PARENT_FILE
-    return json.loads(path.read_text())["run_id"] if path.exists() else None
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys a multirun gives more than one value, in order; a later override of a key replaces an earlier
+    one (the command line comes after hydra.sweeper.params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept: dict[str, bool] = {}
+    for o in OverridesParser.create().parse_overrides(overrides):
+        many = o.is_sweep_override() and (not o.is_discrete_sweep() or len(list(o.sweep_string_iterator())) > 1)
+        swept[_key(o.get_key_element())] = many
+    return [k for k, many in swept.items() if many]
+
+
+def job_name(job_overrides: list[str], swept: list[str]) -> str:
+    """A sweep job's run name: its swept values only ("lora.rank=8 seed=1"), not every constant override."""
+    chosen = {_key(o): o for o in job_overrides if _key(o) in swept}
+    order = sorted(swept, key=lambda k: k == "seed")  # the configuration first, its repeat last
+    return " ".join(chosen[k] for k in order if k in chosen) or "default"
 
 
 class SweepCallback(Callback):
-    """Before a multirun's jobs: create the store and the sweep's parent run. After: mark it finished."""
+    """Before a multirun's jobs: create the store and the sweep's parent run. After the last job: compare the
+    runs onto the parent (arcfold.compare), mark it finished and print the link to the sweep's runs table."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.tracking.enabled:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
         tracker = RunTracker(True, config.tracking.uri, config.tracking.experiment, config.outputs,
                              run_name=f"sweep {sweep_dir.name}",
                              tags={"sweep_id": sweep_dir.name, "arcfold.role": "sweep",
-                                   "sweep_overrides": " ".join(config.hydra.overrides.task)})
-        tracker.log_params({"sweep.overrides": " ".join(config.hydra.overrides.task),
-                            "sweep.dir": str(sweep_dir)})
-        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri}))
+                                   "sweep_overrides": " ".join(overrides)})
+        tracker.log_params({"sweep.overrides": " ".join(overrides), "sweep.dir": str(sweep_dir)})
+        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri,
+                                                         "swept": swept_keys(overrides)}))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.tracking.enabled:
             return
-        path = Path(config.hydra.sweep.dir) / PARENT_FILE
-        if path.exists():
-            from mlflow.tracking import MlflowClient
+        sweep_dir = Path(config.hydra.sweep.dir)
+        parent = read_parent(sweep_dir)
+        if parent is None:
+            return
+        from mlflow.tracking import MlflowClient
 
-            parent = json.loads(path.read_text())
-            MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], "FINISHED")
+        from arcfold.compare import Source, children, summarise
+        from arcfold.report.sweep import markdown_table, table_rows
+
+        client = MlflowClient(tracking_uri=parent["uri"])
+        try:  # the jobs' results are safe in MLflow whatever happens here: a failed summary must not hide them
+            source = Source(parent["uri"], children(client, parent["run_id"]), parent["run_id"], sweep_dir)
+            comparison, files, link = summarise(source, sweep_dir / "compare", ui_url=config.tracking.ui_url)
+            if comparison is not None:
+                print(f"\n{markdown_table(table_rows(comparison))}\n\nreport: {files['report']}\n"
+                      f"MLflow runs table: {link}")
+        except Exception as err:
+            log.error("the sweep's summary failed (python -m arcfold.compare %s retries it): %s", sweep_dir, err,
+                      exc_info=True)
+        finally:
+            client.set_terminated(parent["run_id"], "FINISHED")
 
 
 def config_params(cfg: DictConfig) -> dict[str, Any]:
-    """The flattened config as MLflow params (folds.k etc. are added by the pipeline once resolved)."""
+    """The flattened config as MLflow params: one param per setting (derived counts such as n_folds are metrics)."""
     return flatten(OmegaConf.to_container(cfg, resolve=True))

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 import accelerate
 import torch
@@ -128,8 +128,11 @@ def _peak_memory(device: torch.device) -> int:
 
 
 def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Task], cfg: TrainConfig,
-               accelerator: accelerate.Accelerator | None = None, progress: bool = True) -> FoldTrainStats:
-    """Train the adapter on one fold's tasks; a new optimiser and schedule each call, the model left in eval mode."""
+               accelerator: accelerate.Accelerator | None = None, progress: bool = True,
+               on_step: Callable[[int, int, float], None] | None = None) -> FoldTrainStats:
+    """Train the adapter on one fold's tasks; a new optimiser and schedule each call, the model left in eval mode.
+
+    progress: a tqdm bar of its own; on_step(step, steps, loss) after each optimiser step (a caller's display)."""
     samples, skipped = build_samples(codec, tasks, cfg)
     dropped = sum(s.dropped for s in samples)
     tokens = sum(len(s.ids) for s in samples)
@@ -163,7 +166,7 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
         model, optimizer, loader, scheduler = accelerator.prepare(peft_model, optimizer, loader, scheduler)
         try:
             losses, seconds = _loop(accelerator, model, optimizer, loader, scheduler, device, steps,
-                                    cfg.max_grad_norm, cfg.loss_kernel, progress)
+                                    cfg.max_grad_norm, cfg.loss_kernel, progress, on_step)
         finally:
             _release(accelerator, peft_model)
             peft_model.eval()
@@ -177,8 +180,8 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
 
 
 def _loop(accelerator: accelerate.Accelerator, model: torch.nn.Module, optimizer, loader, scheduler,
-          device: torch.device, steps: int, max_grad_norm: float, kernel: str, progress: bool
-          ) -> tuple[list[float], float]:
+          device: torch.device, steps: int, max_grad_norm: float, kernel: str, progress: bool,
+          on_step: Callable[[int, int, float], None] | None = None) -> tuple[list[float], float]:
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # micro-batch losses of the current optimiser step
     bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, leave=False)
@@ -203,6 +206,8 @@ def _loop(accelerator: accelerate.Accelerator, model: torch.nn.Module, optimizer
             pending.clear()
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(len(losses), steps, losses[-1])
     seconds = time.perf_counter() - start
     bar.close()
     return losses, seconds

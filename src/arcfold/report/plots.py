@@ -66,7 +66,7 @@ def phase_timeline(spans: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     ax.set(xlabel="seconds since the run started", title="Phases per fold and device")
     ax.grid(axis="x", alpha=0.3)
     if seen:
-        ax.legend(fontsize="small", loc="lower right")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars stay visible
     return _save(fig, path)
 
 
@@ -112,13 +112,14 @@ def _draw_grid(ax: Any, grid: np.ndarray | None, title: str) -> None:
 
 
 def task_rendering(task_id: str, test_input: np.ndarray, attempts: Sequence[np.ndarray | None],
-                   truth: np.ndarray | None, path: str | Path, note: str = "") -> Path:
-    """The test input, both attempts and the true output side by side, in the ARC palette."""
-    attempts = list(attempts)[:2] + [None] * (2 - len(attempts[:2]))
-    panels = [("test input", test_input), ("attempt 1", attempts[0]), ("attempt 2", attempts[1]),
-              ("true output", truth)]
+                   truth: np.ndarray | None, path: str | Path) -> Path:
+    """The test input, both attempts and the true output side by side, in the ARC palette; the title says
+    whether an attempt is right."""
+    two = list(attempts)[:2] + [None] * (2 - len(attempts[:2]))
+    panels = [("test input", test_input), ("attempt 1", two[0]), ("attempt 2", two[1]), ("true output", truth)]
+    solved = truth is not None and any(g is not None and np.array_equal(np.asarray(g), truth) for g in two)
     fig = _figure(10, 3.2)
-    fig.suptitle(f"task {task_id}{'  ' + note if note else ''}", fontsize="medium")
+    fig.suptitle(f"task {task_id}: {'solved' if solved else 'not solved'}", fontsize="medium")
     for ax, (title, grid) in zip(fig.subplots(1, 4), panels):
         right = truth is not None and grid is not None and title.startswith("attempt") and \
             np.array_equal(np.asarray(grid), np.asarray(truth))

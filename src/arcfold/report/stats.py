@@ -31,15 +31,15 @@ class Interval:
         return self.low > 0 or self.high < 0
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000, level: float = 0.95,
-                     seed: int = 0) -> Interval:
+def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_boot: int = 10_000,
+                     level: float = 0.95, seed: int = 0) -> Interval:
     """Interval for mean(a - b) over tasks, a[t] and b[t] being the same task's values (NaN pairs dropped)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired values need two equal 1-d arrays, got shapes {a.shape} and {b.shape}")
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired values need two equal 1-d arrays, got shapes {x.shape} and {y.shape}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    d = (a - b)[~(np.isnan(a) | np.isnan(b))]
+    d = (x - y)[~(np.isnan(x) | np.isnan(y))]
     if d.size == 0:
         return Interval(math.nan, math.nan, math.nan, level, 0)
     rng = np.random.default_rng(seed)

@@ -26,6 +26,7 @@ NOT_SETTINGS = ("run_dir", "outputs", "tracking.run_name", "repeats")  # differ 
 # The table's columns: (metric, heading, digits); the first is the headline.
 TABLE_METRICS = (("score", "score", 3), ("oracle", "oracle", 3), ("selection_accuracy", "selection acc.", 3),
                  ("answer_nll", "answer NLL", 4), ("seconds_total", "seconds", 1))
+MIN_TASKS = 10  # fewer paired tasks than this: the interval is shown but no better/worse verdict is given
 # Per-task metrics compared against the baseline, and whether higher is better.
 PAIRED_METRICS = {"score": True, "answer_nll": False}
 
@@ -157,7 +158,9 @@ def _interval(iv: Interval | None, higher_is_better: bool, digits: int) -> str:
     if not math.isfinite(iv.mean):
         return "-"
     text = f"{iv.mean:+.{digits}f} [{iv.low:+.{digits}f}, {iv.high:+.{digits}f}]"
-    if iv.excludes_zero:
+    if iv.n_tasks < MIN_TASKS:  # a bootstrap over a handful of tasks has too few distinct resamples to mean much
+        text += f" (only {iv.n_tasks} tasks: no verdict)"
+    elif iv.excludes_zero:
         text += " **better**" if (iv.mean > 0) == higher_is_better else " **worse**"
     return text
 
@@ -238,7 +241,9 @@ def write_report(c: Comparison, out: str | Path, title: str = "arcfold compariso
              "Mean +- sd over the runs of each configuration (sd over seeds: the noise a single run carries). "
              f"`d metric vs baseline`: the mean paired difference over tasks and its {c.level:.0%} bootstrap "
              "interval (tasks resampled, each task's values averaged over the configuration's runs); **better** / "
-             "**worse** where the interval excludes zero. Lower answer NLL is better.", "",
+             f"**worse** where the interval excludes zero (given at least {MIN_TASKS} tasks). Lower answer NLL is "
+             "better.",
+             "",
              markdown_table(table_rows(c)), ""]
     if any(k.endswith("_png") for k in files):
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for k, p in files.items() if k.endswith("_png")] + [""]
@@ -260,6 +265,10 @@ def write_report(c: Comparison, out: str | Path, title: str = "arcfold compariso
     return files
 
 
+def _interval_json(iv: Interval | None) -> dict[str, Any] | None:
+    return None if iv is None else {**vars(iv), "excludes_zero": iv.excludes_zero}
+
+
 def to_json(c: Comparison) -> dict[str, Any]:
     return {
         "swept": c.swept, "seeds": c.seeds, "level": c.level, "tasks": c.tasks,
@@ -267,8 +276,7 @@ def to_json(c: Comparison) -> dict[str, Any]:
         "configurations": [
             {"label": conf.label, "values": conf.values, "runs": [r.run_id for r in conf.runs],
              "metrics": {m: dict(zip(("mean", "sd"), mean_sd(conf.metric(m)))) for m, _, _ in TABLE_METRICS},
-             "vs_baseline": {m: (None if ivs[i] is None else vars(ivs[i]) | {"excludes_zero": ivs[i].excludes_zero})
-                             for m, ivs in c.intervals.items()}}
+             "vs_baseline": {m: _interval_json(ivs[i]) for m, ivs in c.intervals.items()}}
             for i, conf in enumerate(c.configurations)],
     }
 

@@ -1,4 +1,4 @@
-"""PNG checks shared by the report tests: a real image with real content, not just a file."""
+"""Shared test helpers: PNG checks (a real image with real content, not just a file)."""
 
 from __future__ import annotations
 
