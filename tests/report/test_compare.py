@@ -81,8 +81,9 @@ def check_compare(uri: str, parent_id: str, solved: dict[str, dict[str, list[boo
     assert {"compare/report.md", "compare/solved_matrix.png", "compare/score_per_configuration.png"} <= logged
     exp = client.get_experiment(parent.info.experiment_id)
     state = json.loads(exp.tags[f"mlflow.sharedViewState.{parent_id}"])
-    assert "params.`lora.rank`" in state["selectedColumns"] and "metrics.`score`" in state["selectedColumns"]
-    assert parent_id in state["searchFilter"]
+    assert state["selectedColumns"][:3] == ["params.`lora.rank`", "params.`seed`", "metrics.`score`"]
+    assert state["columnOrder"] == state["selectedColumns"] and parent_id in state["searchFilter"]
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "lora.rank"}]
 
 
 def test_compare_reads_a_sweep_from_a_sqlite_store_and_summarises_it_on_the_parent(tmp_path, capsys):
