@@ -174,8 +174,7 @@ def log_to_parent(source: Source, pid: str, records: Sequence[RunRecord], c: Com
         client.log_artifact(pid, str(path), "compare")
     if c is None:
         return None
-    seeds = ["seed"] if "seed" in c.seeds else c.seeds[:1]  # the derived component seeds add no column worth it
-    link = sweep_view_link(source.uri, pid, c.swept, seeds, ui_url)
+    link = sweep_view_link(source.uri, pid, c.swept, [c.repeat_key] if c.repeat_key else [], ui_url)
     client.set_tag(pid, "arcfold.ui_link", link)
     return link
 

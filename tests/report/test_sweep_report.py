@@ -73,7 +73,8 @@ def test_the_report_files_are_written_with_strict_json(tmp_path, runs, read_png)
     files = write_report(c, tmp_path, "test sweep")
     text = files["report"].read_text()
     assert "| lora.rank | runs | score |" in text and "lora.rank=16 (best)" not in text
-    assert "16 (best)" in text and "Solved per task" in text
+    assert "16 (best)" in text and "Solved per task" in text and "repeats by seed." in text
+    assert f"r1 = lora.rank=4 seed=1 ({c.runs[0].run_id[:8]})" in text  # runs labelled by `seed`, not train.seed
     for key in ("solved_matrix_png", "score_png", "answer_nll_png", "d_score_png", "d_answer_nll_png"):
         read_png(files[key])
         assert f"]({files[key].name})" in text

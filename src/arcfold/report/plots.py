@@ -37,11 +37,18 @@ def loss_per_fold(losses: Mapping[int, Sequence[float]], path: str | Path) -> Pa
     """One line per fold: the training loss at each optimiser step."""
     fig = _figure(7, 4)
     ax = fig.add_subplot()
-    for fold, values in sorted(losses.items()):
-        if len(values):
-            ax.plot(np.arange(1, len(values) + 1), values, marker="." if len(values) < 60 else None,
-                    label=f"fold {fold}")
-    ax.set(xlabel="optimiser step", ylabel="training loss", title="Training loss per fold")
+    window = 1
+    for i, (fold, values) in enumerate(sorted(losses.items())):
+        if not len(values):
+            continue
+        steps, colour = np.arange(1, len(values) + 1), f"C{i % 10}"
+        # Per-step losses of small batches are noisy: the raw values faint, a running mean drawn over them.
+        window = max(1, len(values) // 10)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps, values, color=colour, alpha=0.3 if window > 1 else 1.0, linewidth=0.8)
+        ax.plot(steps[window - 1:], smooth, color=colour, linewidth=2, label=f"fold {fold}")
+    title = "Training loss per fold" + (f" (bold: running mean over {window} steps)" if window > 1 else "")
+    ax.set(xlabel="optimiser step", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
     if any(len(v) for v in losses.values()):
         ax.legend(fontsize="small", ncols=max(1, math.ceil(len(losses) / 12)))
@@ -100,7 +107,8 @@ def _draw_grid(ax: Any, grid: np.ndarray | None, title: str) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     if grid is None:
-        ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no attempt\n(a placeholder\nwas submitted)", ha="center", va="center",
+                transform=ax.transAxes)
         return
     grid = np.asarray(grid)
     ax.imshow(grid, cmap=ListedColormap(ARC_COLOURS), vmin=0, vmax=9, interpolation="nearest")

@@ -80,6 +80,11 @@ class Comparison:
     def runs(self) -> list[RunRecord]:
         return [r for c in self.configurations for r in c.runs]
 
+    @property
+    def repeat_key(self) -> str | None:
+        """The param that tells a configuration's runs apart: `seed` (which drives the others), else the first."""
+        return "seed" if "seed" in self.seeds else (self.seeds[0] if self.seeds else None)
+
 
 def _natural(value: str) -> tuple:
     try:
@@ -193,7 +198,7 @@ def markdown_table(rows: Sequence[Mapping[str, str]]) -> str:
 
 def run_label(c: Comparison, r: RunRecord) -> str:
     conf = next(conf for conf in c.configurations if r in conf.runs)
-    seed = " ".join(f"{k}={r.params[k]}" for k in c.seeds[:1] if k in r.params)
+    seed = f"{c.repeat_key}={r.params[c.repeat_key]}" if c.repeat_key in r.params else ""
     return " ".join(x for x in (conf.label if c.swept else "", seed) if x) or r.name or r.run_id[:8]
 
 
@@ -234,7 +239,7 @@ def write_report(c: Comparison, out: str | Path, title: str = "arcfold compariso
     failed = [r for r in runs if r.status != "FINISHED"]
     lines = [f"# {title}", "",
              f"{len(runs)} runs in {len(c.configurations)} configurations over {len(c.tasks)} tasks; "
-             f"swept: {', '.join(c.swept) or 'nothing'}; repeats by {', '.join(c.seeds) or 'nothing (one run each)'}.",
+             f"swept: {', '.join(c.swept) or 'nothing'}; repeats by {c.repeat_key or 'nothing (one run each)'}.",
              f"Baseline: **{base.label}**. Best (highest mean score, then lowest answer NLL): **{best.label}**.",
              f"Runs not FINISHED: {len(failed)}" + (f" ({', '.join(r.run_id[:8] for r in failed)})" if failed else ""),
              "", "## Configurations", "",
