@@ -5,16 +5,20 @@ PY := $(VENV)/bin/python
 # The torch build is an install-time choice: CPU torch 2.13.0 here. On a GPU box install your CUDA torch
 # into the venv first and run `make install TORCH_CONSTRAINTS=`.
 TORCH_CONSTRAINTS ?= -c constraints/cpu.txt
+# Every other dependency at the version the tests passed with (refresh: `make lock`).
+LOCK := constraints/lock.txt
 STAMP := $(VENV)/.installed
+# Parallel sweep jobs (hydra-joblib-launcher); each job gets cores / JOBS torch threads.
+JOBS ?= 2
 
-.PHONY: install run test sweep ui clean
+.PHONY: install run test sweep lint lock wheelhouse ui clean gpu-check
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints/cpu.txt
+$(STAMP): pyproject.toml $(LOCK) constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_CONSTRAINTS) -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) $(TORCH_CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
 run: install
@@ -24,11 +28,55 @@ test: install
 	$(PY) -m pytest -q
 
 sweep: install
-	$(PY) -m arcfold -m folds=1,2 lora.rank=4,8 data.limit=2 train.epochs=1
+	$(PY) -m arcfold -m hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) folds=1,2 lora.rank=4,8 data.limit=2 \
+		train.epochs=1
+
+# ruff (lint and format) over the code, mypy over src/ (both configured in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+# Refresh $(LOCK): install the newest versions pyproject.toml allows into a fresh venv and freeze it (without
+# arcfold itself and torch, whose build is chosen at install time). Then run `make test` (the changed lock
+# reinstalls .venv) and commit the lock only if the tests pass.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q $(TORCH_CONSTRAINTS) -e '.[dev]'
+	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i '^torch=='; } \
+		> $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+
+# A folder of wheels that installs arcfold with no internet on Kaggle (see README, "Kaggle submission"):
+# arcfold's own wheel and the locked runtime dependencies for Kaggle's Python and platform (manylinux x86_64).
+# Torch is left out: Kaggle's image has its CUDA build. Dev tools (tests, lint) are left out too.
+KAGGLE_PYTHON ?= 3.11
+KAGGLE_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+WHEELHOUSE ?= wheelhouse
+DEV_ONLY := ruff|mypy|mypy-extensions|librt|ast-serialize|pathspec|pytest|iniconfig|pluggy
+SDIST_ONLY := antlr4-python3-runtime
+wheelhouse:
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) .
+	grep -v -E '^(#|$$|($(DEV_ONLY)|$(SDIST_ONLY))==)' $(LOCK) > $(WHEELHOUSE)/requirements.txt
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version $(KAGGLE_PYTHON) \
+		$(addprefix --platform ,$(KAGGLE_PLATFORMS)) -d $(WHEELHOUSE) -r $(WHEELHOUSE)/requirements.txt
+	# A pure-Python package published only as a source archive: its wheel, built here, installs anywhere.
+	$(PY) -m pip wheel -q --no-deps -w $(WHEELHOUSE) $$(grep -E '^($(SDIST_ONLY))==' $(LOCK))
+	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1)"
+
+# One GPU check (<= 8 min on one card): GPU-marked tests, then throughput and memory of real model shapes.
+# Needs a CUDA torch and the gpu extra: make install TORCH_CONSTRAINTS= && .venv/bin/pip install -e '.[gpu]'
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --workers 1 --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache $(WHEELHOUSE) $(LOCK_VENV)

@@ -1,7 +1,7 @@
 """Where the time of a run goes: load, training, inference, scoring, logging, and the share outside the model.
 
 Runs the default config (the `make run` job: tiny model, 8 small ARC-AGI-2 eval tasks) in-process with a real
-MLflow store in a temporary folder, timing every forward pass of the model (hooks on the top module) and every
+MLflow store in a temporary folder, timing every forward pass of the model (hooks on its backbone and head) and every
 backward pass (Accelerator.backward). Prints a table and the share of wall time spent outside model
 forward/backward: the framework's own overhead.
 
@@ -55,13 +55,15 @@ def main(overrides: list[str]) -> None:
     register()
     clock = ModelClock()
 
-    # Time every forward of the base model (training, generation, scoring all go through it).
+    # Time every forward of the model's backbone and of its head (engine.logits runs them apart; training,
+    # generation and scoring all go through them).
     original_load = model_module.load_model
 
-    def timed_load(cfg, fmt):
-        loaded = original_load(cfg, fmt)
-        loaded.model.register_forward_pre_hook(clock.pre)
-        loaded.model.register_forward_hook(clock.post)
+    def timed_load(*args, **kwargs):
+        loaded = original_load(*args, **kwargs)
+        for part in (loaded.model.get_decoder(), loaded.model.get_output_embeddings()):
+            part.register_forward_pre_hook(clock.pre)
+            part.register_forward_hook(clock.post)
         return loaded
 
     model_module.load_model = timed_load

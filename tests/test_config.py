@@ -9,14 +9,13 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from arcfold.config import RunConfig, check, register
-from arcfold.data import ArcDataError
+from arcfold.config import ConfigError, RunConfig, check, register
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["data", "model", "format", "split", "lora", "train", "inference", "tracking"]
+GROUPS = ["data", "model", "format", "split", "lora", "train", "inference", "tracking", "experiment"]
 # Options whose mandatory keys (???) must be given to compose a usable config.
 REQUIRED = {("data", "kaggle"): ["data.challenges=c.json"], ("data", "dir"): ["data.path=tasks"],
-            ("model", "hf"): ["model.path=/models/m"]}
+            ("model", "hf"): ["model.path=/models/m"], ("experiment", "kaggle"): ["model.path=/models/m"]}
 
 register()
 
@@ -69,62 +68,61 @@ def test_data_selection_overrides():
 def test_a_mistyped_key_or_value_fails_at_composition():
     with pytest.raises(ConfigCompositionException):
         compose_with(["lora.rnak=32"])
-    with pytest.raises(Exception):
-        OmegaConf.to_object(compose_with(["train.epochs=many"]))
+    with pytest.raises(ConfigCompositionException, match="train.epochs"):
+        compose_with(["train.epochs=many"])
 
 
 def test_mandatory_paths_are_reported_missing_in_one_line():
-    with pytest.raises(ArcDataError, match="model.path") as err:
+    with pytest.raises(ConfigError, match="model.path") as err:
         check(compose_with(["model=hf"]))
     assert "\n" not in str(err.value)
-    with pytest.raises(ArcDataError, match="data.challenges"):
+    with pytest.raises(ConfigError, match="data.challenges"):
         check(compose_with(["data=kaggle"]))
-
-
-@pytest.mark.parametrize("override,field", [("folds=0", "folds"), ("folds=some", "folds"),
-                                            ("inference.strategy=beam", "inference.strategy"),
-                                            ("data.order=random", "data.order"),
-                                            ("inference.scoring.views_from=other", "inference.scoring.views_from"),
-                                            # 16 scoring views out of the 8 generation views there are
-                                            ("inference=dfs inference.scoring.views=16", "inference.scoring.views"),
-                                            ("report.progress=fancy", "report.progress"), ("repeats=0", "repeats"),
-                                            ("report.render_tasks=-1", "report.render_tasks")])
-def test_bad_choices_name_their_field(override, field):
-    with pytest.raises(ArcDataError, match=field):
-        check(compose_with(override.split()))
 
 
 @pytest.mark.parametrize("override,field", [("format.name=xml", "format.name"),
                                             ("format=architects", "format"), ("format=chat", "format")])
 def test_a_bad_prompt_format_is_refused_in_one_line(override, field):
     # The default model is tiny, whose built-in vocabulary can write only the plain format.
-    with pytest.raises(ArcDataError) as err:
+    with pytest.raises(ConfigError) as err:
         check(compose_with(override.split()))
-    assert err.value.field == field and "\n" not in str(err.value)
+    assert err.value.key == "format.name" and "\n" not in str(err.value)
 
 
-def test_the_default_config_passes_the_check():
+@pytest.fixture
+def model_dir(tmp_path) -> str:
+    """A folder the path check accepts as a model directory (the check reads no weights)."""
+    (tmp_path / "config.json").write_text("{}")
+    return str(tmp_path)
+
+
+def test_the_default_config_passes_the_check(model_dir):
     check(compose_with([]))
     check(compose_with(["folds=per_task"]))
     assert compose_with([]).format.name == "plain"
     for fmt in ("architects", "chat"):
-        check(compose_with(["model=hf", "model.path=/models/m", f"format={fmt}"]))
+        check(compose_with(["model=hf", f"model.path={model_dir}", f"format={fmt}"]))
     check(compose_with(["inference=dfs", "inference.scoring.views=16", "inference.n=2"]))
     check(compose_with(["inference=dfs", "inference.scoring.views=16", "inference.scoring.views_from=fresh"]))
 
 
-def test_the_tiny_model_sizes_the_run_for_a_cpu_and_a_real_model_does_not():
+def test_the_cpu_demo_experiment_sizes_the_default_run_and_groups_mean_what_they_say():
     demo = compose_with([])
-    assert (demo.model.kind, demo.data.limit, demo.data.order) == ("tiny", 8, "size")
-    real = compose_with(["model=hf", "model.path=/models/m"])
-    assert real.data.limit is None and real.train.lr == 1e-4
-    # Command-line overrides still win over what the tiny option sets.
+    assert (demo.model.kind, demo.data.limit, demo.data.order, demo.train.lr) == ("tiny", 8, "size", 3e-3)
+    # The model option no longer sizes the run: a chosen train option keeps its own schedule under the demo.
+    arc25 = compose_with(["model=tiny", "train=arc25"])
+    assert (arc25.train.lr, arc25.train.epochs) == (2e-4, 10)
+    assert compose_with(["train=default"]).train.lr == 1e-4
+    # Without the preset: the schema's defaults, every task.
+    real = compose_with(["experiment=none", "model=hf", "model.path=/models/m"])
+    assert (real.data.limit, real.data.order, real.train.lr, real.model.kind) == (None, "id", 1e-4, "hf")
+    # Command-line values still win over what the experiment sets.
     assert compose_with(["data.limit=null", "train.lr=0.01"]).data.limit is None
     assert compose_with(["train.lr=0.01"]).train.lr == 0.01
 
 
-def test_the_real_model_keys_compose_and_pass_the_check():
-    cfg = compose_with(["model=hf", "model.path=/models/m", "model.quantization=4bit", "model.device_map=auto",
+def test_the_real_model_keys_compose_and_pass_the_check(model_dir):
+    cfg = compose_with(["model=hf", f"model.path={model_dir}", "model.quantization=4bit", "model.device_map=auto",
                         "model.shrink_vocab=true", "model.shrink_vocab_save=/tmp/small", "save_adapters=last"])
     check(cfg)
     typed = OmegaConf.to_object(cfg)
@@ -141,10 +139,18 @@ def test_the_real_model_keys_compose_and_pass_the_check():
                                             ("save_adapters=true", "save_adapters"),
                                             ("save_adapters=every", "save_adapters"),
                                             ("model.shrink_vocab_save=/tmp/x", "model.shrink_vocab_save")])
-def test_bad_real_model_settings_name_their_field(override, field):
-    with pytest.raises(ArcDataError, match=field) as err:
-        check(compose_with(["model=hf", "model.path=/models/m", override]))
-    assert "\n" not in str(err.value)
+def test_bad_real_model_settings_name_their_field(override, field, model_dir):
+    with pytest.raises(ConfigError, match=field) as err:
+        check(compose_with(["model=hf", f"model.path={model_dir}", override]))
+    assert err.value.key == field and "\n" not in str(err.value)
+
+
+def test_the_kaggle_experiment_writes_the_submission_where_kaggle_reads_it():
+    with initialize_config_module("arcfold.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=kaggle", "model.path=/m"], return_hydra_config=True)
+    assert (cfg.data.name, cfg.model.kind, cfg.tracking.enabled) == ("kaggle", "hf", False)
+    assert cfg.data.challenges.startswith("/kaggle/input/") and cfg.data.limit is None and cfg.train.lr == 1e-4
+    assert cfg.outputs == cfg.hydra.run.dir == "/kaggle/working"
 
 
 SEEDS = ("split.seed", "train.seed", "lora.init_seed", "inference.seed")

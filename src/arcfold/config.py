@@ -8,10 +8,39 @@ points call.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-LOSS_KERNELS = ("torch", "liger")  # train.loss_kernel: the chunked torch head, or Liger's fused kernel (CUDA)
+COLOURS = ("all", "keep_zero", "none")  # colour augmentation: any permutation, keep 0 (background), none
+# The allowed values of every choice key: the one list that check() and the code that branches on them use.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("arc_agi_2_eval", "arc_agi_2_train", "arc_agi_1_eval", "arc_agi_1_train", "kaggle", "dir"),
+    "data.order": ("id", "size"),
+    "data.on_invalid": ("raise", "skip"),
+    "model.kind": ("tiny", "hf"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+    "model.quantization": ("none", "8bit", "4bit"),  # bitsandbytes, CUDA only
+    "format.name": ("plain", "architects", "chat"),  # prompt formats (data.formats)
+    "split.strategy": ("random", "balanced", "per_task"),
+    # transformers schedulers that need no argument beyond warmup and total steps
+    "train.scheduler": ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                        "polynomial", "inverse_sqrt"),
+    "train.colours": COLOURS,
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.loss_kernel": ("torch", "liger"),  # the chunked torch head, or Liger's fused kernel (CUDA)
+    "inference.strategy": ("greedy", "dfs", "sample"),
+    "inference.colours": COLOURS,
+    "inference.scoring.aggregate": ("sum_logp", "sum_logp_bonus", "mean_prob", "max", "min", "votes"),
+    "inference.scoring.views_from": ("generation", "fresh"),
+    "inference.scoring.colours": COLOURS,
+    "save_adapters": ("none", "last", "all"),
+    "on_error": ("auto", "fail", "skip"),  # auto: skip for data=kaggle (a submission), fail elsewhere
+    "report.progress": ("auto", "bars", "lines", "off"),  # auto: bars on a terminal, log lines elsewhere
+}
+LOSS_KERNELS = CHOICES["train.loss_kernel"]
+DEGRADE_STEPS = ("views", "min_prob", "greedy", "placeholders")  # budget.degrade, cheapest cut first
 
 
 @dataclass
@@ -133,15 +162,23 @@ class TrackingConfig:
     ui_url: Optional[str] = None  # the printed links' UI (None: the uri if http(s), else `make ui`'s address)
 
 
-PROGRESS = ("auto", "bars", "lines", "off")  # report.progress
-
-
 @dataclass
 class ReportConfig:
     progress: str = "auto"  # auto (bars on a terminal, else log lines) | bars | lines | off
     progress_every: float = 30.0  # lines mode: at most one progress line per this many seconds
     plots: bool = True  # PNG plots in <run dir>/plots, logged with the run
     render_tasks: int = 3  # plots: draw this many solved and this many failed test inputs (ARC palette)
+
+
+@dataclass
+class BudgetConfig:
+    hours: Optional[float] = None  # the run's deadline (hours and seconds add up; neither: no deadline)
+    seconds: Optional[float] = None
+    margin_seconds: float = 60.0  # the final submission is on disk this long before the deadline
+    # What inference cuts, in order, when the projection passes the deadline; placeholders is the last resort.
+    degrade: list[str] = field(default_factory=lambda: list(DEGRADE_STEPS))
+    views: int = 2  # the views cut: generation views per test input
+    min_prob: float = 0.5  # the min_prob cut: the DFS threshold is raised to this
 
 
 @dataclass
@@ -157,6 +194,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    on_error: str = "auto"  # fail | skip (placeholders, recorded) | auto (skip for data=kaggle, else fail)
+    train_fallback: bool = True  # a fold whose training failed (and was skipped) predicts with the base model
+    resume: Optional[str] = None  # a run dir to finish: its config, its finished folds and test inputs are kept
     report: ReportConfig = field(default_factory=ReportConfig)  # progress, end-of-run summary, plots
     # seed drives every random choice of a run (conf/config.yaml points split.seed, train.seed, inference.seed,
     # inference.scoring.seed and lora.init_seed at it); `-m seed=1,2,3` repeats a configuration.
@@ -167,12 +208,69 @@ class RunConfig:
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
 
 
-def check(cfg: Any) -> None:
-    """Fail early, in one line, on a config the run cannot use: a mandatory path not given, a bad choice."""
-    from omegaconf import OmegaConf
+class ConfigError(ValueError):
+    """A config value the run cannot use. str(err) is one line: `config: KEY: what is wrong (what is allowed)`."""
 
-    from arcfold.data.errors import ArcDataError
-    from arcfold.data.formats import FORMATS
+    def __init__(self, problem: str, *, key: str | None = None):
+        self.problem, self.key = problem, key
+        super().__init__(" ".join(f"config: {key + ': ' if key else ''}{problem}".split()))
+
+
+def refuse(key: str, value: Any, allowed: str) -> ConfigError:
+    """The one message shape of a bad value: the key, the value given, and what is allowed."""
+    return ConfigError(f"got {value!r}; allowed: {allowed}", key=key)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Range rules: key -> (test of the value, what is allowed). Checked in order, before anything loads.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.limit": (lambda v: v is None or (_int(v) and v >= 1), "null (every task) or an integer >= 1"),
+    "model.hidden_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "model.num_layers": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "model.num_heads": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "model.intermediate_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "model.max_position_embeddings": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "lora.rank": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "lora.alpha": (lambda v: _num(v) and v > 0, "a number > 0"),
+    "lora.dropout": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "lora.target_modules": (lambda v: len(v) >= 1, "at least one module name"),
+    "train.epochs": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0: no training)"),
+    "train.lr": (lambda v: _num(v) and v > 0, "a number > 0"),
+    "train.warmup_ratio": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "train.warmup_steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "train.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "train.grad_accum": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "train.weight_decay": (lambda v: _num(v) and v >= 0, "a number >= 0"),
+    "train.max_grad_norm": (lambda v: _num(v) and v >= 0, "a number >= 0 (0: no clipping)"),
+    "train.max_len": (lambda v: _int(v) and v >= 16, "an integer >= 16"),
+    "inference.n": (lambda v: _int(v) and v >= 1, "an integer >= 1 (8 * n views)"),
+    "inference.min_prob": (lambda v: _num(v) and 0 < v <= 1, "a probability in (0, 1]"),
+    "inference.temperature": (lambda v: _num(v) and v > 0, "a number > 0"),
+    "inference.samples": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "inference.max_seconds": (lambda v: _num(v) and v > 0, "a number of seconds > 0"),
+    "inference.max_candidates": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "inference.max_len": (lambda v: _int(v) and v >= 16, "an integer >= 16"),
+    "inference.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "inference.scoring.views": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0: rank by votes)"),
+    "inference.scoring.cache_mb": (lambda v: _num(v) and v >= 0, "a number of MB >= 0"),
+    "repeats": (lambda v: _int(v) and v >= 1, "an integer >= 1 (with -m: seeds 0..repeats-1)"),
+    "report.progress_every": (lambda v: _num(v) and v >= 0, "a number of seconds >= 0"),
+    "report.render_tasks": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "tracking.system_metrics_interval": (lambda v: _num(v) and v > 0, "a number of seconds > 0"),
+}
+
+
+def check(cfg: Any) -> None:
+    """Refuse, in one line (ConfigError), a config the run cannot use: a missing or unreadable path, a value out of
+    range, an unknown choice, keys that contradict each other. Runs before any data or model is loaded."""
+    from omegaconf import OmegaConf
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     # Paths an option needs (a schema default of None cannot be overridden by "???" in YAML, so check here).
@@ -180,43 +278,88 @@ def check(cfg: Any) -> None:
              "model.path": cfg.model.kind == "hf"}
     missing += [key for key, needed in needs.items() if needed and not OmegaConf.select(cfg, key)]
     if missing:
-        raise ArcDataError(f"no value for {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)",
-                           file="config", field=missing[0])
-    choices = {"data.order": (cfg.data.order, ("id", "size")),
-               "data.on_invalid": (cfg.data.on_invalid, ("raise", "skip")),
-               "model.kind": (cfg.model.kind, ("tiny", "hf")),
-               "format.name": (cfg.format.name, FORMATS),
-               "model.quantization": (cfg.model.quantization, ("none", "8bit", "4bit")),
-               "save_adapters": (cfg.save_adapters, ("none", "last", "all")),
-               "split.strategy": (cfg.split.strategy, ("random", "balanced", "per_task")),
-               "inference.strategy": (cfg.inference.strategy, ("greedy", "dfs", "sample")),
-               "train.colours": (cfg.train.colours, ("all", "keep_zero", "none")),
-               "train.loss_kernel": (cfg.train.loss_kernel, LOSS_KERNELS),
-               "inference.colours": (cfg.inference.colours, ("all", "keep_zero", "none")),
-               "inference.scoring.views_from": (cfg.inference.scoring.views_from, ("generation", "fresh")),
-               "report.progress": (cfg.report.progress, PROGRESS)}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ArcDataError(f"{value!r} is not one of {', '.join(allowed)}", file="config", field=key)
-    if cfg.model.kind == "tiny" and cfg.format.name != "plain":
-        raise ArcDataError(f"the tiny model's built-in vocabulary writes only format=plain, not {cfg.format.name!r} "
-                           "(use model=hf with a tokenizer)", file="config", field="format")
+        raise ConfigError(f"no value given (set it on the command line, e.g. {missing[0]}=...)", key=missing[0])
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise refuse(key, value, " | ".join(choices))
+    for key, (ok, allowed) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise refuse(key, value, allowed)
+    _check_folds(cfg)
+    _check_paths(cfg)
     scoring = cfg.inference.scoring
     if scoring.views_from == "generation" and scoring.views > 8 * cfg.inference.n:
-        raise ArcDataError(f"{scoring.views} scoring views from {8 * cfg.inference.n} generation views (8 * "
-                           "inference.n); raise inference.n or set inference.scoring.views_from=fresh",
-                           file="config", field="inference.scoring.views")
+        raise refuse("inference.scoring.views", scoring.views,
+                     f"at most the {8 * cfg.inference.n} generation views (8 * inference.n); raise inference.n "
+                     "or set inference.scoring.views_from=fresh")
+    if cfg.model.kind == "tiny" and cfg.model.hidden_size % cfg.model.num_heads:
+        raise refuse("model.num_heads", cfg.model.num_heads,
+                     f"a divisor of model.hidden_size ({cfg.model.hidden_size})")
+    if cfg.model.kind == "tiny" and cfg.format.name != "plain":
+        raise refuse("format.name", cfg.format.name, "plain with model.kind=tiny (its built-in vocabulary has no "
+                     "letters; use model=hf with a tokenizer for architects or chat)")
     if cfg.model.shrink_vocab_save and not cfg.model.shrink_vocab:
-        raise ArcDataError("saving a shrunk vocabulary needs model.shrink_vocab=true", file="config",
-                           field="model.shrink_vocab_save")
-    if cfg.repeats < 1:
-        raise ArcDataError(f"repeats must be at least 1, got {cfg.repeats}", file="config", field="repeats")
-    if cfg.report.render_tasks < 0:
-        raise ArcDataError(f"must be >= 0, got {cfg.report.render_tasks}", file="config", field="report.render_tasks")
+        raise refuse("model.shrink_vocab_save", cfg.model.shrink_vocab_save, "null unless model.shrink_vocab=true")
+    check_budget(cfg.budget)
+
+
+def _check_folds(cfg: Any) -> None:
     folds = cfg.folds
-    if not (folds == "per_task" or (isinstance(folds, int) and not isinstance(folds, bool) and folds >= 1)):
-        raise ArcDataError(f"folds must be a positive integer or per_task, got {folds!r}", file="config",
-                           field="folds")
+    if not (folds == "per_task" or (_int(folds) and folds >= 1)):
+        raise refuse("folds", folds, "an integer >= 1 or per_task")
+    # The task count is known here only where the config bounds it; make_folds checks the loaded tasks too.
+    bounds = [n for n in (len(cfg.data.task_ids), cfg.data.limit) if n]
+    if _int(folds) and bounds and folds > min(bounds):
+        raise refuse("folds", folds, f"at most the {min(bounds)} tasks data.limit / data.task_ids select, or per_task")
+
+
+# What a path key must name, by kind.
+PATH_KINDS = {"file": "a readable JSON file", "dir": "a readable folder of task JSONs",
+              "model": "a readable Hugging Face model folder (with config.json)"}
+
+
+def _check_paths(cfg: Any) -> None:
+    """The files and folders the config names exist and can be read (the model's before it is loaded)."""
+    data, model = cfg.data, cfg.model
+    paths = []
+    if data.name == "kaggle":
+        paths += [("data.challenges", data.challenges, "file"), ("data.solutions", data.solutions, "file")]
+    if data.name == "dir":
+        paths.append(("data.path", data.path, "dir"))
+    if model.kind == "hf":
+        paths.append(("model.path", model.path, "model"))
+    for key, path, kind in paths:
+        if path is None:  # optional (data.solutions); the mandatory ones were reported missing above
+            continue
+        given = Path(path).expanduser()
+        target = given / "config.json" if kind == "model" else given
+        if not ((target.is_dir() if kind == "dir" else target.is_file()) and os.access(target, os.R_OK)):
+            raise refuse(key, path, PATH_KINDS[kind] + ("" if given.exists() else "; no such path"))
+
+
+def check_budget(budget: Any) -> None:
+    for key in ("hours", "seconds"):
+        value = getattr(budget, key)
+        if value is not None and not value > 0:
+            raise refuse(f"budget.{key}", value, "a positive number (leave it unset for no deadline)")
+    steps = list(budget.degrade)
+    unknown = [s for s in steps if s not in DEGRADE_STEPS]
+    if unknown or len(set(steps)) != len(steps) or steps[-1:] != ["placeholders"]:
+        raise refuse("budget.degrade", steps, f"distinct steps of {', '.join(DEGRADE_STEPS)}, ending with placeholders")
+    total = (budget.hours or 0) * 3600 + (budget.seconds or 0)
+    if not 0 <= budget.margin_seconds < (total or float("inf")):
+        raise refuse("budget.margin_seconds", budget.margin_seconds, f">= 0 and below the budget ({total:g} s)")
+    if budget.views < 1:
+        raise refuse("budget.views", budget.views, "an integer >= 1")
+    if not 0 < budget.min_prob <= 1:
+        raise refuse("budget.min_prob", budget.min_prob, "a probability in (0, 1]")
+
+
+def session_dir(resume: Optional[str], outputs: str, stamp: str) -> str:
+    """Where Hydra puts this session's log and .hydra: <resume>/resumed/<time>, else <outputs>/runs/<time>."""
+    return f"{resume}/resumed/{stamp}" if resume else f"{outputs}/runs/{stamp}"
 
 
 def register() -> None:
@@ -224,6 +367,8 @@ def register() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    # hydra.run.dir: a resumed run's session logs go under the run it resumes, not into a new run dir.
+    OmegaConf.register_new_resolver("arcfold_run_dir", session_dir, replace=True)
     # ${seed_plus:${seed},1}: a seed derived from `seed` (scoring views must differ from generation views).
     OmegaConf.register_new_resolver("seed_plus", lambda seed, offset: int(seed) + int(offset), replace=True)
     cs = ConfigStore.instance()
@@ -234,5 +379,6 @@ def register() -> None:
         cs.store(group=group, name=f"base_{group}", node=node)
 
 
-__all__ = ["DataConfig", "ModelConfig", "FormatConfig", "SplitConfig", "LoraConfig", "TrainConfig", "InferenceConfig",
-           "ScoringConfig", "TrackingConfig", "ReportConfig", "RunConfig", "check", "register"]
+__all__ = ["CHOICES", "COLOURS", "ConfigError", "DataConfig", "ModelConfig", "FormatConfig", "SplitConfig",
+           "LoraConfig", "TrainConfig", "InferenceConfig", "ScoringConfig", "TrackingConfig", "ReportConfig",
+           "BudgetConfig", "RunConfig", "check", "check_budget", "refuse", "register"]

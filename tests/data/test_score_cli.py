@@ -115,3 +115,41 @@ def test_malformed_challenges_file(eval_tasks: list[Task], tmp_path: Path) -> No
 def test_missing_submission_file_and_missing_solutions(tmp_path: Path) -> None:
     assert_one_line_error(run_score(tmp_path / "nope.json", "--data", "arc_agi_2_eval"), "nope.json", "cannot read")
     assert_one_line_error(run_score(tmp_path / "x.json", "--challenges", tmp_path / "c.json"), "--solutions")
+
+
+def test_solutions_alone_score_like_challenges_and_solutions(eval_tasks: list[Task], tmp_path: Path) -> None:
+    """Task ids and output counts come from the solutions file; the scores equal the full Kaggle pair's."""
+    tasks = [t for t in eval_tasks if len(t.test) > 1][:2] + [t for t in eval_tasks if len(t.test) == 1][:3]
+    chal, sols, sub = tmp_path / "c.json", tmp_path / "s.json", tmp_path / "sub.json"
+    chal.write_text(json.dumps({t.id: t.to_json() for t in tasks}))
+    sols.write_text(json.dumps({t.id: [p.output.tolist() for p in t.test] for t in tasks}))
+    # One output of a two-output task right (half credit), one single-output task right, one task left out.
+    attempts = {tasks[0].id: {1: [tasks[0].test[1].output]}, tasks[2].id: {0: [[[0]], tasks[2].test[0].output]}}
+    sub.write_text(json.dumps({k: v for k, v in build_submission(tasks, attempts).items() if k != tasks[4].id}))
+    both = run_score(sub, "--challenges", chal, "--solutions", sols, "--json")
+    alone = run_score(sub, "--solutions", sols, "--json")
+    assert both.returncode == alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout) == json.loads(both.stdout)
+    out = json.loads(alone.stdout)
+    assert out["n_tasks"] == 5 and out["n_pairs"] == sum(len(t.test) for t in tasks)
+    assert out["solved"] == 1.5 and out["missing_task_ids"] == [tasks[4].id]
+
+
+def test_solutions_alone_still_validate_the_submission(eval_tasks: list[Task], tmp_path: Path) -> None:
+    task = eval_tasks[3]
+    sols, sub = tmp_path / "s.json", tmp_path / "sub.json"
+    sols.write_text(json.dumps({task.id: [p.output.tolist() for p in task.test] + [[[1]]]}))  # one output more
+    sub.write_text(json.dumps(build_submission([task], {})))
+    assert_one_line_error(run_score(sub, "--solutions", sols), str(sub), f"task {task.id}", "entries")
+    sols.write_text(json.dumps({task.id: [[[1, 2], [3]]]}))
+    assert_one_line_error(run_score(sub, "--solutions", sols), str(sols), f"task {task.id}", "solutions[0]", "ragged")
+
+
+def test_an_entry_with_a_key_other_than_the_two_attempts_is_refused(eval_tasks: list[Task], tmp_path: Path) -> None:
+    sub = build_submission(eval_tasks, {})
+    task = eval_tasks[11]
+    sub[task.id][0]["attempt_3"] = [[1]]
+    path = tmp_path / "three_attempts.json"
+    path.write_text(json.dumps(sub))
+    assert_one_line_error(run_score(path, "--data", "arc_agi_2_eval"), str(path), f"task {task.id}", "test[0]",
+                          "attempt_3")

@@ -73,3 +73,34 @@ def test_a_plain_cuda_load_matches_the_cpu_load(llama_dir):
         expected = cpu.model(input_ids=ids).logits
         got = gpu.model(input_ids=ids.to(gpu.device)).logits.cpu()
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "liger"])
+def test_bf16_autocast_loss_with_checkpointing_matches_fp32(kernel, small_tasks, train_cfg):
+    """On the card: the chunked head (or Liger's fused kernel) under bf16 autocast, with gradient checkpointing,
+    gives the fp32 loss of the models' own path to bf16 precision, and finite LoRA gradients."""
+    if kernel == "liger":
+        pytest.importorskip("liger_kernel")
+    from arcfold.config import LoraConfig
+    from arcfold.data import GridCodec
+    from arcfold.engine.logits import causal_lm_loss, hidden_states
+    from arcfold.engine.train import build_samples, collate
+
+    codec = GridCodec.builtin()
+    samples, _ = build_samples(codec, small_tasks, train_cfg)
+    batch = {k: v.cuda() for k, v in collate(samples[:2], codec.pad_id).items()}
+    config = transformers.Qwen2Config(vocab_size=151_936, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = attach_lora(transformers.Qwen2ForCausalLM(config).cuda(), LoraConfig(rank=8))
+    model.train()
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden = hidden_states(model, batch["input_ids"], None, None, batch["attention_mask"])
+        loss = causal_lm_loss(model, hidden, batch["labels"], kernel)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=2e-2)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -6,7 +6,7 @@ import torch
 
 from arcfold.config import LoraConfig
 from arcfold.data import ArcDataError
-from arcfold.engine.lora import AdapterReset, attach_lora, save_adapter, trainable_parameters
+from arcfold.engine.lora import AdapterReset, attach_lora, load_adapter_weights, save_adapter, trainable_parameters
 from arcfold.engine.model import load_model
 
 
@@ -82,3 +82,20 @@ def test_save_adapter_round_trips(tiny_loaded, lora_cfg, make_tiny_cfg, tmp_path
     restored = peft.PeftModel.from_pretrained(load_model(make_tiny_cfg()).model, out)
     a, b = _adapter(pm), _adapter(restored)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_adapter_weights_restores_a_saved_adapter_in_place(tiny_loaded, lora_cfg, tmp_path):
+    pm = attach_lora(tiny_loaded.model, lora_cfg)
+    reset = AdapterReset(pm)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_()  # as if trained
+    trained = _adapter(pm)
+    save_adapter(pm, tmp_path / "adapter", torch.float32)
+    reset.reset(pm)
+    tensors = {n: p for n, p in pm.named_parameters() if "lora_" in n}
+    assert not all(torch.equal(trained[k], tensors[k]) for k in trained)
+    load_adapter_weights(pm, tmp_path / "adapter")  # what a resumed run does instead of training again
+    assert all(torch.equal(trained[k], tensors[k]) for k in trained)
+    assert all(p is tensors[n] for n, p in pm.named_parameters() if "lora_" in n)  # the same tensors, in place

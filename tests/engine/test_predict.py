@@ -271,6 +271,15 @@ def test_caps_and_clock(task):
     assert late.stats["timed_out"] == 1.0 and late.stats["n_views"] == 0 and late.candidates == []
 
 
+def test_indices_predict_only_those_test_inputs_and_the_same_as_all_at_once(task):
+    model = bigram_model(TWO_ANSWERS)
+    cfg = InferenceConfig(strategy="dfs", min_prob=0.1, max_len=2048)
+    everything = predict_task(model, CODEC, task, cfg)
+    one = predict_task(model, CODEC, task, cfg, indices=[len(task.test) - 1])
+    assert len(one) == 1 and one[0].test_index == len(task.test) - 1
+    assert got_votes(one[0]) == got_votes(everything[-1]) and one[0].rankings == everything[-1].rankings
+
+
 def test_sample_strategy_and_peft_model(task):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(bigram_model(TWO_ANSWERS),

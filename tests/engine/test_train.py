@@ -131,6 +131,16 @@ def test_folds_share_an_accelerator_with_a_fresh_optimiser_each(tiny_loaded, lor
     assert not pm.training
 
 
+def test_max_seconds_stops_after_the_step_that_passes_it_and_the_next_fold_trains_in_full(
+        tiny_loaded, lora_cfg, small_tasks, train_cfg):
+    pm = attach_lora(tiny_loaded.model, lora_cfg)
+    accelerator = make_accelerator(train_cfg, tiny_loaded.device)
+    cut = train_fold(pm, tiny_loaded.codec, small_tasks[:1], train_cfg, accelerator, progress=False, max_seconds=0.0)
+    assert cut.steps == len(cut.losses) == 1 and cut.planned_steps == 8
+    full = train_fold(pm, tiny_loaded.codec, small_tasks[:1], train_cfg, accelerator, progress=False)
+    assert full.steps == full.planned_steps == 8
+
+
 def test_reset_between_folds_restores_adapter_and_never_reloads_base(hf_cfg, lora_cfg, small_tasks, train_cfg,
                                                                       monkeypatch):
     loads: list[object] = []

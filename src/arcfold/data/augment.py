@@ -12,6 +12,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from arcfold.config import COLOURS
 from arcfold.data.tasks import Pair, Task
 
 ColourMode = Literal["all", "keep_zero", "none"]
@@ -80,7 +81,7 @@ def random_colours(rng: np.random.Generator, mode: ColourMode) -> tuple[int, ...
         return (0,) + tuple(int(c) for c in rng.permutation(np.arange(1, 10)))
     if mode == "all":
         return tuple(int(c) for c in rng.permutation(10))
-    raise ValueError(f"colour mode must be all, keep_zero or none, got {mode!r}")
+    raise ValueError(f"colour mode must be one of {' | '.join(COLOURS)}, got {mode!r}")
 
 
 def make_views(task: Task, n: int, seed: int, colours: ColourMode = "all", shuffle_demos: bool = True,

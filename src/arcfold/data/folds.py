@@ -7,6 +7,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
+from arcfold.config import CHOICES
 from arcfold.data.codec import train_tokens
 from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
@@ -27,17 +28,16 @@ def make_folds(tasks: Sequence[Task], k: int | None, strategy: Strategy = "rando
     tasks = list(tasks)
     if not tasks:
         raise ArcDataError("no tasks to split", field="folds")
-    if strategy not in ("random", "balanced", "per_task"):
-        raise ArcDataError(f"unknown fold strategy '{strategy}', expected random, balanced or per_task",
-                           field="folds.strategy")
+    if strategy not in CHOICES["split.strategy"]:
+        raise ArcDataError(f"unknown fold strategy '{strategy}', expected {' | '.join(CHOICES['split.strategy'])}",
+                           field="split.strategy")
     if len({t.id for t in tasks}) != len(tasks):
         raise ArcDataError("a task id appears twice: it would land in two folds", field="folds")
     if strategy == "per_task":
         return [[t] for t in tasks]
-    if k is None or k < 1:
-        raise ArcDataError(f"folds.k must be >= 1, got {k}", field="folds.k")
-    if k > len(tasks):
-        raise ArcDataError(f"folds.k={k} is more than the {len(tasks)} tasks", field="folds.k")
+    if k is None or k < 1 or k > len(tasks):
+        raise ArcDataError(f"got {k!r}; allowed: an integer from 1 to the {len(tasks)} tasks, or per_task",
+                           field="folds")
     order = np.random.default_rng(seed).permutation(len(tasks))
     shuffled = [tasks[i] for i in order]
     if strategy == "random":

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from arcfold.config import CHOICES
 from arcfold.data.errors import ArcDataError
 
-FORMATS = ("plain", "architects", "chat")
+FORMATS = CHOICES["format.name"]
 # The ARChitects' preprompt: the alphabet without I, O, i, o (the markers and their look-alikes).
 PREPROMPT = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjklmnpqrstuvwxyz"
 # Message contents no chat template writes by itself, so the rendering can be split around them.

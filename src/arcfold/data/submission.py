@@ -41,8 +41,7 @@ def build_submission(tasks: Sequence[Task], attempts: Mapping[str, Mapping[int, 
         entries = []
         for i in range(len(task.test)):
             grids = list(per_test.get(i, []))[:2]
-            grids += [None] * (2 - len(grids))
-            entries.append({name: _as_list(g) for name, g in zip(ATTEMPTS, grids)})
+            entries.append({name: _as_list(grids[k] if k < len(grids) else None) for k, name in enumerate(ATTEMPTS)})
         sub[task.id] = entries
     return sub
 
@@ -104,6 +103,10 @@ def validate_submission(sub: Any, tasks: Sequence[Task], file: str = "submission
                 if not isinstance(entry, dict) or name not in entry:
                     raise ArcDataError(f"missing '{name}'", file=file, task=task.id, field=f"test[{i}]")
                 parse_grid(entry[name], file=file, task=task.id, field=f"test[{i}].{name}")
+            other = sorted(set(entry) - set(ATTEMPTS))
+            if other:  # an answer under another key would be ignored by Kaggle's scorer, or the file refused
+                raise ArcDataError(f"unexpected key(s) {other}: an entry holds only attempt_1 and attempt_2",
+                                   file=file, task=task.id, field=f"test[{i}]")
     known = {t.id for t in tasks}
     extra = [k for k in sub if k not in known]
     if extra:
@@ -140,7 +143,7 @@ class Score:
                 f"per output {self.score_pairs:.4f} ({self.solved_pairs}/{self.n_pairs})")
 
 
-def grid_equal(a: Any, b: np.ndarray) -> bool:
+def grid_equal(a: Any, b: np.ndarray | None) -> bool:
     try:
         a = np.asarray(a)
     except (ValueError, TypeError):

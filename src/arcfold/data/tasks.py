@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
+from arcfold.config import CHOICES
 from arcfold.data.errors import ArcDataError
 from arcfold.data.jsonfile import duplicate_errors, parse_json_file, read_json
 
@@ -166,7 +167,7 @@ def parse_task(task_id: str, obj: Any, *, file: str | None = None,
 def _collect(items: Iterable[tuple[str, Any]], build: Callable[[str, Any], Task],
              on_invalid: OnInvalid) -> list[Task]:
     """Build each task, raising or (skip) warning on a bad one; ids must be unique."""
-    if on_invalid not in ("raise", "skip"):
+    if on_invalid not in CHOICES["data.on_invalid"]:
         raise ArcDataError(f"on_invalid must be raise or skip, got {on_invalid!r}", field="data.on_invalid")
     tasks: dict[str, Task] = {}
     for task_id, arg in items:
@@ -262,6 +263,28 @@ def load_kaggle(challenges: str | Path, solutions: str | Path | None = None,
             raise
 
     return _collect(chal.items(), build, on_invalid)
+
+
+def load_solutions(solutions: str | Path) -> list[Task]:
+    """Score-only tasks from a Kaggle solutions file alone: each task's test outputs, and no demonstrations.
+
+    What a submission is scored against is only the ids and the outputs; the test inputs, unknown here, are
+    empty grids (shape (0, 0)), so these tasks can be scored but not predicted."""
+    path = str(solutions)
+    sols, errors = _read_task_map(path, "list of output grids")
+
+    def build(task_id: str, outputs: Any) -> Task:
+        if task_id in errors:
+            raise errors[task_id]
+        if not isinstance(outputs, list) or not outputs:
+            got = f"{len(outputs)} grids" if isinstance(outputs, list) else type(outputs).__name__
+            raise ArcDataError(f"expected a non-empty list of output grids, got {got}", file=path, task=task_id,
+                               field="solutions")
+        unknown = np.zeros((0, 0), dtype=np.int8)
+        return Task(task_id, (), tuple(Pair(unknown, parse_grid(g, file=path, task=task_id, field=f"solutions[{i}]"))
+                                       for i, g in enumerate(outputs)))
+
+    return _collect(sols.items(), build, "raise")
 
 
 def load_dir(path: str | Path, on_invalid: OnInvalid = "raise") -> list[Task]:

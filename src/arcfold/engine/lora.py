@@ -73,8 +73,14 @@ def save_adapter(peft_model: peft.PeftModel, directory: str | Path, dtype: torch
     return directory
 
 
+def load_adapter_weights(peft_model: peft.PeftModel, directory: str | Path) -> None:
+    """Load weights that save_adapter wrote into the model's adapter, in place (the base stays loaded)."""
+    weights = peft.utils.load_peft_weights(str(directory), device=str(next(peft_model.parameters()).device))
+    peft.set_peft_model_state_dict(peft_model, weights)
+
+
 def trainable_parameters(peft_model: torch.nn.Module) -> int:
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
-__all__ = ["AdapterReset", "attach_lora", "save_adapter", "trainable_parameters"]
+__all__ = ["AdapterReset", "attach_lora", "load_adapter_weights", "save_adapter", "trainable_parameters"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from arcfold.config import InferenceConfig
+from arcfold.config import CHOICES, InferenceConfig
 from arcfold.data.augment import Transform, make_views, task_rng
 from arcfold.data.codec import MAX_OUTPUT_TOKENS, Encoded, GridCodec
 from arcfold.data.errors import ArcDataError
@@ -34,7 +34,7 @@ from arcfold.engine.generate import Completion, GenStats, eval_mode, greedy, sam
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("greedy", "dfs", "sample")
+STRATEGIES = CHOICES["inference.strategy"]
 
 
 def answer_budget(max_len: int) -> int:
@@ -217,8 +217,9 @@ def predict_test(model: torch.nn.Module, codec: GridCodec, task: Task, index: in
 
 
 def predict_task(model: torch.nn.Module, codec: GridCodec, task: Task, cfg: InferenceConfig,
-                 views: list[Transform] | None = None) -> list[TestPrediction]:
-    """One TestPrediction per test input, attempts (at most two) in the task's original frame.
+                 views: list[Transform] | None = None, indices: Sequence[int] | None = None
+                 ) -> list[TestPrediction]:
+    """One TestPrediction per test input (or per one of `indices`), attempts (at most two) in the task's frame.
 
     views defaults to make_views(task, cfg.n, cfg.seed, ...) = 8 * n views, the identity first. The model runs
     in eval mode under torch.inference_mode (its train/eval mode is restored afterwards); a PeftModel works."""
@@ -227,7 +228,8 @@ def predict_task(model: torch.nn.Module, codec: GridCodec, task: Task, cfg: Infe
     if views is None:
         views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)
     with eval_mode(model):
-        return [predict_test(model, codec, task, i, cfg, views) for i in range(len(task.test))]
+        return [predict_test(model, codec, task, i, cfg, views)
+                for i in (range(len(task.test)) if indices is None else indices)]
 
 
 __all__ = ["predict_task", "predict_test", "answer_budget", "generation_prompt", "cache_bytes", "STRATEGIES"]

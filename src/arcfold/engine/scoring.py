@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from arcfold.config import CHOICES
 from arcfold.data.augment import Transform
 from arcfold.data.codec import GridCodec
 from arcfold.data.tasks import Task
@@ -30,7 +31,7 @@ from arcfold.engine.candidates import Candidate
 from arcfold.engine.generate import eval_mode, model_device
 from arcfold.engine.logits import base_model, hidden_states, token_logps
 
-AGGREGATES = ("sum_logp", "sum_logp_bonus", "mean_prob", "max", "min", "votes")
+AGGREGATES = CHOICES["inference.scoring.aggregate"]
 GEN_BONUS = 3.0  # the 2024 submission's bonus: each generating view adds (gen log p + 3)
 _PAD = 0  # filler id after a short answer: causal attention keeps it from touching the real tokens
 _PACKABLE_ATTENTION = ("sdpa", "eager")  # they take a prepared 4D mask as is (flash kernels take none)

@@ -24,7 +24,7 @@ import transformers
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from arcfold.config import TrainConfig
+from arcfold.config import CHOICES, TrainConfig
 from arcfold.data.augment import epoch_plan
 from arcfold.data.codec import IGNORE, Encoded, GridCodec
 from arcfold.data.errors import ArcDataError
@@ -47,6 +47,7 @@ class FoldTrainStats:
     peak_memory_bytes: int = 0  # cuda max_memory_allocated, else the process's max RSS
     dropped_demos: int = 0
     skipped_samples: int = 0  # too long even after dropping demonstrations
+    planned_steps: int = 0  # more than steps when max_seconds stopped training early
 
 
 def build_samples(codec: GridCodec, tasks: Sequence[Task], cfg: TrainConfig) -> tuple[list[Encoded], int]:
@@ -109,8 +110,8 @@ def collate(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 def make_accelerator(cfg: TrainConfig, device: torch.device) -> accelerate.Accelerator:
     """One Accelerator per run. Note accelerate's state is process-wide: its mixed precision cannot change later."""
     mixed = cfg.mixed_precision
-    if mixed not in ("auto", "no", "bf16", "fp16"):
-        raise ArcDataError(f"unknown mixed precision {mixed!r}; use auto, no, bf16 or fp16",
+    if mixed not in CHOICES["train.mixed_precision"]:
+        raise ArcDataError(f"unknown mixed precision {mixed!r}; use {' | '.join(CHOICES['train.mixed_precision'])}",
                            field="train.mixed_precision")
     if mixed == "auto":
         # bf16 autocast where the hardware has it; fp16 needs loss scaling and is opt-in only.
@@ -129,10 +130,13 @@ def _peak_memory(device: torch.device) -> int:
 
 def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Task], cfg: TrainConfig,
                accelerator: accelerate.Accelerator | None = None, progress: bool = True,
+               max_seconds: float | None = None,
                on_step: Callable[[int, int, float], None] | None = None) -> FoldTrainStats:
     """Train the adapter on one fold's tasks; a new optimiser and schedule each call, the model left in eval mode.
 
-    progress: a tqdm bar of its own; on_step(step, steps, loss) after each optimiser step (a caller's display)."""
+    max_seconds (a run's time budget) stops training after the optimiser step that passes it; the adapter keeps
+    what it learnt so far. progress: a tqdm bar of its own; on_step(step, steps, loss) after each optimiser step
+    (a caller's display)."""
     samples, skipped = build_samples(codec, tasks, cfg)
     dropped = sum(s.dropped for s in samples)
     tokens = sum(len(s.ids) for s in samples)
@@ -166,22 +170,23 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
         model, optimizer, loader, scheduler = accelerator.prepare(peft_model, optimizer, loader, scheduler)
         try:
             losses, seconds = _loop(accelerator, model, optimizer, loader, scheduler, device, steps,
-                                    cfg.max_grad_norm, cfg.loss_kernel, progress, on_step)
+                                    cfg.max_grad_norm, cfg.loss_kernel, progress, max_seconds, on_step)
         finally:
             _release(accelerator, peft_model)
             peft_model.eval()
-    if len(losses) != steps:  # accelerate syncs at the end of the loader, so this would be a logic error
+    if len(losses) != steps and max_seconds is None:  # accelerate syncs at the loader's end: a logic error
         log.warning("expected %d optimiser steps, made %d", steps, len(losses))
     return FoldTrainStats(
         steps=len(losses), samples=len(samples), tokens=tokens, padded_tokens=padded, seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         final_loss=losses[-1] if losses else math.nan, losses=losses, peak_memory_bytes=_peak_memory(device),
-        dropped_demos=dropped, skipped_samples=skipped)
+        dropped_demos=dropped, skipped_samples=skipped, planned_steps=steps)
 
 
 def _loop(accelerator: accelerate.Accelerator, model: torch.nn.Module, optimizer, loader, scheduler,
           device: torch.device, steps: int, max_grad_norm: float, kernel: str, progress: bool,
-          on_step: Callable[[int, int, float], None] | None = None) -> tuple[list[float], float]:
+          max_seconds: float | None = None, on_step: Callable[[int, int, float], None] | None = None
+          ) -> tuple[list[float], float]:
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # micro-batch losses of the current optimiser step
     bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, leave=False)
@@ -208,6 +213,8 @@ def _loop(accelerator: accelerate.Accelerator, model: torch.nn.Module, optimizer
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if on_step is not None:
                 on_step(len(losses), steps, losses[-1])
+            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                break
     seconds = time.perf_counter() - start
     bar.close()
     return losses, seconds
