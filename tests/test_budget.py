@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from arcfold.budget import FoldWork, Planner, Step, degraded, total_seconds
-from arcfold.config import BudgetConfig, InferenceConfig, check_budget
-from arcfold.data import ArcDataError
+from arcfold.config import BudgetConfig, ConfigError, InferenceConfig, check_budget
 
 
 def planner(seconds=None, margin=0.0, work=((100.0, 50.0), (300.0, 150.0)), **kw) -> Planner:
@@ -103,9 +102,9 @@ def test_degraded_settings_per_cut():
     ({"seconds": 30, "margin_seconds": 30}, "budget.margin_seconds"), ({"views": 0}, "budget.views"),
     ({"min_prob": 1.5}, "budget.min_prob")])
 def test_bad_budgets_are_refused_naming_the_key(values, key):
-    with pytest.raises(ArcDataError) as err:
+    with pytest.raises(ConfigError) as err:
         check_budget(BudgetConfig(**values))
-    assert err.value.field == key and "\n" not in str(err.value)
+    assert err.value.key == key and "\n" not in str(err.value)
 
 
 def test_a_good_budget_passes():

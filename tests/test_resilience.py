@@ -221,7 +221,7 @@ def test_resume_refuses_to_change_the_run_but_takes_a_new_budget(tmp_path):
     assert cfg.lora.rank == 8 and cfg.budget.seconds == 600 and cfg.on_error == "skip" and cfg.resume == str(run_dir)
     with pytest.raises(Exception) as err:
         resumed_config(config(tmp_path, "lora.rank=16", f"resume={run_dir}"), ["lora.rank=16", f"resume={run_dir}"])
-    assert err.value.field == "lora.rank" and "only budget, on_error, tracking may change" in str(err.value)
+    assert err.value.key == "lora.rank" and "only budget, on_error, tracking may change" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------- failures

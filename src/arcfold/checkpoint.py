@@ -189,11 +189,11 @@ def resumed_config(cfg: Any, overrides: Sequence[str]) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from arcfold.config import RunConfig
+    from arcfold.config import ConfigError, RunConfig
 
     path = Path(cfg.resume) / ".hydra" / "config.yaml"
     if not path.is_file():
-        raise ArcDataError(f"{cfg.resume} is not a run dir (no .hydra/config.yaml)", file="config", field="resume")
+        raise ConfigError(f"{cfg.resume} is not a run dir (no .hydra/config.yaml)", key="resume")
     try:
         saved = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
     except (OmegaConfBaseException, OSError) as err:
@@ -204,6 +204,6 @@ def resumed_config(cfg: Any, overrides: Sequence[str]) -> Any:
         if key.split(".")[0] in RESUMABLE:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
         elif OmegaConf.select(cfg, key) != OmegaConf.select(saved, key):
-            raise ArcDataError(f"{override!r} would change the run being resumed (its config: {path}); only "
-                               f"{', '.join(RESUMABLE[1:])} may change", file="config", field=key)
+            raise ConfigError(f"{override!r} would change the run being resumed (its config: {path}); only "
+                              f"{', '.join(RESUMABLE[1:])} may change", key=key)
     return saved

