@@ -83,6 +83,10 @@ BAD = [
     ("data=kaggle data.challenges={FILE} data.solutions={NOPE}", "data.solutions", "'{NOPE}'", "readable JSON file"),
     ("data=dir data.path={NOPE}", "data.path", "'{NOPE}'", "readable folder of task JSONs; no such path"),
     ("data=dir data.path={FILE}", "data.path", "'{FILE}'", "readable folder of task JSONs"),
+    ("repeats=0", "repeats", "0", "integer >= 1"),
+    ("report.render_tasks=-1", "report.render_tasks", "-1", "integer >= 0"),
+    ("report.progress_every=-1", "report.progress_every", "-1", ">= 0"),
+    ("tracking.system_metrics_interval=0", "tracking.system_metrics_interval", "0", "> 0"),
 ]
 # An unknown value for every choice key, e.g. inference.strategy=bogus: refused with the whole list of choices.
 BAD += [(f"{key}=bogus", key, "'bogus'", " | ".join(allowed)) for key, allowed in CHOICES.items()]

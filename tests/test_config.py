@@ -151,3 +151,27 @@ def test_the_kaggle_experiment_writes_the_submission_where_kaggle_reads_it():
     assert (cfg.data.name, cfg.model.kind, cfg.tracking.enabled) == ("kaggle", "hf", False)
     assert cfg.data.challenges.startswith("/kaggle/input/") and cfg.data.limit is None and cfg.train.lr == 1e-4
     assert cfg.outputs == cfg.hydra.run.dir == "/kaggle/working"
+
+
+SEEDS = ("split.seed", "train.seed", "lora.init_seed", "inference.seed")
+
+
+@pytest.mark.parametrize("group", ["split=balanced", "train=arc25", "train=architects", "lora=architects"])
+def test_the_seed_drives_every_component_seed_whatever_the_options(group):
+    cfg = compose_with(["seed=7", group])
+    assert [OmegaConf.select(cfg, k) for k in SEEDS] == [7] * 4
+    assert cfg.inference.scoring.seed == 8  # fresh scoring views differ from the generation views
+    assert cfg.model.init_seed == 0  # the tiny base model stays the same model
+    default = compose_with([group])
+    assert [OmegaConf.select(default, k) for k in SEEDS] == [0] * 4 and default.inference.scoring.seed == 1
+
+
+def test_a_component_seed_set_on_the_command_line_wins_over_seed():
+    cfg = compose_with(["seed=7", "split.seed=3"])
+    assert cfg.split.seed == 3 and cfg.train.seed == 7
+
+
+def test_repeats_becomes_a_seed_sweep():
+    with initialize_config_module("arcfold.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["repeats=3"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.seed == "range(0,3)"

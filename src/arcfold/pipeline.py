@@ -24,6 +24,7 @@ from arcfold.data.codec import train_tokens
 from arcfold.data.folds import Strategy
 from arcfold.execute import Done, Executor, Lost, Ready
 from arcfold.failures import describe, skips
+from arcfold.progress import Progress
 from arcfold.results import FoldRow, RunResults
 from arcfold.worker import FoldJob, Ledger
 
@@ -35,6 +36,7 @@ class Tracker(Protocol):
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_series(self, key: str, values: Sequence[float], first_step: int = 0) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
@@ -42,23 +44,31 @@ class Tracker(Protocol):
 class NoTracker:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_series(self, key: str, values: Sequence[float], first_step: int = 0) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
 @dataclass
 class Timings:
-    """Wall seconds per phase: load, train, inference, scoring, logging."""
+    """Wall seconds per phase (load, train, inference, scoring, logging), and every timed span for the timeline:
+    phase, fold (None: the whole run), device, start and end in seconds from the run's start."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    device: str = ""
+    origin: float = field(default_factory=time.perf_counter)
 
     @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
+    def __call__(self, phase: str, fold: int | None = None) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            end = time.perf_counter()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + end - start
+            self.spans.append({"phase": phase, "fold": fold, "device": self.device,
+                               "start": start - self.origin, "end": end - self.origin})
 
 
 def load_tasks(data: Any) -> tuple[list[Task], list[Task]]:
@@ -94,6 +104,8 @@ class Session:
     planner: Planner
     clock: Timings
     run_dir: Path
+    folds: list[list[Task]]
+    progress: Progress  # live progress: folds, tasks predicted, ETA
     workers: dict[int, Any] = field(default_factory=dict)  # execute.WorkerRow per worker
 
 
@@ -112,22 +124,23 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
         results.write_submission(run_dir / "submission.json")  # valid from the first second: all placeholders
         planner = Planner(cfg.budget, [remaining_work(fold, cfg, f in done or store.training(f) is not None, results)
                                        for f, fold in enumerate(folds)], start, full_views=8 * cfg.inference.n)
-        s = Session(cfg, results, store, planner, clock, run_dir)
+        progress = Progress(cfg.report.progress, sum(len(fold) for f, fold in enumerate(folds) if f not in done),
+                            len(folds), cfg.report.progress_every)
+        s = Session(cfg, results, store, planner, clock, run_dir, folds, progress)
     saved_folds = {"none": set(), "last": {len(folds) - 1}, "all": set(range(len(folds)))}[cfg.save_adapters]
     jobs = [FoldJob(f, fold, save_adapter=f in saved_folds) for f, fold in enumerate(folds) if f not in done]
-    tracker.log_params({"folds.k": len(folds), "folds.strategy": "per_task" if str(cfg.folds) == "per_task"
-                        else cfg.split.strategy, "data.n_tasks": len(tasks)})
 
     loaded = False
     try:
         # The folds run in this process, in a worker process per device, or on Ray actors; what they report
         # as they go (test inputs, trainings, the budget's measurements) lands in this process's Ledger.
-        with Executor(cfg, run_dir, Ledger(planner, store, results, run_dir)) as executor:
+        with Executor(cfg, run_dir, Ledger(planner, store, results, run_dir)) as executor, progress:
             s.workers, planner.workers = executor.workers, len(executor.devices)
-            tracker.set_tags({"device": ",".join(executor.devices)})
-            log.info("%d tasks in %d folds on %s%s", len(tasks), len(folds), ", ".join(executor.devices),
+            clock.device = ",".join(executor.devices)
+            tracker.set_tags({"device": clock.device})
+            log.info("%d tasks in %d folds on %s%s", len(tasks), len(folds), clock.device,
                      f"; folds {sorted(done)} finished in an earlier session" if done else "")
-            for event in executor.run(jobs, begin=lambda job: job.begin(planner, store)):
+            for event in executor.run(jobs, begin=lambda job: begin(job, s)):
                 if isinstance(event, Ready):
                     if not loaded:  # the first model is loaded: say what the adapters will take
                         loaded = True
@@ -135,10 +148,14 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
                         tracker.log_metrics({"adapters_disk_mb": adapters_disk(event.info, len(saved_folds), run_dir)})
                     continue
                 row = finish_fold(event, s)
+                f = row["fold"]
                 tracker.log_metrics({f"fold_{k}": v for k, v in row.items()
-                                     if k != "fold" and isinstance(v, (int, float))}, step=row["fold"])
+                                     if k != "fold" and isinstance(v, (int, float))}, step=f)
+                # train_loss: one series over the run's optimiser steps, fold after fold (resumed runs too)
+                tracker.log_series("train_loss", results.losses.get(f, []),
+                                   first_step=sum(int(r["steps"]) for r in results.folds if r["fold"] < f))
                 log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
-                         row["fold"] + 1, len(folds), row["tasks"], row["steps"], row["final_loss"],
+                         f + 1, len(folds), row["tasks"], row["steps"], row["final_loss"],
                          row["train_seconds"], row["inference_seconds"], row.get("score", math.nan))
     finally:  # even on a failure or a signal, the scores and tables of the work done so far land
         report(s, tracker, start)
@@ -164,14 +181,36 @@ def finish_fold(event: Done | Lost, s: Session) -> dict[str, Any]:
     s.store.save_fold(outcome)
     s.results.folds.append(outcome.row)
     s.results.events += [e for e in outcome.events if e not in s.results.events]
-    s.clock.seconds["train"] = s.clock.seconds.get("train", 0.0) + outcome.row["train_seconds"] + \
-        outcome.row.get("setup_seconds", 0.0)
-    s.clock.seconds["inference"] = s.clock.seconds.get("inference", 0.0) + outcome.row["inference_seconds"]
-    return outcome.row
+    row = outcome.row
+    train_seconds = row["train_seconds"] + row.get("setup_seconds", 0.0)
+    s.clock.seconds["train"] = s.clock.seconds.get("train", 0.0) + train_seconds
+    s.clock.seconds["inference"] = s.clock.seconds.get("inference", 0.0) + row["inference_seconds"]
+    # The timeline's spans of this fold, on the run's clock: the fold ended now, on its worker's device.
+    end = time.perf_counter() - s.clock.origin
+    worker = s.workers.get(row.get("worker", -1))
+    device = worker.device if worker is not None else s.clock.device
+    s.clock.spans += [{"phase": "train", "fold": job.fold, "device": device,
+                       "start": end - row["inference_seconds"] - train_seconds, "end": end - row["inference_seconds"]},
+                      {"phase": "inference", "fold": job.fold, "device": device,
+                       "start": end - row["inference_seconds"], "end": end}]
+    for task in job.tasks:
+        s.progress.task_done(task.id)
+    return row
+
+
+def begin(job: FoldJob, s: Session) -> FoldJob:
+    """A fold handed to a worker: the budget's plan and the checkpoint's state go with it."""
+    s.progress.fold(job.fold, len(job.tasks))
+    job = job.begin(s.planner, s.store)
+    if job.training is not None and job.training.stats is not None:  # trained by an earlier session
+        s.results.losses[job.fold] = list(job.training.stats.get("losses", []))
+    return job
 
 
 def report(s: Session, tracker: Tracker, start: float) -> None:
-    """Scores, tables and the run's metrics: on disk first, then to the tracker."""
+    """Scores, tables, the timeline and plots, and the run's metrics: on disk first, then to the tracker."""
+    from arcfold.report.runplots import write_run_plots
+
     results, clock = s.results, s.clock
     with clock("scoring"):
         metrics = results.metrics()
@@ -181,20 +220,28 @@ def report(s: Session, tracker: Tracker, start: float) -> None:
     train_seconds = clock.seconds.get("train", 0.0)
     budget = total_seconds(s.cfg.budget)
     metrics.update({f"seconds_{k}": v for k, v in clock.seconds.items()}, **worker_metrics(s.workers, results.folds),
+                   **results.fold_summary(),
+                   n_folds=len(s.folds),  # a metric: params hold settings only (`folds`, no `folds.k`)
                    train_tokens=train_tokens_total,
                    train_tokens_per_second=train_tokens_total / train_seconds if train_seconds else 0.0,
                    seconds_total=time.perf_counter() - start, budget_cuts=len(results.events),
                    **({"budget_seconds": budget} if budget is not None else {}))
     results.timings = dict(clock.seconds)
     results.summary = metrics
+    results.timeline = list(clock.spans)
+    timeline = results.write_timeline(s.run_dir)
+    plots = (write_run_plots(results, clock.spans, s.run_dir / "plots", s.cfg.report.render_tasks)
+             if s.cfg.report.plots else [])
     try:  # the tracker must not mask what stopped the run (a signal, an error): its failure is only logged
         with clock("logging"):
             tracker.log_metrics(metrics)
             if results.events:
                 tracker.set_tags({"arcfold.budget_cuts": describe_cuts(results.events)[:5000]})
-            for path in [s.run_dir / "submission.json", s.run_dir / "scores.json", *tables.values(),
+            for path in [s.run_dir / "submission.json", s.run_dir / "scores.json", *tables.values(), timeline,
                          s.run_dir / "workers.csv", s.run_dir / ".hydra" / "config.yaml"]:
                 tracker.log_artifact(path)
+            for path in plots:
+                tracker.log_artifact(path, str(path.parent.relative_to(s.run_dir)))
     except Exception as err:
         log.error("could not report to the tracker: %s", describe(err))
 

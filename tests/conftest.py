@@ -1,0 +1,41 @@
+"""Shared test helpers: PNG checks (a real image with real content, not just a file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def rgb(hex_colour: str) -> tuple[int, int, int]:
+    h = hex_colour.lstrip("#")
+    return tuple(int(h[i:i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+
+
+def _read_png(path: Path, min_bytes: int = 8_000, min_colours: int = 20) -> np.ndarray:
+    """The image as uint8 RGB after checking it is a PNG of some size with some variety of pixels."""
+    from matplotlib.image import imread
+
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert len(data) >= min_bytes, (path, len(data))
+    image = (imread(path)[..., :3] * 255).round().astype(np.uint8)
+    assert image.shape[0] >= 200 and image.shape[1] >= 300, image.shape
+    colours = np.unique(image.reshape(-1, 3), axis=0)
+    assert len(colours) >= min_colours, (path, len(colours))
+    return image
+
+
+def _has_colour(image: np.ndarray, hex_colour: str, min_pixels: int = 20) -> bool:
+    return int(np.all(image == np.array(rgb(hex_colour), dtype=np.uint8), axis=-1).sum()) >= min_pixels
+
+
+@pytest.fixture
+def read_png():
+    return _read_png
+
+
+@pytest.fixture
+def has_colour():
+    return _has_colour

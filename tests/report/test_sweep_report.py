@@ -1,0 +1,85 @@
+"""A sweep's comparison from run records: configurations over seeds, the baseline intervals, the report files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from arcfold.report.stats import paired_bootstrap
+from arcfold.report.sweep import RunRecord, compare, swept_keys, table_rows, write_report
+
+TASKS = [f"t{i:02d}" for i in range(30)]
+
+
+def record(rank: int, seed: int, rng: np.random.Generator, p_solve: float, nll: float) -> RunRecord:
+    scores = {t: float(rng.random() < p_solve) for t in TASKS}
+    nlls = {t: nll + rng.normal(0, 0.05) for t in TASKS}
+    params = {"lora.rank": str(rank), "seed": str(seed), "train.seed": str(seed), "split.seed": str(seed),
+              "folds": "2", "data.limit": "30"}
+    metrics = {"score": float(np.mean(list(scores.values()))), "oracle": 0.5, "selection_accuracy": 0.4,
+               "answer_nll": float(np.mean(list(nlls.values()))), "seconds_total": 10.0 + seed}
+    return RunRecord(f"{rank:04d}{seed:028d}", f"lora.rank={rank} seed={seed}", params, metrics, "FINISHED",
+                     {"score": scores, "answer_nll": nlls})
+
+
+@pytest.fixture
+def runs() -> list[RunRecord]:
+    rng = np.random.default_rng(0)
+    return [record(rank, seed, rng, p, nll) for rank, p, nll in ((16, 0.6, 0.8), (4, 0.2, 1.2))
+            for seed in (1, 2, 3)]
+
+
+def test_configurations_are_the_swept_params_without_the_seeds(runs):
+    swept, seeds = swept_keys(runs)
+    assert swept == ["lora.rank"] and seeds == ["seed", "split.seed", "train.seed"]
+    c = compare(runs, n_boot=500)
+    assert [conf.label for conf in c.configurations] == ["lora.rank=4", "lora.rank=16"]  # numeric order
+    assert [[r.seed for r in conf.runs] for conf in c.configurations] == [["1", "2", "3"]] * 2
+    assert c.configurations[c.best].label == "lora.rank=16" and c.baseline == 0
+
+
+def test_the_interval_pairs_tasks_over_each_configurations_seed_means(runs):
+    c = compare(runs, baseline="lora.rank=4", n_boot=800, seed=5)
+    low, high = c.configurations
+    expected = {}
+    for metric in ("score", "answer_nll"):  # an independent computation of the per-task means
+        a = np.array([[r.per_task[metric][t] for t in TASKS] for r in high.runs]).mean(axis=0)
+        b = np.array([[r.per_task[metric][t] for t in TASKS] for r in low.runs]).mean(axis=0)
+        expected[metric] = paired_bootstrap(a, b, 800, 0.95, 5)
+        assert c.intervals[metric][0] is None and c.intervals[metric][1] == expected[metric]
+    assert expected["score"].excludes_zero and expected["score"].mean > 0.25
+    rows = table_rows(c)
+    assert rows[1]["d score vs baseline"].endswith("**better**")
+    assert rows[1]["d answer_nll vs baseline"].endswith("**better**")  # lower NLL is better
+    assert rows[0]["d score vs baseline"] == "baseline" and rows[1]["lora.rank"] == "16 (best)"
+    mean, sd = np.mean([r.metrics["score"] for r in high.runs]), np.std([r.metrics["score"] for r in high.runs],
+                                                                       ddof=1)
+    assert rows[1]["score"] == f"{mean:.3f} +- {sd:.3f}"
+
+
+def test_a_baseline_that_matches_nothing_names_the_configurations(runs):
+    with pytest.raises(ValueError, match="lora.rank=4; lora.rank=16"):
+        compare(runs, baseline="lora.rank=99")
+    assert compare(runs, baseline=runs[3].run_id, n_boot=100).baseline == 0  # a run id picks its configuration
+
+
+def test_the_report_files_are_written_with_strict_json(tmp_path, runs, read_png):
+    for r in runs[:3]:
+        r.metrics["oracle"] = math.nan  # the mean and sd are NaN: they must come out as null, not NaN
+    c = compare(runs, n_boot=300)
+    files = write_report(c, tmp_path, "test sweep")
+    text = files["report"].read_text()
+    assert "| lora.rank | runs | score |" in text and "lora.rank=16 (best)" not in text
+    assert "16 (best)" in text and "Solved per task" in text and "repeats by seed." in text
+    assert f"r1 = lora.rank=4 seed=1 ({c.runs[0].run_id[:8]})" in text  # runs labelled by `seed`, not train.seed
+    for key in ("solved_matrix_png", "score_png", "answer_nll_png", "d_score_png", "d_answer_nll_png"):
+        read_png(files[key])
+        assert f"]({files[key].name})" in text
+    doc = json.loads(files["json"].read_text(), parse_constant=lambda x: pytest.fail(f"non-strict JSON {x}"))
+    assert doc["configurations"][1]["metrics"]["oracle"] == {"mean": None, "sd": None}
+    assert doc["best"] == "lora.rank=16" and doc["configurations"][1]["vs_baseline"]["score"]["excludes_zero"]
+    matrix = files["solved_matrix_csv"].read_text().splitlines()
+    assert len(matrix) == 1 + len(TASKS) and matrix[0].split(",")[1:] == [r.run_id for r in c.runs]

@@ -1,0 +1,56 @@
+"""Live progress: log lines off a terminal, bars when asked; the end-of-run summary table."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from arcfold.progress import Progress, summary_table
+
+
+def drive(progress: Progress) -> None:
+    with progress:
+        for f in range(2):
+            progress.fold(f, 2)
+            for step in range(1, 4):
+                progress.train_step(step, 3, 2.5 / step)
+            progress.task_done(f"t{f}a")
+            progress.task_done(f"t{f}b")
+
+
+def test_off_a_terminal_auto_mode_writes_plain_lines_with_the_loss_and_an_eta(caplog, capsys):
+    caplog.set_level(logging.INFO, logger="arcfold.progress")
+    progress = Progress("auto", tasks=4, folds=2, every=0.0)  # pytest's stderr is not a terminal
+    assert not progress.bars and progress.lines
+    drive(progress)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "fold 2/2: 2 tasks (elapsed 0:00, 2/4 tasks done)" in lines
+    assert "fold 1/2: training step 3/3, loss 0.8333" in lines
+    assert any(ln.startswith("4/4 tasks predicted (last t1b)") and "ETA 0:00" in ln for ln in lines)
+    assert "\r" not in capsys.readouterr().err  # no bar redraws in a log file
+
+
+def test_lines_are_throttled_but_the_last_task_is_always_reported(caplog):
+    caplog.set_level(logging.INFO, logger="arcfold.progress")
+    drive(Progress("lines", tasks=4, folds=2, every=3600.0))
+    lines = [r.getMessage() for r in caplog.records]
+    assert not any("training step" in ln for ln in lines)
+    assert [ln for ln in lines if "tasks predicted" in ln] == [lines[-1]] and lines[-1].startswith("4/4")
+
+
+def test_bars_show_the_fold_and_steps_with_the_loss_instead_of_lines(caplog, capsys):
+    progress = Progress("bars", tasks=4, folds=2)
+    drive(progress)
+    err = capsys.readouterr().err
+    assert "fold 2/2" in err and "loss=0.8333" in err and "4/4" in err
+    assert not [r for r in caplog.records if r.name == "arcfold.progress"]  # bars replace the lines
+    assert math.isnan(Progress("off", 3, 1).eta())
+
+
+def test_the_summary_table_has_scores_phases_failures_files_and_the_link():
+    text = summary_table({"score": 0.25, "score_pairs": 0.3, "oracle": 0.5, "selection_accuracy": math.nan,
+                          "answer_nll": 1.23456, "seconds_total": 12.0, "seconds_load": 1.0, "seconds_train": 6.5,
+                          "tasks": 8, "n_folds": 2}, failures=1, run_dir="/runs/x", link="http://ui/#/run")
+    assert "0.250 (pairs 0.300)" in text and "0.500 (selection accuracy -)" in text and "1.2346" in text
+    assert "12.0 total: load 1.0, train 6.5" in text and "8 in 2 folds, 1 failed" in text
+    assert "/runs/x" in text and "http://ui/#/run" in text and "\x1b[" not in text  # plain text for the log
