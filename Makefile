@@ -33,8 +33,8 @@ sweep: install
 
 # ruff (lint and format) over the code, mypy over src/ (both configured in pyproject.toml).
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 # Refresh $(LOCK): install the newest versions pyproject.toml allows into a fresh venv and freeze it (without

@@ -44,12 +44,26 @@ SCORING_MODES = {"scratch": "no reuse", "own": "reuse, own prompt pass", "dfs": 
 
 PRESETS = {
     # The project's default tiny model (config.ModelConfig): Llama, built-in 16-token vocabulary.
-    "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, intermediate_size=256),
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=256,
+    ),
     # Qwen2-0.5B's shape (random weights). Its real vocabulary is 151,936; --vocab-size real uses that.
-    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, intermediate_size=4864, rope_theta=1_000_000.0,
-                       tie_word_embeddings=True, real_vocab=151_936),
+    "qwen2-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        real_vocab=151_936,
+    ),
 }
 
 
@@ -60,8 +74,9 @@ def build_model(args: argparse.Namespace, codec: GridCodec) -> torch.nn.Module:
         shape = dict(PRESETS[args.model_config])
         real_vocab = shape.pop("real_vocab", codec.vocab_size)
         vocab = real_vocab if args.vocab_size == "real" else int(args.vocab_size or codec.vocab_size)
-        config = transformers.AutoConfig.for_model(vocab_size=max(vocab, codec.vocab_size),
-                                                   max_position_embeddings=args.max_len + 64, **shape)
+        config = transformers.AutoConfig.for_model(
+            vocab_size=max(vocab, codec.vocab_size), max_position_embeddings=args.max_len + 64, **shape
+        )
     else:  # a local path: never a hub download
         config = transformers.AutoConfig.from_pretrained(args.model_config, local_files_only=True)
         if args.vocab_size and args.vocab_size != "real":
@@ -97,7 +112,8 @@ def train(model: torch.nn.Module, codec: GridCodec, tasks: list[Task], args: arg
         return "untrained random weights"
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     model.train()
     start, losses = time.perf_counter(), []
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -114,10 +130,12 @@ def train(model: torch.nn.Module, codec: GridCodec, tasks: list[Task], args: arg
         losses.append(float(loss.detach()))
     model.eval()
     what = "demonstrations + test answers" if args.train_on_answers else "demonstrations only"
-    return (f"trained {steps} steps ({args.train_steps} per task, batch = 8 views of one task, "
-            f"{args.train_view_sets} view set(s)) on {what}, "
-            f"output-token loss {np.mean(losses[:len(tasks)]):.3f} -> {np.mean(losses[-len(tasks):]):.3f}, "
-            f"{time.perf_counter() - start:.0f} s")
+    return (
+        f"trained {steps} steps ({args.train_steps} per task, batch = 8 views of one task, "
+        f"{args.train_view_sets} view set(s)) on {what}, "
+        f"output-token loss {np.mean(losses[: len(tasks)]):.3f} -> {np.mean(losses[-len(tasks) :]):.3f}, "
+        f"{time.perf_counter() - start:.0f} s"
+    )
 
 
 def sync(device: str) -> None:
@@ -138,9 +156,15 @@ class Row:
 
 
 def run_strategy(model, codec, tasks, args, name: str, **overrides) -> Row:
-    cfg = InferenceConfig(n=args.n, max_len=args.max_len, batch_size=args.batch_size,
-                          max_seconds=args.max_seconds, max_candidates=args.max_candidates, seed=args.seed,
-                          **overrides)
+    cfg = InferenceConfig(
+        n=args.n,
+        max_len=args.max_len,
+        batch_size=args.batch_size,
+        max_seconds=args.max_seconds,
+        max_candidates=args.max_candidates,
+        seed=args.seed,
+        **overrides,
+    )
     row = Row(name)
     sync(args.device)
     for task in tasks:
@@ -187,7 +211,7 @@ def scoring_views(model, codec, tasks, args) -> dict:
         raise SystemExit(f"--scoring-views {args.scoring_views} > the {8 * cfg.n} generation views (raise --n)")
     out = {}
     for task in tasks:
-        views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)[:args.scoring_views]
+        views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)[: args.scoring_views]
         for i in range(len(task.test)):
             prompts, kept = [], {}
             for v, view in enumerate(views):
@@ -208,9 +232,19 @@ def run_scoring(model, codec, tasks, pools, views, args, mode: str) -> tuple[Row
     for (task_id, i), cands in pools.items():
         fresh = [Candidate(c.grid, dict(c.gen_logps)) for c in cands]
         view_list, prompts, kept = views[(task_id, i)]
-        stats = scoring.score_candidates(model, codec, by_id[task_id], i, fresh, view_list, max_len=args.max_len,
-                                         batch_size=args.batch_size, reuse_prefix=mode != "scratch",
-                                         prompts=prompts, kept=kept if mode == "dfs" else None)
+        stats = scoring.score_candidates(
+            model,
+            codec,
+            by_id[task_id],
+            i,
+            fresh,
+            view_list,
+            max_len=args.max_len,
+            batch_size=args.batch_size,
+            reuse_prefix=mode != "scratch",
+            prompts=prompts,
+            kept=kept if mode == "dfs" else None,
+        )
         row.seconds += stats["scoring_seconds"]
         row.tokens += stats["scoring_tokens"]
         row.candidates += len(fresh)
@@ -238,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="scoring repeats (interleaved; the minimum counts)")
     ap.add_argument("--train-steps", type=int, default=150, help="training steps per task (0: untrained)")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--train-view-sets", type=int, default=1,
-                    help="distinct sets of 8 training views per task (1: the same 8 every step)")
+    ap.add_argument(
+        "--train-view-sets",
+        type=int,
+        default=1,
+        help="distinct sets of 8 training views per task (1: the same 8 every step)",
+    )
     ap.add_argument("--train-on-answers", action="store_true")
     ap.add_argument("--sharpen", type=float, default=1.0, help="multiply the logits by this factor")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -258,11 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
 
     n_tests = sum(len(t.test) for t in tasks)
-    print(f"model: {args.model_config} ({model.config.model_type}, {n_params / 1e6:.2f}M params, vocab "
-          f"{model.config.vocab_size}), {args.device} {args.dtype}, torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {args.model_config} ({model.config.model_type}, {n_params / 1e6:.2f}M params, vocab "
+        f"{model.config.vocab_size}), {args.device} {args.dtype}, torch threads {torch.get_num_threads()}"
+    )
     print(f"model weights: {trained}" + (f"; logits x{args.sharpen}" if args.sharpen != 1.0 else ""))
-    print(f"data: {len(tasks)} smallest ARC-AGI-2 eval tasks {[t.id for t in tasks]}, {n_tests} test inputs, "
-          f"{8 * args.n} views each")
+    print(
+        f"data: {len(tasks)} smallest ARC-AGI-2 eval tasks {[t.id for t in tasks]}, {n_tests} test inputs, "
+        f"{8 * args.n} views each"
+    )
 
     run_strategy(model, codec, tasks[:1], args, "warm-up", strategy="greedy")  # first-call overheads
     rows = [run_strategy(model, codec, tasks, args, "greedy", strategy="greedy")]
@@ -287,12 +329,16 @@ def main(argv: list[str] | None = None) -> int:
             agree = max([agree] + [abs(a - b) for x, y in zip(scores, best["scratch"][1]) for a, b in zip(x, y)])
         score_rows.append({mode: row for mode, (row, _) in best.items()})
 
-    header = f"{'method':<46}{'seconds':>9}{'fwd tokens':>12}{'completions':>13}{'invalid':>9}" \
-             f"{'candidates':>12}{'timed out':>11}"
+    header = (
+        f"{'method':<46}{'seconds':>9}{'fwd tokens':>12}{'completions':>13}{'invalid':>9}"
+        f"{'candidates':>12}{'timed out':>11}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r.name:<46}{r.seconds:>9.2f}{r.tokens:>12.0f}{r.completions:>13.0f}{r.invalid:>9.0f}"
-              f"{r.candidates:>12.0f}{r.timed_out:>11.0f}")
+        print(
+            f"{r.name:<46}{r.seconds:>9.2f}{r.tokens:>12.0f}{r.completions:>13.0f}{r.invalid:>9.0f}"
+            f"{r.candidates:>12.0f}{r.timed_out:>11.0f}"
+        )
     for r in (r for by_mode in score_rows for r in by_mode.values()):
         print(f"{r.name:<46}{r.seconds:>9.2f}{r.tokens:>12.0f}{'':>13}{'':>9}{r.candidates:>12.0f}{'':>11}")
     print()
@@ -304,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         scratch = by_mode["scratch"]
         for mode in ("own", "dfs"):
             r = by_mode[mode]
-            print(f"scoring from scratch / {SCORING_MODES[mode]} ({r.name.split(', ')[-1]}): "
-                  f"{scratch.seconds / r.seconds:5.2f} time, {scratch.tokens / max(r.tokens, 1):5.1f} tokens"
-                  f"   (target >= 3)")
+            print(
+                f"scoring from scratch / {SCORING_MODES[mode]} ({r.name.split(', ')[-1]}): "
+                f"{scratch.seconds / r.seconds:5.2f} time, {scratch.tokens / max(r.tokens, 1):5.1f} tokens"
+                f"   (target >= 3)"
+            )
     print(f"scoring paths agree to {agree:.2e} nats (max |reuse - from scratch| over all scores)")
     return 0
 

@@ -70,9 +70,16 @@ def model():
     import torch
     import transformers
 
-    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=256, max_position_embeddings=16384,
-                                      tie_word_embeddings=True)
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=16384,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     return transformers.Qwen2ForCausalLM(config).float().eval()
 
@@ -120,8 +127,13 @@ def run_case(case: str) -> dict:
             guess = codec.encode_answer(view.grid(task.test[0].output))
             dfs(peft_model, prompt, codec, 0.5, len(guess), guess=guess, max_candidates=1)
         tokens = len(codec.encode_prompt(views[0].pairs(task.train), views[0].grid(task.test[0].input)).ids)
-    return {"case": case, "tokens": tokens, "model_mb": ready, "peak_mb": peak_mb(),
-            "seconds": time.perf_counter() - start}
+    return {
+        "case": case,
+        "tokens": tokens,
+        "model_mb": ready,
+        "peak_mb": peak_mb(),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def child(case: str, src: Path) -> dict:
@@ -145,15 +157,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         srcs = {"after": ROOT / "src"}
         if "before" in args.sides:
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline_rev, "src"],
-                                     capture_output=True, check=True).stdout
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.baseline_rev, "src"], capture_output=True, check=True
+            ).stdout
             subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
             srcs["before"] = Path(tmp) / "src"
         rows = {(case, side): child(case, srcs[side]) for case in args.cases for side in args.sides}
     print(f"peak RSS per case (MiB), Qwen2 shape, vocab {VOCAB}, hidden 64; before = {args.baseline_rev}")
-    print(f"{'case':<12} {'tokens':>7} " + " ".join(f"{s + ' peak':>12} {s + ' work':>12} {s + ' s':>8}"
-                                                    for s in args.sides) + ("  after/before: peak  work" if
-                                                                            len(args.sides) == 2 else ""))
+    print(
+        f"{'case':<12} {'tokens':>7} "
+        + " ".join(f"{s + ' peak':>12} {s + ' work':>12} {s + ' s':>8}" for s in args.sides)
+        + ("  after/before: peak  work" if len(args.sides) == 2 else "")
+    )
     for case in args.cases:
         line = f"{case:<12} "
         cells = [rows[(case, side)] for side in args.sides]

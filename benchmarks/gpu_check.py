@@ -37,12 +37,36 @@ sys.path.insert(0, str(ROOT / "src"))  # runs from a plain checkout too (the GPU
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "T4": 65.0}
 SHAPES = {
-    "qwen2-0.5b": dict(model_type="qwen2", vocab_size=151_936, hidden_size=896, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True),
-    "8b": dict(model_type="llama", vocab_size=128_256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False),
-    "small": dict(model_type="qwen2", vocab_size=151_936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True),
+    "qwen2-0.5b": dict(
+        model_type="qwen2",
+        vocab_size=151_936,
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        model_type="llama",
+        vocab_size=128_256,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        tie_word_embeddings=False,
+    ),
+    "small": dict(
+        model_type="qwen2",
+        vocab_size=151_936,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -69,8 +93,14 @@ def quantize_4bit(model, compute_dtype) -> None:
     for parent in list(model.get_decoder().modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                    device="meta",
+                )
                 q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4").cuda()
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
@@ -94,8 +124,9 @@ def linear_params(model) -> tuple[int, int]:
     """(decoder linear-layer parameters, head parameters); a 4-bit layer counts its logical weights."""
     import torch
 
-    layers = sum(m.in_features * m.out_features for m in model.get_decoder().modules()
-                 if isinstance(m, torch.nn.Linear))
+    layers = sum(
+        m.in_features * m.out_features for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)
+    )
     head = model.get_output_embeddings().weight
     return layers, head.shape[0] * head.shape[1]
 
@@ -126,8 +157,14 @@ def measure(name: str, shape: str, tokens: int, checkpointing: bool, four_bit: b
     peft_model = attach_lora(model, LoraConfig(rank=16, alpha=16))
     codec = GridCodec.builtin()
     task = random_task(tokens, seed=tokens)
-    cfg = TrainConfig(epochs=1, batch_size=1, max_len=16384, lr=1e-4, gradient_checkpointing=checkpointing,
-                      mixed_precision="bf16" if cuda else "no")
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=1,
+        max_len=16384,
+        lr=1e-4,
+        gradient_checkpointing=checkpointing,
+        mixed_precision="bf16" if cuda else "no",
+    )
     samples, _ = build_samples(codec, [task], cfg)
     labelled = sum(sum(label != IGNORE for label in s.labels[1:]) for s in samples)
     train_fold(peft_model, codec, [task], cfg, make_accelerator(cfg, device), progress=False)  # warm-up fold
@@ -137,8 +174,9 @@ def measure(name: str, shape: str, tokens: int, checkpointing: bool, four_bit: b
     if cuda:
         torch.cuda.synchronize()
     flops = 4 * (layer_params * stats.tokens + head_params * labelled)
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
-                                     if cuda and k in torch.cuda.get_device_name(device)), None)
+    peak = args.peak_tflops or next(
+        (v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None
+    )
     mfu = flops / stats.seconds / (peak * 1e12) if peak else float("nan")
 
     view = make_views(task, 1, seed=0)[0]
@@ -154,8 +192,15 @@ def measure(name: str, shape: str, tokens: int, checkpointing: bool, four_bit: b
     decode_rate = (decode_stats.forward_passes - 1) / decode_stats.seconds  # one token per forward after prefill
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
     del peft_model, model
-    return {"case": name, "tokens": stats.tokens // max(stats.samples, 1), "train_tok_s": stats.tokens / stats.seconds,
-            "mfu": mfu, "peak_gb": peak_gb, "prefill_tok_s": prefill_rate, "decode_tok_s": decode_rate}
+    return {
+        "case": name,
+        "tokens": stats.tokens // max(stats.samples, 1),
+        "train_tok_s": stats.tokens / stats.seconds,
+        "mfu": mfu,
+        "peak_gb": peak_gb,
+        "prefill_tok_s": prefill_rate,
+        "decode_tok_s": decode_rate,
+    }
 
 
 def main() -> None:
@@ -173,15 +218,18 @@ def main() -> None:
     card = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     if not args.skip_tests:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests" / "engine")],
-                              env=env).returncode
+        code = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests" / "engine")], env=env
+        ).returncode
         print(f"GPU-marked tests: {'passed' if code == 0 else f'FAILED (exit {code})'}")
     if args.small:
         cases = [("small 512", "small", 512, False, False), ("small 512 ckpt", "small", 512, True, False)]
     else:
-        cases = [("qwen2-0.5b 4k", "qwen2-0.5b", 4096, False, False),
-                 ("qwen2-0.5b 8k", "qwen2-0.5b", 8192, False, False),
-                 ("qwen2-0.5b 8k ckpt", "qwen2-0.5b", 8192, True, False)]
+        cases = [
+            ("qwen2-0.5b 4k", "qwen2-0.5b", 4096, False, False),
+            ("qwen2-0.5b 8k", "qwen2-0.5b", 8192, False, False),
+            ("qwen2-0.5b 8k ckpt", "qwen2-0.5b", 8192, True, False),
+        ]
         if not args.skip_8b:
             cases.append(("8b 4-bit 4k ckpt", "8b", 4096, True, True))
     rows = []
@@ -192,14 +240,18 @@ def main() -> None:
             rows.append({"case": case[0], "error": f"{type(err).__name__}: {str(err)[:80]}"})
         print(rows[-1], flush=True)
     print(f"\n{card}, torch {torch.__version__}")
-    print(f"{'case':<20} {'tokens':>7} {'train tok/s':>12} {'MFU':>6} {'peak GB':>8} {'DFS prefill tok/s':>18} "
-          f"{'DFS step tok/s':>15}")
+    print(
+        f"{'case':<20} {'tokens':>7} {'train tok/s':>12} {'MFU':>6} {'peak GB':>8} {'DFS prefill tok/s':>18} "
+        f"{'DFS step tok/s':>15}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['case']:<20} {r['error']}")
             continue
-        print(f"{r['case']:<20} {r['tokens']:>7} {r['train_tok_s']:>12.0f} {r['mfu']:>6.1%} {r['peak_gb']:>8.1f} "
-              f"{r['prefill_tok_s']:>18.0f} {r['decode_tok_s']:>15.1f}")
+        print(
+            f"{r['case']:<20} {r['tokens']:>7} {r['train_tok_s']:>12.0f} {r['mfu']:>6.1%} {r['peak_gb']:>8.1f} "
+            f"{r['prefill_tok_s']:>18.0f} {r['decode_tok_s']:>15.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -60,18 +60,46 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     mlflow = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen([str(mlflow), "ui", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", parent["uri"]], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(mlflow),
+            "ui",
+            "--workers",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            parent["uri"],
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_healthy(url, server)
-        page = url + link[link.index("/#/"):]
+        page = url + link[link.index("/#/") :]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as profile:  # a fresh profile: no saved view state of the user's
-            subprocess.run([args.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                            f"--user-data-dir={profile}", f"--window-size={args.size}",
-                            "--virtual-time-budget=20000", f"--screenshot={args.out.resolve()}", page],
-                           check=True, capture_output=True, timeout=180)
+            subprocess.run(
+                [
+                    args.chromium,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--hide-scrollbars",
+                    f"--user-data-dir={profile}",
+                    f"--window-size={args.size}",
+                    "--virtual-time-budget=20000",
+                    f"--screenshot={args.out.resolve()}",
+                    page,
+                ],
+                check=True,
+                capture_output=True,
+                timeout=180,
+            )
         print(f"{args.out} <- {page}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the ui and the worker it started

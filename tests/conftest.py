@@ -10,7 +10,7 @@ import pytest
 
 def rgb(hex_colour: str) -> tuple[int, int, int]:
     h = hex_colour.lstrip("#")
-    return tuple(int(h[i:i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+    return tuple(int(h[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
 
 
 def _read_png(path: Path, min_bytes: int = 8_000, min_colours: int = 20) -> np.ndarray:

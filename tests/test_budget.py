@@ -95,12 +95,19 @@ def test_degraded_settings_per_cut():
     assert degraded(Step(0, (), None), budget, inference, 8) == ({}, 8)
 
 
-@pytest.mark.parametrize("values,key", [
-    ({"seconds": 0}, "budget.seconds"), ({"hours": -1.0}, "budget.hours"),
-    ({"degrade": ["views", "greedy"]}, "budget.degrade"), ({"degrade": ["fast", "placeholders"]}, "budget.degrade"),
-    ({"degrade": ["views", "views", "placeholders"]}, "budget.degrade"),
-    ({"seconds": 30, "margin_seconds": 30}, "budget.margin_seconds"), ({"views": 0}, "budget.views"),
-    ({"min_prob": 1.5}, "budget.min_prob")])
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"seconds": 0}, "budget.seconds"),
+        ({"hours": -1.0}, "budget.hours"),
+        ({"degrade": ["views", "greedy"]}, "budget.degrade"),
+        ({"degrade": ["fast", "placeholders"]}, "budget.degrade"),
+        ({"degrade": ["views", "views", "placeholders"]}, "budget.degrade"),
+        ({"seconds": 30, "margin_seconds": 30}, "budget.margin_seconds"),
+        ({"views": 0}, "budget.views"),
+        ({"min_prob": 1.5}, "budget.min_prob"),
+    ],
+)
 def test_bad_budgets_are_refused_naming_the_key(values, key):
     with pytest.raises(ConfigError) as err:
         check_budget(BudgetConfig(**values))

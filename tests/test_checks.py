@@ -33,8 +33,12 @@ def paths(tmp_path_factory) -> dict[str, str]:
     (root / "model" / "config.json").write_text("{}")
     (root / "empty").mkdir()
     (root / "c.json").write_text("{}")
-    return {"MODEL": str(root / "model"), "EMPTY": str(root / "empty"), "FILE": str(root / "c.json"),
-            "NOPE": str(root / "nope")}
+    return {
+        "MODEL": str(root / "model"),
+        "EMPTY": str(root / "empty"),
+        "FILE": str(root / "c.json"),
+        "NOPE": str(root / "nope"),
+    }
 
 
 # (overrides, key, the value as the message shows it, what the message says is allowed). Every row composes (the
@@ -94,16 +98,26 @@ BAD += [(f"{key}=bogus", key, "'bogus'", " | ".join(allowed)) for key, allowed i
 
 def test_the_table_is_large_and_covers_every_range_rule():
     assert len(BAD) >= 20
-    assert set(RANGES) - {row[1] for row in BAD} <= {"model.hidden_size", "model.num_layers", "model.num_heads",
-                                                      "model.intermediate_size", "model.max_position_embeddings",
-                                                      "train.warmup_steps", "train.weight_decay",
-                                                      "train.max_grad_norm", "train.max_len", "inference.max_len",
-                                                      "inference.max_candidates", "inference.scoring.cache_mb"}
+    assert set(RANGES) - {row[1] for row in BAD} <= {
+        "model.hidden_size",
+        "model.num_layers",
+        "model.num_heads",
+        "model.intermediate_size",
+        "model.max_position_embeddings",
+        "train.warmup_steps",
+        "train.weight_decay",
+        "train.max_grad_norm",
+        "train.max_len",
+        "inference.max_len",
+        "inference.max_candidates",
+        "inference.scoring.cache_mb",
+    }
 
 
 @pytest.mark.parametrize("overrides,key,value,allowed", BAD, ids=[row[0] for row in BAD])
-def test_a_bad_config_is_refused_in_one_line_naming_key_value_and_what_is_allowed(paths, overrides, key, value,
-                                                                                 allowed):
+def test_a_bad_config_is_refused_in_one_line_naming_key_value_and_what_is_allowed(
+    paths, overrides, key, value, allowed
+):
     cfg = compose_with(overrides.format(**paths).split())
     with pytest.raises(ConfigError) as err:
         check(cfg)
@@ -114,13 +128,17 @@ def test_a_bad_config_is_refused_in_one_line_naming_key_value_and_what_is_allowe
 
 
 def test_good_configs_pass(paths):
-    for overrides in ([], ["folds=per_task"], ["folds=8"],
-                      ["inference=dfs", "inference.n=2", "inference.scoring.views=16"],
-                      ["inference=dfs", "inference.scoring.views=16", "inference.scoring.views_from=fresh"],
-                      ["lora.dropout=0.0", "train.epochs=0", "inference.min_prob=1.0"],
-                      ["model=hf", f"model.path={paths['MODEL']}"],
-                      ["data=kaggle", f"data.challenges={paths['FILE']}", f"data.solutions={paths['FILE']}"],
-                      ["experiment=kaggle", f"model.path={paths['MODEL']}", f"data.challenges={paths['FILE']}"]):
+    for overrides in (
+        [],
+        ["folds=per_task"],
+        ["folds=8"],
+        ["inference=dfs", "inference.n=2", "inference.scoring.views=16"],
+        ["inference=dfs", "inference.scoring.views=16", "inference.scoring.views_from=fresh"],
+        ["lora.dropout=0.0", "train.epochs=0", "inference.min_prob=1.0"],
+        ["model=hf", f"model.path={paths['MODEL']}"],
+        ["data=kaggle", f"data.challenges={paths['FILE']}", f"data.solutions={paths['FILE']}"],
+        ["experiment=kaggle", f"model.path={paths['MODEL']}", f"data.challenges={paths['FILE']}"],
+    ):
         check(compose_with(overrides))
 
 
@@ -144,8 +162,15 @@ def test_option_files_state_only_what_differs_from_the_schema():
     """An option states what it is about; restating a default would silently undo an experiment's value."""
     from arcfold import config as C
 
-    schemas = {"data": C.DataConfig, "model": C.ModelConfig, "split": C.SplitConfig, "lora": C.LoraConfig,
-               "train": C.TrainConfig, "inference": C.InferenceConfig, "tracking": C.TrackingConfig}
+    schemas = {
+        "data": C.DataConfig,
+        "model": C.ModelConfig,
+        "split": C.SplitConfig,
+        "lora": C.LoraConfig,
+        "train": C.TrainConfig,
+        "inference": C.InferenceConfig,
+        "tracking": C.TrackingConfig,
+    }
     identity = {"data.name", "model.kind", "split.strategy", "inference.strategy"}  # what names the option
 
     def leaves(node, prefix=""):
@@ -158,19 +183,29 @@ def test_option_files_state_only_what_differs_from_the_schema():
         default = OmegaConf.structured(schema)
         for path in sorted((conf / group).glob("*.yaml")):
             data = OmegaConf.to_container(OmegaConf.load(path)) or {}
-            restated += [f"{path.name}: {k}" for k, v in leaves(data)
-                         if f"{group}.{k}" not in identity and OmegaConf.select(default, k) == v]
+            restated += [
+                f"{path.name}: {k}"
+                for k, v in leaves(data)
+                if f"{group}.{k}" not in identity and OmegaConf.select(default, k) == v
+            ]
     assert not restated
 
 
 # ----------------------------------------------------------------- through the entry point, as a user runs it
 
+
 def arcfold(tmp_path: Path, *args: str) -> subprocess.Popen:
     # The arcfold under test, whatever the working directory (PYTHONPATH=src is relative to the repository).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(arcfold_pkg.__file__).parents[1])}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen([sys.executable, "-m", "arcfold", f"outputs={tmp_path / 'outputs'}", "tracking=off",
-                             *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "arcfold", f"outputs={tmp_path / 'outputs'}", "tracking=off", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -198,14 +233,17 @@ def cli_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProc
     return done
 
 
-@pytest.mark.parametrize("name,names", [
-    ("range", ["config: lora.rank: got 0; allowed: an integer >= 1"]),
-    ("hydra_unknown_option", ["model/foo", "Available options in 'model'", "hf", "tiny"]),
-    ("hydra_wrong_type", ["train.epochs=many", "'many'", "Integer"]),
-    ("model_path", ["model.path", "/no/such/model", "Hugging Face model folder", "no such path"]),
-    ("garbled_data", ["c.json", "not valid JSON"]),
-    ("unknown_task_ids", ["data.task_ids", "nosuchtask"]),
-])
+@pytest.mark.parametrize(
+    "name,names",
+    [
+        ("range", ["config: lora.rank: got 0; allowed: an integer >= 1"]),
+        ("hydra_unknown_option", ["model/foo", "Available options in 'model'", "hf", "tiny"]),
+        ("hydra_wrong_type", ["train.epochs=many", "'many'", "Integer"]),
+        ("model_path", ["model.path", "/no/such/model", "Hugging Face model folder", "no such path"]),
+        ("garbled_data", ["c.json", "not valid JSON"]),
+        ("unknown_task_ids", ["data.task_ids", "nosuchtask"]),
+    ],
+)
 def test_the_entry_point_refuses_in_one_line_with_exit_2_and_no_traceback(cli_runs, name, names):
     folder, proc = cli_runs[name]
     assert proc.returncode == 2, proc.stderr[-2000:]

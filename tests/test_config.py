@@ -14,8 +14,12 @@ from arcfold.config import ConfigError, RunConfig, check, register
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["data", "model", "format", "split", "lora", "train", "inference", "tracking", "experiment", "executor"]
 # Options whose mandatory keys (???) must be given to compose a usable config.
-REQUIRED = {("data", "kaggle"): ["data.challenges=c.json"], ("data", "dir"): ["data.path=tasks"],
-            ("model", "hf"): ["model.path=/models/m"], ("experiment", "kaggle"): ["model.path=/models/m"]}
+REQUIRED = {
+    ("data", "kaggle"): ["data.challenges=c.json"],
+    ("data", "dir"): ["data.path=tasks"],
+    ("model", "hf"): ["model.path=/models/m"],
+    ("experiment", "kaggle"): ["model.path=/models/m"],
+}
 
 register()
 
@@ -60,8 +64,12 @@ def test_per_task_folds_and_strategies():
 
 def test_data_selection_overrides():
     cfg = compose_with(["data=kaggle", "data.challenges=/k/c.json", "data.solutions=/k/s.json", "data.limit=null"])
-    assert (cfg.data.name, cfg.data.challenges, cfg.data.solutions, cfg.data.limit) == \
-        ("kaggle", "/k/c.json", "/k/s.json", None)
+    assert (cfg.data.name, cfg.data.challenges, cfg.data.solutions, cfg.data.limit) == (
+        "kaggle",
+        "/k/c.json",
+        "/k/s.json",
+        None,
+    )
     assert list(compose_with(["data.task_ids=[a,b]"]).data.task_ids) == ["a", "b"]
 
 
@@ -80,8 +88,9 @@ def test_mandatory_paths_are_reported_missing_in_one_line():
         check(compose_with(["data=kaggle"]))
 
 
-@pytest.mark.parametrize("override,field", [("format.name=xml", "format.name"),
-                                            ("format=architects", "format"), ("format=chat", "format")])
+@pytest.mark.parametrize(
+    "override,field", [("format.name=xml", "format.name"), ("format=architects", "format"), ("format=chat", "format")]
+)
 def test_a_bad_prompt_format_is_refused_in_one_line(override, field):
     # The default model is tiny, whose built-in vocabulary can write only the plain format.
     with pytest.raises(ConfigError) as err:
@@ -122,23 +131,46 @@ def test_the_cpu_demo_experiment_sizes_the_default_run_and_groups_mean_what_they
 
 
 def test_the_real_model_keys_compose_and_pass_the_check(model_dir):
-    cfg = compose_with(["model=hf", f"model.path={model_dir}", "model.quantization=4bit", "model.device_map=auto",
-                        "model.shrink_vocab=true", "model.shrink_vocab_save=/tmp/small", "save_adapters=last"])
+    cfg = compose_with(
+        [
+            "model=hf",
+            f"model.path={model_dir}",
+            "model.quantization=4bit",
+            "model.device_map=auto",
+            "model.shrink_vocab=true",
+            "model.shrink_vocab_save=/tmp/small",
+            "save_adapters=last",
+        ]
+    )
     check(cfg)
     typed = OmegaConf.to_object(cfg)
-    assert (typed.model.quantization, typed.model.device_map, typed.model.shrink_vocab,
-            typed.model.shrink_vocab_save, typed.save_adapters) == ("4bit", "auto", True, "/tmp/small", "last")
+    assert (
+        typed.model.quantization,
+        typed.model.device_map,
+        typed.model.shrink_vocab,
+        typed.model.shrink_vocab_save,
+        typed.save_adapters,
+    ) == ("4bit", "auto", True, "/tmp/small", "last")
     # A device map as a mapping travels as a quoted string (an unquoted one is a Hydra dict, not this key's type).
-    assert compose_with(["model.device_map=\"{model: 0, lm_head: 1}\""]).model.device_map == "{model: 0, lm_head: 1}"
+    assert compose_with(['model.device_map="{model: 0, lm_head: 1}"']).model.device_map == "{model: 0, lm_head: 1}"
     defaults = compose_with([])
-    assert (defaults.model.quantization, defaults.model.device_map, defaults.model.shrink_vocab,
-            defaults.save_adapters) == ("none", None, False, "none")
+    assert (
+        defaults.model.quantization,
+        defaults.model.device_map,
+        defaults.model.shrink_vocab,
+        defaults.save_adapters,
+    ) == ("none", None, False, "none")
 
 
-@pytest.mark.parametrize("override,field", [("model.quantization=2bit", "model.quantization"),
-                                            ("save_adapters=true", "save_adapters"),
-                                            ("save_adapters=every", "save_adapters"),
-                                            ("model.shrink_vocab_save=/tmp/x", "model.shrink_vocab_save")])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("model.quantization=2bit", "model.quantization"),
+        ("save_adapters=true", "save_adapters"),
+        ("save_adapters=every", "save_adapters"),
+        ("model.shrink_vocab_save=/tmp/x", "model.shrink_vocab_save"),
+    ],
+)
 def test_bad_real_model_settings_name_their_field(override, field, model_dir):
     with pytest.raises(ConfigError, match=field) as err:
         check(compose_with(["model=hf", f"model.path={model_dir}", override]))

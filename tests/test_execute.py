@@ -117,25 +117,35 @@ def test_a_fold_that_kills_every_worker_is_lost_after_two_tries_and_the_rest_fin
     assert [fold for fold, _ in started(tmp_path)].count(1) == 2
 
 
-@pytest.mark.parametrize("spec,model_device,device_map,gpus,expected", [
-    ("auto", "auto", None, 0, ["cpu"]),
-    ("auto", "auto", None, 3, ["cuda:0", "cuda:1", "cuda:2"]),
-    ("auto", "cuda:1", None, 3, ["cuda:1"]),  # a chosen device: that one
-    ("auto", "auto", "auto", 3, ["auto"]),  # one model spread over the GPUs: one worker
-    (2, "auto", None, 0, ["cpu", "cpu"]),
-    (2, "auto", None, 4, ["cuda:0", "cuda:1"]),
-    (2, "cpu", None, 4, ["cpu", "cpu"]),
-    ([0, 2], "auto", None, 4, ["cuda:0", "cuda:2"]),
-    (["cuda:3", "cpu"], "auto", None, 4, ["cuda:3", "cpu"]),
-])
+@pytest.mark.parametrize(
+    "spec,model_device,device_map,gpus,expected",
+    [
+        ("auto", "auto", None, 0, ["cpu"]),
+        ("auto", "auto", None, 3, ["cuda:0", "cuda:1", "cuda:2"]),
+        ("auto", "cuda:1", None, 3, ["cuda:1"]),  # a chosen device: that one
+        ("auto", "auto", "auto", 3, ["auto"]),  # one model spread over the GPUs: one worker
+        (2, "auto", None, 0, ["cpu", "cpu"]),
+        (2, "auto", None, 4, ["cuda:0", "cuda:1"]),
+        (2, "cpu", None, 4, ["cpu", "cpu"]),
+        ([0, 2], "auto", None, 4, ["cuda:0", "cuda:2"]),
+        (["cuda:3", "cpu"], "auto", None, 4, ["cuda:3", "cpu"]),
+    ],
+)
 def test_devices_resolve_to_one_worker_each(monkeypatch, spec, model_device, device_map, gpus, expected):
     monkeypatch.setattr(execute, "gpu_count", lambda: gpus)
     assert resolve_devices(spec, model_device, device_map) == expected
 
 
-@pytest.mark.parametrize("spec,gpus,problem", [(4, 2, "got 4; allowed: at most the 2 visible GPUs"),
-                                               ([5], 2, "cuda:5 is not one"), (["tpu"], 2, "'tpu' is none"),
-                                               (0, 2, "got 0"), ([], 2, "got []")])
+@pytest.mark.parametrize(
+    "spec,gpus,problem",
+    [
+        (4, 2, "got 4; allowed: at most the 2 visible GPUs"),
+        ([5], 2, "cuda:5 is not one"),
+        (["tpu"], 2, "'tpu' is none"),
+        (0, 2, "got 0"),
+        ([], 2, "got []"),
+    ],
+)
 def test_devices_that_do_not_exist_are_refused_in_one_line(monkeypatch, spec, gpus, problem):
     monkeypatch.setattr(execute, "gpu_count", lambda: gpus)
     with pytest.raises(ConfigError) as err:
@@ -151,8 +161,15 @@ def test_workers_split_the_cores(monkeypatch):
     assert threads_per_worker(2) == 2 and threads_per_worker(2, threads=6) == 6
 
 
-@pytest.mark.parametrize("overrides,pool", [([], execute.InProcess), (["devices=1"], execute.InProcess),
-                                            (["devices=2"], Processes), (["devices=[cpu,cpu]"], Processes)])
+@pytest.mark.parametrize(
+    "overrides,pool",
+    [
+        ([], execute.InProcess),
+        (["devices=1"], execute.InProcess),
+        (["devices=2"], Processes),
+        (["devices=[cpu,cpu]"], Processes),
+    ],
+)
 def test_one_device_runs_in_this_process_several_in_worker_processes(tmp_path, overrides, pool):
     register()
     with initialize_config_module("arcfold.conf", version_base="1.3"):
@@ -167,8 +184,7 @@ def test_a_job_from_another_clock_keeps_its_deadline_in_seconds_from_now():
     from arcfold.worker import on_this_clock
 
     # Sent by a parent whose perf_counter read 1000.0, with 40 s left in the fold's slice and 90 s in the run.
-    planner = Planner(BudgetConfig(seconds=100.0, margin_seconds=0.0), [FoldWork(1.0, 1.0)], start=990.0,
-                      full_views=8)
+    planner = Planner(BudgetConfig(seconds=100.0, margin_seconds=0.0), [FoldWork(1.0, 1.0)], start=990.0, full_views=8)
     job = FoldJob(0, [], plan=FoldPlan(1040.0, 20.0, None), planner=planner, sent=1000.0)
     now = time.perf_counter()
     on_this_clock(job)

@@ -9,9 +9,25 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "arcfold"
 # Module (file stem or package) -> its layer. config holds plain dataclass schemas any layer may use.
-LAYER = {"data": 0, "config": 0, "engine": 1, "pipeline": 2, "results": 2, "budget": 2, "checkpoint": 2,
-         "failures": 2, "worker": 2, "execute": 2, "execute_ray": 2, "report": 2, "progress": 2, "__main__": 3,
-         "tracking": 3, "score": 3, "compare": 3}
+LAYER = {
+    "data": 0,
+    "config": 0,
+    "engine": 1,
+    "pipeline": 2,
+    "results": 2,
+    "budget": 2,
+    "checkpoint": 2,
+    "failures": 2,
+    "worker": 2,
+    "execute": 2,
+    "execute_ray": 2,
+    "report": 2,
+    "progress": 2,
+    "__main__": 3,
+    "tracking": 3,
+    "score": 3,
+    "compare": 3,
+}
 
 
 def layer_of(module: str) -> int | None:

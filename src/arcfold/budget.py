@@ -142,26 +142,38 @@ class Planner:
     def start_fold(self, f: int, now: float) -> FoldPlan:
         projected = self.projection(now)
         if projected is not None:
-            log.info("budget: the run is projected to take %.0f s in all%s", projected,
-                     "" if self.write_by is None else f" ({self.write_by - self.start:.0f} s allowed)")
+            log.info(
+                "budget: the run is projected to take %.0f s in all%s",
+                projected,
+                "" if self.write_by is None else f" ({self.write_by - self.start:.0f} s allowed)",
+            )
         if self.write_by is None:
             return FoldPlan(None, None, projected)
         left = max(0.0, self.write_by - now)
         # Fold f first, then every other fold's remaining work (finished ones have none; workers take folds in
         # any order).
-        rest = [self.work[f], *self.work[:f], *self.work[f + 1:]]
+        rest = [self.work[f], *self.work[:f], *self.work[f + 1 :]]
         projected_need = [self.seconds(w) for w in rest]
-        need = ([p for p in projected_need if p is not None] if None not in projected_need
-                else [w.train + w.inputs for w in rest])  # not calibrated yet: token counts stand in
+        need = (
+            [p for p in projected_need if p is not None]
+            if None not in projected_need
+            else [w.train + w.inputs for w in rest]
+        )  # not calibrated yet: token counts stand in
         share = min(1.0, self.workers * need[0] / sum(need)) if sum(need) > 0 else 1.0
         end = now + left * share
         w, t, i = self.work[f], self.train_rate(), self.infer_rate(self.level)
         train_share = 0.5 if t is None or i is None else t * w.train / max(t * w.train + i * w.inputs, 1e-9)
         train_seconds = (end - now) * train_share if w.train else 0.0
         if projected is not None and projected > self.write_by - self.start:
-            log.warning("budget: projected %.0f s for the run, %.0f s allowed (budget minus margin); fold %d "
-                        "gets %.0f s, %.0f s of it for training", projected, self.write_by - self.start, f,
-                        end - now, train_seconds)
+            log.warning(
+                "budget: projected %.0f s for the run, %.0f s allowed (budget minus margin); fold %d "
+                "gets %.0f s, %.0f s of it for training",
+                projected,
+                self.write_by - self.start,
+                f,
+                end - now,
+                train_seconds,
+            )
         return FoldPlan(end, train_seconds, projected)
 
     def next_input(self, f: int, plan: FoldPlan, units: float, now: float, where: str) -> Step:
@@ -177,10 +189,14 @@ class Planner:
         rate, units_left = self.infer_rate(self.level), self.work[f].inputs
         if rate is not None and self.level < self.last_cut and rate * units_left > left:
             self.level += 1
-            self.record(f, where, self.steps[self.level - 1],
-                        f"projected {rate * units_left:.1f} s for fold {f}'s remaining inputs, {left:.1f} s left")
+            self.record(
+                f,
+                where,
+                self.steps[self.level - 1],
+                f"projected {rate * units_left:.1f} s for fold {f}'s remaining inputs, {left:.1f} s left",
+            )
         share = left * units / units_left if units_left > 0 else left
-        return Step(self.level, self.steps[:self.level], min(left, 2 * share))
+        return Step(self.level, self.steps[: self.level], min(left, 2 * share))
 
     def observe_train(self, f: int, done: float, seconds: float) -> None:
         """Fold f trained `done` (a fraction: less when cut short) of its tokens in `seconds`."""
@@ -207,5 +223,9 @@ class Planner:
             log.warning("budget: from %s on, %s: %s", where, DESCRIBE[cut], why)
 
 
-DESCRIBE = {"views": "fewer generation views (budget.views)", "min_prob": "DFS min_prob raised (budget.min_prob)",
-            "greedy": "greedy decoding, no augmentation scoring", "placeholders": "placeholders"}
+DESCRIBE = {
+    "views": "fewer generation views (budget.views)",
+    "min_prob": "DFS min_prob raised (budget.min_prob)",
+    "greedy": "greedy decoding, no augmentation scoring",
+    "placeholders": "placeholders",
+}

@@ -75,8 +75,12 @@ class FoldOutcome:
     events: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"fold": self.fold, "row": {k: plain(v) for k, v in self.row.items()},
-                "inputs": [r.to_json() for r in self.inputs], "events": self.events}
+        return {
+            "fold": self.fold,
+            "row": {k: plain(v) for k, v in self.row.items()},
+            "inputs": [r.to_json() for r in self.inputs],
+            "events": self.events,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FoldOutcome:
@@ -89,18 +93,25 @@ def plain(v: Any) -> Any:
 
 
 def prediction_to_json(p: TestPrediction) -> dict[str, Any]:
-    return {"task_id": p.task_id, "test_index": p.test_index,
-            "candidates": [{"grid": c.grid.tolist(), "gen_logps": c.gen_logps, "scores": c.scores}
-                           for c in p.candidates],
-            "attempts": [np.asarray(g).tolist() for g in p.attempts], "rankings": p.rankings,
-            "stats": {k: plain(v) for k, v in p.stats.items()}}
+    return {
+        "task_id": p.task_id,
+        "test_index": p.test_index,
+        "candidates": [{"grid": c.grid.tolist(), "gen_logps": c.gen_logps, "scores": c.scores} for c in p.candidates],
+        "attempts": [np.asarray(g).tolist() for g in p.attempts],
+        "rankings": p.rankings,
+        "stats": {k: plain(v) for k, v in p.stats.items()},
+    }
 
 
 def prediction_from_json(d: dict[str, Any]) -> TestPrediction:
-    return TestPrediction(d["task_id"], d["test_index"],
-                          [Candidate(_grid(c["grid"]), _by_view(c["gen_logps"]), _by_view(c["scores"]))
-                           for c in d["candidates"]],
-                          [_grid(g) for g in d["attempts"]], d["rankings"], d["stats"])
+    return TestPrediction(
+        d["task_id"],
+        d["test_index"],
+        [Candidate(_grid(c["grid"]), _by_view(c["gen_logps"]), _by_view(c["scores"])) for c in d["candidates"]],
+        [_grid(g) for g in d["attempts"]],
+        d["rankings"],
+        d["stats"],
+    )
 
 
 def _grid(g: list[list[int]]) -> np.ndarray:
@@ -125,11 +136,18 @@ class Checkpoint:
         assignment = [[t.id for t in fold] for fold in folds]
         path = self.dir / "folds.json"
         if path.exists() and not resume:
-            raise ArcDataError("holds a run already; finish it with resume=<run dir>, or run in a new dir",
-                               file=str(self.run_dir), field="resume")
+            raise ArcDataError(
+                "holds a run already; finish it with resume=<run dir>, or run in a new dir",
+                file=str(self.run_dir),
+                field="resume",
+            )
         if path.exists() and _read(path) != assignment:
-            raise ArcDataError("the run's folds (checkpoint/folds.json) differ from this config's: the data or the "
-                               "split changed since it started", file=str(self.run_dir), field="resume")
+            raise ArcDataError(
+                "the run's folds (checkpoint/folds.json) differ from this config's: the data or the "
+                "split changed since it started",
+                file=str(self.run_dir),
+                field="resume",
+            )
         if resume and not path.exists():
             log.warning("resume: %s has no checkpoint yet, the run starts from the beginning", self.run_dir)
         write_json_atomic(path, assignment)
@@ -173,8 +191,9 @@ class Checkpoint:
         write_json_atomic(self.fold_dir(f) / "training.json", {k: plain(v) for k, v in asdict(record).items()})
 
     def save_input(self, record: InputRecord) -> None:
-        write_json_atomic(self.fold_dir(record.fold) / "inputs" / f"{record.task}.{record.index}.json",
-                          record.to_json())
+        write_json_atomic(
+            self.fold_dir(record.fold) / "inputs" / f"{record.task}.{record.index}.json", record.to_json()
+        )
 
     def save_fold(self, outcome: FoldOutcome) -> None:
         """The fold's record, then its in-progress folder (adapter included) goes."""
@@ -197,13 +216,17 @@ def resumed_config(cfg: Any, overrides: Sequence[str]) -> Any:
     try:
         saved = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
     except (OmegaConfBaseException, OSError) as err:
-        raise ArcDataError(f"cannot read the run's config: {err}".splitlines()[0], file=str(path),
-                           field="resume") from None
+        raise ArcDataError(
+            f"cannot read the run's config: {err}".splitlines()[0], file=str(path), field="resume"
+        ) from None
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.split(".")[0] in RESUMABLE:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
         elif OmegaConf.select(cfg, key) != OmegaConf.select(saved, key):
-            raise ConfigError(f"{override!r} would change the run being resumed (its config: {path}); only "
-                              f"{', '.join(RESUMABLE[1:])} may change", key=key)
+            raise ConfigError(
+                f"{override!r} would change the run being resumed (its config: {path}); only "
+                f"{', '.join(RESUMABLE[1:])} may change",
+                key=key,
+            )
     return saved

@@ -94,8 +94,10 @@ def per_task(tasks_csv: Path) -> dict[str, dict[str, float]]:
             value = float(row.get("answer_nll") or "nan")
             if math.isfinite(value):
                 nll.setdefault(row["task"], []).append(value)
-    out = {"score": {t: sum(v) / len(v) for t, v in solved.items()},
-           "answer_nll": {t: sum(v) / len(v) for t, v in nll.items()}}
+    out = {
+        "score": {t: sum(v) / len(v) for t, v in solved.items()},
+        "answer_nll": {t: sum(v) / len(v) for t, v in nll.items()},
+    }
     return {k: v for k, v in out.items() if v}
 
 
@@ -115,14 +117,27 @@ def read_runs(uri: str, run_ids: Sequence[str]) -> list[RunRecord]:
             except Exception as err:  # a run that died before writing its tables: in the counts, not the stats
                 log.warning("run %s: no tasks.csv artifact (%s); compared on its run metrics only", run_id, err)
                 tasks = {}
-            records.append(RunRecord(run_id, run.info.run_name or "", dict(run.data.params), dict(run.data.metrics),
-                                     run.info.status, tasks))
+            records.append(
+                RunRecord(
+                    run_id,
+                    run.info.run_name or "",
+                    dict(run.data.params),
+                    dict(run.data.metrics),
+                    run.info.status,
+                    tasks,
+                )
+            )
     return records
 
 
-def summarise(source: Source, out: str | Path, baseline: str | None = None, level: float = 0.95,
-              n_boot: int = 10_000, ui_url: str | None = None
-              ) -> tuple[Comparison | None, dict[str, Path], str | None]:
+def summarise(
+    source: Source,
+    out: str | Path,
+    baseline: str | None = None,
+    level: float = 0.95,
+    n_boot: int = 10_000,
+    ui_url: str | None = None,
+) -> tuple[Comparison | None, dict[str, Path], str | None]:
     """Compare the source's runs into `out`; with a parent run, log the report to it, set its summary, and
     return the link to the sweep's runs table (None without a parent)."""
     records = read_runs(source.uri, source.run_ids)
@@ -137,8 +152,14 @@ def summarise(source: Source, out: str | Path, baseline: str | None = None, leve
     return comparison, files, link
 
 
-def log_to_parent(source: Source, pid: str, records: Sequence[RunRecord], c: Comparison | None,
-                  files: dict[str, Path], ui_url: str | None) -> str | None:
+def log_to_parent(
+    source: Source,
+    pid: str,
+    records: Sequence[RunRecord],
+    c: Comparison | None,
+    files: dict[str, Path],
+    ui_url: str | None,
+) -> str | None:
     """The parent run tells the sweep's story: jobs, failures, the best configuration, the report and plots."""
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
@@ -146,8 +167,11 @@ def log_to_parent(source: Source, pid: str, records: Sequence[RunRecord], c: Com
 
     client = MlflowClient(tracking_uri=source.uri)
     now = int(datetime.now().timestamp() * 1000)
-    summary = {"jobs": len(records), "failed_jobs": sum(r.status != "FINISHED" for r in records),
-               "failed_tasks": sum(r.metrics.get("failed_tasks", 0.0) for r in records)}
+    summary = {
+        "jobs": len(records),
+        "failed_jobs": sum(r.status != "FINISHED" for r in records),
+        "failed_tasks": sum(r.metrics.get("failed_tasks", 0.0) for r in records),
+    }
     tags = {"arcfold.role": "sweep"}
     if c is not None:
         best = c.configurations[c.best]
@@ -166,8 +190,9 @@ def log_to_parent(source: Source, pid: str, records: Sequence[RunRecord], c: Com
             client.log_batch(pid, params=params)
         except MlflowException as err:
             log.warning("parent run %s: best params not logged (%s); see the best_configuration tag", pid, err)
-    client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()
-                                   if v is not None and math.isfinite(v)])
+    client.log_batch(
+        pid, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items() if v is not None and math.isfinite(v)]
+    )
     for k, v in tags.items():
         client.set_tag(pid, k, v)
     for path in files.values():
@@ -187,20 +212,33 @@ def default_out(source: Source) -> Path:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m arcfold.compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m arcfold.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("target", nargs="+", help="a sweep dir, a parent run id, run ids, or an MLflow filter")
-    p.add_argument("--baseline", help="the configuration to compare against, e.g. 'lora.rank=8' (default: the "
-                                      "first), or one of its run ids")
-    p.add_argument("--out", help="where report.md, compare.json and the plots go (default: <sweep dir>/compare, "
-                                 "else outputs/compare/<parent id or time>)")
-    p.add_argument("--tracking-uri", help="the MLflow store (default: the sweep's, else $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///outputs/mlflow.db)")
+    p.add_argument(
+        "--baseline",
+        help="the configuration to compare against, e.g. 'lora.rank=8' (default: the first), or one of its run ids",
+    )
+    p.add_argument(
+        "--out",
+        help="where report.md, compare.json and the plots go (default: <sweep dir>/compare, "
+        "else outputs/compare/<parent id or time>)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="the MLflow store (default: the sweep's, else $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)",
+    )
     p.add_argument("--experiment", default="arcfold", help="where a filter searches (default: arcfold)")
     p.add_argument("--level", type=float, default=0.95, help="the intervals' confidence level (default 0.95)")
     p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples (default 10000)")
-    p.add_argument("--ui-url", help="the MLflow UI's address for the printed link (default: the tracking URI if "
-                                    "it is http(s), else http://127.0.0.1:5000 as `make ui` serves it)")
+    p.add_argument(
+        "--ui-url",
+        help="the MLflow UI's address for the printed link (default: the tracking URI if "
+        "it is http(s), else http://127.0.0.1:5000 as `make ui` serves it)",
+    )
     return p.parse_args(argv)
 
 
@@ -212,8 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"arcfold.compare: no runs match {' '.join(args.target)!r} in {source.uri}", file=sys.stderr)
         return 2
     try:
-        comparison, files, link = summarise(source, args.out or default_out(source), args.baseline, args.level,
-                                      args.n_boot, args.ui_url)
+        comparison, files, link = summarise(
+            source, args.out or default_out(source), args.baseline, args.level, args.n_boot, args.ui_url
+        )
     except ValueError as err:  # e.g. a baseline that matches no configuration
         print(f"arcfold.compare: {err}", file=sys.stderr)
         return 2

@@ -26,8 +26,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "format.name": ("plain", "architects", "chat"),  # prompt formats (data.formats)
     "split.strategy": ("random", "balanced", "per_task"),
     # transformers schedulers that need no argument beyond warmup and total steps
-    "train.scheduler": ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
-                        "polynomial", "inverse_sqrt"),
+    "train.scheduler": (
+        "cosine",
+        "linear",
+        "constant",
+        "constant_with_warmup",
+        "cosine_with_restarts",
+        "polynomial",
+        "inverse_sqrt",
+    ),
     "train.colours": COLOURS,
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.loss_kernel": ("torch", "liger"),  # the chunked torch head, or Liger's fused kernel (CUDA)
@@ -95,8 +102,9 @@ class LoraConfig:
     rank: int = 16
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     use_rslora: bool = True
     init_seed: int = 0
 
@@ -272,9 +280,12 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "inference.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "inference.scoring.views": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0: rank by votes)"),
     "inference.scoring.cache_mb": (lambda v: _num(v) and v >= 0, "a number of MB >= 0"),
-    "devices": (lambda v: v == "auto" or (_int(v) and v >= 1)
-                or (isinstance(v, Sequence) and not isinstance(v, str) and len(v) >= 1),
-                "auto, an integer >= 1 or a list of GPU indices (cuda:N, cpu)"),
+    "devices": (
+        lambda v: (
+            v == "auto" or (_int(v) and v >= 1) or (isinstance(v, Sequence) and not isinstance(v, str) and len(v) >= 1)
+        ),
+        "auto, an integer >= 1 or a list of GPU indices (cuda:N, cpu)",
+    ),
     "executor.threads": (lambda v: v is None or (_int(v) and v >= 1), "null (the cores split) or an integer >= 1"),
     "repeats": (lambda v: _int(v) and v >= 1, "an integer >= 1 (with -m: seeds 0..repeats-1)"),
     "report.progress_every": (lambda v: _num(v) and v >= 0, "a number of seconds >= 0"),
@@ -290,8 +301,11 @@ def check(cfg: Any) -> None:
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     # Paths an option needs (a schema default of None cannot be overridden by "???" in YAML, so check here).
-    needs = {"data.challenges": cfg.data.name == "kaggle", "data.path": cfg.data.name == "dir",
-             "model.path": cfg.model.kind == "hf"}
+    needs = {
+        "data.challenges": cfg.data.name == "kaggle",
+        "data.path": cfg.data.name == "dir",
+        "model.path": cfg.model.kind == "hf",
+    }
     missing += [key for key, needed in needs.items() if needed and not OmegaConf.select(cfg, key)]
     if missing:
         raise ConfigError(f"no value given (set it on the command line, e.g. {missing[0]}=...)", key=missing[0])
@@ -307,15 +321,23 @@ def check(cfg: Any) -> None:
     _check_paths(cfg)
     scoring = cfg.inference.scoring
     if scoring.views_from == "generation" and scoring.views > 8 * cfg.inference.n:
-        raise refuse("inference.scoring.views", scoring.views,
-                     f"at most the {8 * cfg.inference.n} generation views (8 * inference.n); raise inference.n "
-                     "or set inference.scoring.views_from=fresh")
+        raise refuse(
+            "inference.scoring.views",
+            scoring.views,
+            f"at most the {8 * cfg.inference.n} generation views (8 * inference.n); raise inference.n "
+            "or set inference.scoring.views_from=fresh",
+        )
     if cfg.model.kind == "tiny" and cfg.model.hidden_size % cfg.model.num_heads:
-        raise refuse("model.num_heads", cfg.model.num_heads,
-                     f"a divisor of model.hidden_size ({cfg.model.hidden_size})")
+        raise refuse(
+            "model.num_heads", cfg.model.num_heads, f"a divisor of model.hidden_size ({cfg.model.hidden_size})"
+        )
     if cfg.model.kind == "tiny" and cfg.format.name != "plain":
-        raise refuse("format.name", cfg.format.name, "plain with model.kind=tiny (its built-in vocabulary has no "
-                     "letters; use model=hf with a tokenizer for architects or chat)")
+        raise refuse(
+            "format.name",
+            cfg.format.name,
+            "plain with model.kind=tiny (its built-in vocabulary has no "
+            "letters; use model=hf with a tokenizer for architects or chat)",
+        )
     if cfg.model.shrink_vocab_save and not cfg.model.shrink_vocab:
         raise refuse("model.shrink_vocab_save", cfg.model.shrink_vocab_save, "null unless model.shrink_vocab=true")
     check_budget(cfg.budget)
@@ -332,8 +354,11 @@ def _check_folds(cfg: Any) -> None:
 
 
 # What a path key must name, by kind.
-PATH_KINDS = {"file": "a readable JSON file", "dir": "a readable folder of task JSONs",
-              "model": "a readable Hugging Face model folder (with config.json)"}
+PATH_KINDS = {
+    "file": "a readable JSON file",
+    "dir": "a readable folder of task JSONs",
+    "model": "a readable Hugging Face model folder (with config.json)",
+}
 
 
 def _check_paths(cfg: Any) -> None:
@@ -389,13 +414,39 @@ def register() -> None:
     OmegaConf.register_new_resolver("seed_plus", lambda seed, offset: int(seed) + int(offset), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
-    for group, node in [("data", DataConfig), ("model", ModelConfig), ("format", FormatConfig),
-                        ("split", SplitConfig), ("lora", LoraConfig), ("train", TrainConfig),
-                        ("inference", InferenceConfig), ("tracking", TrackingConfig), ("executor", ExecutorConfig)]:
+    for group, node in [
+        ("data", DataConfig),
+        ("model", ModelConfig),
+        ("format", FormatConfig),
+        ("split", SplitConfig),
+        ("lora", LoraConfig),
+        ("train", TrainConfig),
+        ("inference", InferenceConfig),
+        ("tracking", TrackingConfig),
+        ("executor", ExecutorConfig),
+    ]:
         cs.store(group=group, name=f"base_{group}", node=node)
 
 
-__all__ = ["CHOICES", "COLOURS", "ConfigError", "DataConfig", "ModelConfig", "FormatConfig", "SplitConfig",
-           "LoraConfig", "TrainConfig", "InferenceConfig", "ScoringConfig", "TrackingConfig", "ExecutorConfig",
-           "ReportConfig",
-           "BudgetConfig", "RunConfig", "check", "check_budget", "refuse", "register"]
+__all__ = [
+    "CHOICES",
+    "COLOURS",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "FormatConfig",
+    "SplitConfig",
+    "LoraConfig",
+    "TrainConfig",
+    "InferenceConfig",
+    "ScoringConfig",
+    "TrackingConfig",
+    "ExecutorConfig",
+    "ReportConfig",
+    "BudgetConfig",
+    "RunConfig",
+    "check",
+    "check_budget",
+    "refuse",
+    "register",
+]

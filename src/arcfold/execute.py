@@ -96,6 +96,7 @@ class Pool(Protocol):
 
 # --------------------------------------------------------------------------------------------- devices
 
+
 def resolve_devices(spec: Any, model_device: str = "auto", device_map: str | None = None) -> list[str]:
     """The devices of a run's workers, one worker each, from `devices` (see the module docstring)."""
     if spec == "auto":
@@ -139,6 +140,7 @@ def threads_per_worker(workers: int, threads: int | None = None) -> int:
 
 # --------------------------------------------------------------------------------------------- the queue
 
+
 class Executor:
     """A run's workers, from `executor` and `devices`; a context manager (leaving it stops the workers). What the
     folds report as they go is applied to `ledger`, the run's (see arcfold.worker)."""
@@ -160,9 +162,13 @@ class Executor:
         self.devices = resolve_devices(cfg.devices, cfg.model.device, cfg.model.device_map)
         if len(self.devices) == 1:  # a worker process would only add its start-up
             device = self.devices[0]
-            self.pool = InProcess(functools.partial(FoldWorker, plain, str(run_dir),
-                                                    device=None if device == cfg.model.device else device), ledger,
-                                  cfg.executor.threads)
+            self.pool = InProcess(
+                functools.partial(
+                    FoldWorker, plain, str(run_dir), device=None if device == cfg.model.device else device
+                ),
+                ledger,
+                cfg.executor.threads,
+            )
         else:
             self.pool = Processes(self.devices, worker, threads_per_worker(len(self.devices), cfg.executor.threads))
 
@@ -172,8 +178,9 @@ class Executor:
     def __exit__(self, error: Any, *rest: Any) -> None:
         self.pool.close(wait=error is None)
 
-    def run(self, jobs: Sequence[FoldJob], begin: Callable[[FoldJob], FoldJob] = lambda job: job
-            ) -> Iterator[Ready | Done | Lost]:
+    def run(
+        self, jobs: Sequence[FoldJob], begin: Callable[[FoldJob], FoldJob] = lambda job: job
+    ) -> Iterator[Ready | Done | Lost]:
         """Every job, to whichever worker is free, the costliest first (`begin` completes it as it is handed
         out); events as they happen."""
         pool = self.pool
@@ -202,8 +209,9 @@ class Executor:
         while pending or running:
             dispatch()
             if not running and not any(r.state == "starting" for r in self.workers.values()):
-                raise RuntimeError(f"every worker died before loading its model; {len(pending)} folds not run "
-                                   f"(see {self.status})")
+                raise RuntimeError(
+                    f"every worker died before loading its model; {len(pending)} folds not run (see {self.status})"
+                )
             for kind, w, payload in pool.events():
                 row, now = self.workers[w], time.perf_counter()
                 if kind in ("failed", "error"):  # the model did not load (every worker would fail alike), or a
@@ -230,8 +238,9 @@ class Executor:
                     if lost is not None:
                         job = lost
                         tries[job.fold] += 1
-                        log.error("worker %d (%s, pid %d) died during fold %d: %s", w, row.device, row.pid,
-                                  job.fold, payload)
+                        log.error(
+                            "worker %d (%s, pid %d) died during fold %d: %s", w, row.device, row.pid, job.fold, payload
+                        )
                         if tries[job.fold] < TRIES:
                             pending.appendleft(job)
                         else:
@@ -261,12 +270,19 @@ def account(outcome: FoldOutcome, worker: int, round_trip: float, attempt: int) 
     row = outcome.row
     queue = max(0.0, round_trip - row.get("worker_seconds", round_trip))
     overhead = row.get("reset_seconds", 0.0) + row.get("setup_seconds", 0.0) + queue
-    row.update(worker=worker, attempt=attempt, fold_seconds=round_trip, queue_seconds=queue,
-               overhead_seconds=overhead, overhead_share=overhead / round_trip if round_trip else 0.0)
+    row.update(
+        worker=worker,
+        attempt=attempt,
+        fold_seconds=round_trip,
+        queue_seconds=queue,
+        overhead_seconds=overhead,
+        overhead_share=overhead / round_trip if round_trip else 0.0,
+    )
     return outcome
 
 
 # --------------------------------------------------------------------------------------------- pools
+
 
 class InProcess:
     """The one worker is this process: the model loads when started, a fold runs when its event is asked for
@@ -320,8 +336,12 @@ class Processes:
     def start(self, slot: int) -> tuple[int, int]:
         ours, theirs = self.context.Pipe()
         worker, self.count = self.count, self.count + 1
-        process = self.context.Process(target=serve, args=(theirs, self.devices[slot], self.threads, self.factory),
-                                       name=f"arcfold-worker-{worker}", daemon=True)
+        process = self.context.Process(
+            target=serve,
+            args=(theirs, self.devices[slot], self.threads, self.factory),
+            name=f"arcfold-worker-{worker}",
+            daemon=True,
+        )
         process.start()
         theirs.close()
         self.live[worker] = (process, ours)
@@ -391,8 +411,9 @@ def serve(conn: Connection, device: str, threads: int, factory: Callable[..., Fo
     torch = sys.modules.get("torch")  # else it reads OMP_NUM_THREADS when the worker imports it
     if torch is not None:  # imported already, by the parent's main module re-imported here
         torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO,
-                        format=f"[worker {os.getpid()} {label}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"[worker {os.getpid()} {label}] %(levelname)s %(name)s: %(message)s"
+    )
     try:
         worker = factory(device=device)
     except Exception as err:

@@ -67,19 +67,31 @@ class Timings:
         finally:
             end = time.perf_counter()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + end - start
-            self.spans.append({"phase": phase, "fold": fold, "device": self.device,
-                               "start": start - self.origin, "end": end - self.origin})
+            self.spans.append(
+                {
+                    "phase": phase,
+                    "fold": fold,
+                    "device": self.device,
+                    "start": start - self.origin,
+                    "end": end - self.origin,
+                }
+            )
 
 
 def load_tasks(data: Any) -> tuple[list[Task], list[Task]]:
     """(the tasks this run predicts, every task of the source). The submission covers the latter."""
     source = data.challenges or data.path or data.name
-    everything = load_dataset(data.name, challenges=data.challenges, solutions=data.solutions, path=data.path,
-                              on_invalid=data.on_invalid)
+    everything = load_dataset(
+        data.name, challenges=data.challenges, solutions=data.solutions, path=data.path, on_invalid=data.on_invalid
+    )
     chosen = select(everything, ids=list(data.task_ids) or None, limit=data.limit, order=data.order, source=source)
     if len(chosen) < len(everything):
-        log.warning("running %d of the %d tasks of %s (data.limit / data.task_ids); the others get placeholders",
-                    len(chosen), len(everything), source)
+        log.warning(
+            "running %d of the %d tasks of %s (data.limit / data.task_ids); the others get placeholders",
+            len(chosen),
+            len(everything),
+            source,
+        )
     return chosen, everything
 
 
@@ -122,10 +134,21 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
         store = Checkpoint(run_dir, folds, resume=bool(cfg.resume))
         done = store.restore(results, len(folds))  # what an earlier session of this run finished
         results.write_submission(run_dir / "submission.json")  # valid from the first second: all placeholders
-        planner = Planner(cfg.budget, [remaining_work(fold, cfg, f in done or store.training(f) is not None, results)
-                                       for f, fold in enumerate(folds)], start, full_views=8 * cfg.inference.n)
-        progress = Progress(cfg.report.progress, sum(len(fold) for f, fold in enumerate(folds) if f not in done),
-                            len(folds), cfg.report.progress_every)
+        planner = Planner(
+            cfg.budget,
+            [
+                remaining_work(fold, cfg, f in done or store.training(f) is not None, results)
+                for f, fold in enumerate(folds)
+            ],
+            start,
+            full_views=8 * cfg.inference.n,
+        )
+        progress = Progress(
+            cfg.report.progress,
+            sum(len(fold) for f, fold in enumerate(folds) if f not in done),
+            len(folds),
+            cfg.report.progress_every,
+        )
         s = Session(cfg, results, store, planner, clock, run_dir, folds, progress)
     saved_folds = {"none": set(), "last": {len(folds) - 1}, "all": set(range(len(folds)))}[cfg.save_adapters]
     jobs = [FoldJob(f, fold, save_adapter=f in saved_folds) for f, fold in enumerate(folds) if f not in done]
@@ -138,8 +161,13 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
             s.workers, planner.workers = executor.workers, len(executor.devices)
             clock.device = ",".join(executor.devices)
             tracker.set_tags({"device": clock.device})
-            log.info("%d tasks in %d folds on %s%s", len(tasks), len(folds), clock.device,
-                     f"; folds {sorted(done)} finished in an earlier session" if done else "")
+            log.info(
+                "%d tasks in %d folds on %s%s",
+                len(tasks),
+                len(folds),
+                clock.device,
+                f"; folds {sorted(done)} finished in an earlier session" if done else "",
+            )
             for event in executor.run(jobs, begin=lambda job: begin(job, s)):
                 if isinstance(event, Ready):
                     if not loaded:  # the first model is loaded: say what the adapters will take
@@ -149,14 +177,26 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
                     continue
                 row = finish_fold(event, s)
                 f = row["fold"]
-                tracker.log_metrics({f"fold_{k}": v for k, v in row.items()
-                                     if k != "fold" and isinstance(v, (int, float))}, step=f)
+                tracker.log_metrics(
+                    {f"fold_{k}": v for k, v in row.items() if k != "fold" and isinstance(v, (int, float))}, step=f
+                )
                 # train_loss: one series over the run's optimiser steps, fold after fold (resumed runs too)
-                tracker.log_series("train_loss", results.losses.get(f, []),
-                                   first_step=sum(int(r["steps"]) for r in results.folds if r["fold"] < f))
-                log.info("fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
-                         f + 1, len(folds), row["tasks"], row["steps"], row["final_loss"],
-                         row["train_seconds"], row["inference_seconds"], row.get("score", math.nan))
+                tracker.log_series(
+                    "train_loss",
+                    results.losses.get(f, []),
+                    first_step=sum(int(r["steps"]) for r in results.folds if r["fold"] < f),
+                )
+                log.info(
+                    "fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
+                    f + 1,
+                    len(folds),
+                    row["tasks"],
+                    row["steps"],
+                    row["final_loss"],
+                    row["train_seconds"],
+                    row["inference_seconds"],
+                    row.get("score", math.nan),
+                )
     finally:  # even on a failure or a signal, the scores and tables of the work done so far land
         report(s, tracker, start)
     return results
@@ -189,10 +229,16 @@ def finish_fold(event: Done | Lost, s: Session) -> dict[str, Any]:
     end = time.perf_counter() - s.clock.origin
     worker = s.workers.get(row.get("worker", -1))
     device = worker.device if worker is not None else s.clock.device
-    s.clock.spans += [{"phase": "train", "fold": job.fold, "device": device,
-                       "start": end - row["inference_seconds"] - train_seconds, "end": end - row["inference_seconds"]},
-                      {"phase": "inference", "fold": job.fold, "device": device,
-                       "start": end - row["inference_seconds"], "end": end}]
+    s.clock.spans += [
+        {
+            "phase": "train",
+            "fold": job.fold,
+            "device": device,
+            "start": end - row["inference_seconds"] - train_seconds,
+            "end": end - row["inference_seconds"],
+        },
+        {"phase": "inference", "fold": job.fold, "device": device, "start": end - row["inference_seconds"], "end": end},
+    ]
     for task in job.tasks:
         s.progress.task_done(task.id)
     return row
@@ -219,26 +265,39 @@ def report(s: Session, tracker: Tracker, start: float) -> None:
     train_tokens_total = sum(r["train_tokens"] for r in results.folds)
     train_seconds = clock.seconds.get("train", 0.0)
     budget = total_seconds(s.cfg.budget)
-    metrics.update({f"seconds_{k}": v for k, v in clock.seconds.items()}, **worker_metrics(s.workers, results.folds),
-                   **results.fold_summary(),
-                   n_folds=len(s.folds),  # a metric: params hold settings only (`folds`, no `folds.k`)
-                   train_tokens=train_tokens_total,
-                   train_tokens_per_second=train_tokens_total / train_seconds if train_seconds else 0.0,
-                   seconds_total=time.perf_counter() - start, budget_cuts=len(results.events),
-                   **({"budget_seconds": budget} if budget is not None else {}))
+    metrics.update(
+        {f"seconds_{k}": v for k, v in clock.seconds.items()},
+        **worker_metrics(s.workers, results.folds),
+        **results.fold_summary(),
+        n_folds=len(s.folds),  # a metric: params hold settings only (`folds`, no `folds.k`)
+        train_tokens=train_tokens_total,
+        train_tokens_per_second=train_tokens_total / train_seconds if train_seconds else 0.0,
+        seconds_total=time.perf_counter() - start,
+        budget_cuts=len(results.events),
+        **({"budget_seconds": budget} if budget is not None else {}),
+    )
     results.timings = dict(clock.seconds)
     results.summary = metrics
     results.timeline = list(clock.spans)
     timeline = results.write_timeline(s.run_dir)
-    plots = (write_run_plots(results, clock.spans, s.run_dir / "plots", s.cfg.report.render_tasks)
-             if s.cfg.report.plots else [])
+    plots = (
+        write_run_plots(results, clock.spans, s.run_dir / "plots", s.cfg.report.render_tasks)
+        if s.cfg.report.plots
+        else []
+    )
     try:  # the tracker must not mask what stopped the run (a signal, an error): its failure is only logged
         with clock("logging"):
             tracker.log_metrics(metrics)
             if results.events:
                 tracker.set_tags({"arcfold.budget_cuts": describe_cuts(results.events)[:5000]})
-            for path in [s.run_dir / "submission.json", s.run_dir / "scores.json", *tables.values(), timeline,
-                         s.run_dir / "workers.csv", s.run_dir / ".hydra" / "config.yaml"]:
+            for path in [
+                s.run_dir / "submission.json",
+                s.run_dir / "scores.json",
+                *tables.values(),
+                timeline,
+                s.run_dir / "workers.csv",
+                s.run_dir / ".hydra" / "config.yaml",
+            ]:
                 tracker.log_artifact(path)
             for path in plots:
                 tracker.log_artifact(path, str(path.parent.relative_to(s.run_dir)))
@@ -250,16 +309,26 @@ def worker_metrics(workers: dict[int, Any], folds: list[dict[str, Any]]) -> dict
     """How busy the workers were, and what the folds lost to overhead (workers.csv and folds.csv have the lines)."""
     busy, idle = sum(w.busy_seconds for w in workers.values()), sum(w.idle_seconds for w in workers.values())
     fold_seconds = sum(r.get("fold_seconds", 0.0) for r in folds)
-    return {"workers": len(workers), "worker_idle_share": idle / (busy + idle) if busy + idle else 0.0,
-            "fold_overhead_share": sum(r.get("overhead_seconds", 0.0) for r in folds) / fold_seconds
-            if fold_seconds else 0.0}
+    return {
+        "workers": len(workers),
+        "worker_idle_share": idle / (busy + idle) if busy + idle else 0.0,
+        "fold_overhead_share": sum(r.get("overhead_seconds", 0.0) for r in folds) / fold_seconds
+        if fold_seconds
+        else 0.0,
+    }
 
 
 def remaining_work(fold: Sequence[Task], cfg: Any, trained: bool, results: RunResults) -> FoldWork:
     """What a fold still has to do, for the budget: its training unless done, its unfinished test inputs."""
-    return FoldWork(0.0 if trained else train_units(fold, cfg.train.epochs),
-                    sum(input_units(t, i, 8 * cfg.inference.n) for t in fold for i in range(len(t.test))
-                        if (t.id, i) not in results.recorded))
+    return FoldWork(
+        0.0 if trained else train_units(fold, cfg.train.epochs),
+        sum(
+            input_units(t, i, 8 * cfg.inference.n)
+            for t in fold
+            for i in range(len(t.test))
+            if (t.id, i) not in results.recorded
+        ),
+    )
 
 
 def describe_cuts(events: Sequence[dict[str, Any]]) -> str:
@@ -272,8 +341,13 @@ def adapters_disk(worker: Any, count: int, run_dir: Path) -> float:
     if not count:
         return megabytes
     free_mb = shutil.disk_usage(next(p for p in [run_dir, *run_dir.parents] if p.exists())).free / 2**20
-    log.log(logging.WARNING if megabytes > free_mb else logging.INFO,
-            "save_adapters: %d adapters, about %.1f MB on disk (%.0f MB free)", count, megabytes, free_mb)
+    log.log(
+        logging.WARNING if megabytes > free_mb else logging.INFO,
+        "save_adapters: %d adapters, about %.1f MB on disk (%.0f MB free)",
+        count,
+        megabytes,
+        free_mb,
+    )
     return megabytes
 
 

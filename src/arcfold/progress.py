@@ -45,8 +45,9 @@ class Progress:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._stack.enter_context(logging_redirect_tqdm())  # log lines print above the bars, not through them
-            self._run_bar = self._stack.enter_context(tqdm(total=self.tasks, unit="task", position=0,
-                                                           desc=f"fold 1/{self.folds}", dynamic_ncols=True))
+            self._run_bar = self._stack.enter_context(
+                tqdm(total=self.tasks, unit="task", position=0, desc=f"fold 1/{self.folds}", dynamic_ncols=True)
+            )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -65,16 +66,29 @@ class Progress:
         if self._run_bar is not None:
             self._run_bar.set_description(f"fold {f + 1}/{self.folds}")
         if self.lines:
-            log.info("fold %d/%d: %d tasks (elapsed %s, %d/%d tasks done)", f + 1, self.folds, n_tasks,
-                     _duration(time.perf_counter() - self.start), self.done, self.tasks)
+            log.info(
+                "fold %d/%d: %d tasks (elapsed %s, %d/%d tasks done)",
+                f + 1,
+                self.folds,
+                n_tasks,
+                _duration(time.perf_counter() - self.start),
+                self.done,
+                self.tasks,
+            )
 
     def train_step(self, step: int, total: int, loss: float) -> None:
         if self.bars:
             if self._train_bar is None:
                 from tqdm.auto import tqdm
 
-                self._train_bar = tqdm(total=total, unit="step", position=1, leave=False, dynamic_ncols=True,
-                                       desc=f"train fold {self.current + 1}")
+                self._train_bar = tqdm(
+                    total=total,
+                    unit="step",
+                    position=1,
+                    leave=False,
+                    dynamic_ncols=True,
+                    desc=f"train fold {self.current + 1}",
+                )
             self._train_bar.update(1)
             self._train_bar.set_postfix(loss=f"{loss:.4f}")
         elif self.lines and self._due():
@@ -86,8 +100,14 @@ class Progress:
             self._close_train()
             self._run_bar.update(1)
         elif self.lines and (self._due() or self.done == self.tasks):
-            log.info("%d/%d tasks predicted (last %s), elapsed %s, ETA %s", self.done, self.tasks, task_id,
-                     _duration(time.perf_counter() - self.start), _duration(self.eta()))
+            log.info(
+                "%d/%d tasks predicted (last %s), elapsed %s, ETA %s",
+                self.done,
+                self.tasks,
+                task_id,
+                _duration(time.perf_counter() - self.start),
+                _duration(self.eta()),
+            )
 
     def _due(self) -> bool:
         now = time.perf_counter()
@@ -119,10 +139,14 @@ def summary_table(metrics: Mapping[str, float], failures: int, run_dir: Any, lin
     table.add_row("oracle", f"{value('oracle')} (selection accuracy {value('selection_accuracy')})")
     table.add_row("answer NLL", value("answer_nll", 4))
     phases = [k for k in metrics if k.startswith("seconds_") and k != "seconds_total"]
-    table.add_row("seconds", f"{value('seconds_total', 1)} total: " +
-                  ", ".join(f"{k.removeprefix('seconds_')} {metrics[k]:.1f}" for k in phases))
-    table.add_row("tasks", f"{int(metrics.get('tasks', 0))} in {int(metrics.get('n_folds', 0))} folds, "
-                           f"{failures} failed")
+    table.add_row(
+        "seconds",
+        f"{value('seconds_total', 1)} total: "
+        + ", ".join(f"{k.removeprefix('seconds_')} {metrics[k]:.1f}" for k in phases),
+    )
+    table.add_row(
+        "tasks", f"{int(metrics.get('tasks', 0))} in {int(metrics.get('n_folds', 0))} folds, {failures} failed"
+    )
     table.add_row("files", str(run_dir))
     if link:
         table.add_row("MLflow", link)

@@ -122,12 +122,16 @@ class RunResults:
         preds = [self.predictions[k] for k in keys if k in self.predictions]
         stat = lambda name: float(sum(p.stats.get(name, 0.0) for p in preds))  # noqa: E731
         m: dict[str, float] = {
-            "tasks": len(tasks), "test_inputs": len(keys),
+            "tasks": len(tasks),
+            "test_inputs": len(keys),
             "failed_tasks": sum(t.id in self.failures for t in tasks),
             "mean_candidates": float(np.mean([len(p.candidates) for p in preds])) if preds else 0.0,
-            "forward_tokens": stat("forward_tokens"), "gen_seconds": stat("gen_seconds"),
-            "scoring_seconds": stat("scoring_seconds"), "timed_out_inputs": stat("timed_out"),
-            "invalid_completions": stat("n_invalid"), "dropped_demos": stat("dropped_demos"),
+            "forward_tokens": stat("forward_tokens"),
+            "gen_seconds": stat("gen_seconds"),
+            "scoring_seconds": stat("scoring_seconds"),
+            "timed_out_inputs": stat("timed_out"),
+            "invalid_completions": stat("n_invalid"),
+            "dropped_demos": stat("dropped_demos"),
             "budget_cut_inputs": sum(k in self.cuts for k in keys),
             "budget_placeholder_inputs": sum(self.cuts.get(k, "").endswith("placeholders") for k in keys),
         }
@@ -142,9 +146,15 @@ class RunResults:
         s = self.score(tasks=tasks)
         oracle = [np.mean([self.covered(t, i) for i in range(len(t.test))]) for t in tasks]
         covered = sum(self.covered(t, i) for t in tasks for i in range(len(t.test)))
-        m.update(score=s.score_tasks, score_pairs=s.score_pairs, solved=s.solved, solved_pairs=s.solved_pairs,
-                 oracle=float(np.mean(oracle)), covered_pairs=covered,
-                 selection_accuracy=(s.solved_pairs / covered) if covered else math.nan)
+        m.update(
+            score=s.score_tasks,
+            score_pairs=s.score_pairs,
+            solved=s.solved,
+            solved_pairs=s.solved_pairs,
+            oracle=float(np.mean(oracle)),
+            covered_pairs=covered,
+            selection_accuracy=(s.solved_pairs / covered) if covered else math.nan,
+        )
         for name in sorted({r for p in preds for r in p.rankings}):
             m[f"score_{name}"] = self.score(name, tasks).score_tasks
         return m
@@ -168,9 +178,14 @@ class RunResults:
                 pred = self.predictions.get((task.id, i))
                 shapes = [f"{g.shape[0]}x{g.shape[1]}" for g in pred.attempts] if pred else []
                 row: dict[str, Any] = {
-                    "task": task.id, "fold": self.fold_of.get(task.id, -1), "test_index": i,
-                    "solved": (any(grid_equal(g, pair.output) for g in pred.attempts)
-                               if pred and pair.output is not None else None),
+                    "task": task.id,
+                    "fold": self.fold_of.get(task.id, -1),
+                    "test_index": i,
+                    "solved": (
+                        any(grid_equal(g, pair.output) for g in pred.attempts)
+                        if pred and pair.output is not None
+                        else None
+                    ),
                     "covered": self.covered(task, i) if pair.output is not None else None,
                     "attempt_1_shape": shapes[0] if shapes else "",
                     "attempt_2_shape": shapes[1] if len(shapes) > 1 else "",
@@ -187,8 +202,10 @@ class RunResults:
         return rows
 
     def write_tables(self, run_dir: Path) -> dict[str, Path]:
-        paths = {"tasks": write_csv(run_dir / "tasks.csv", self.task_rows()),
-                 "folds": write_csv(run_dir / "folds.csv", sorted(self.folds, key=lambda r: r["fold"]))}
+        paths = {
+            "tasks": write_csv(run_dir / "tasks.csv", self.task_rows()),
+            "folds": write_csv(run_dir / "folds.csv", sorted(self.folds, key=lambda r: r["fold"])),
+        }
         return paths
 
     def write_timeline(self, run_dir: Path) -> Path:

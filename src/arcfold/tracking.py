@@ -74,8 +74,13 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -84,10 +89,19 @@ def git_commit() -> str:
 class RunTracker:
     """The MLflow run of one Hydra job. A no-op when tracking is disabled, so the pipeline never branches."""
 
-    def __init__(self, enabled: bool, uri: str | None = None, experiment: str = "arcfold",
-                 outputs: str | Path = "outputs", run_name: str | None = None, parent_run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None, run_dir: str | Path | None = None,
-                 system_metrics: bool = False, system_metrics_interval: float = 10.0):
+    def __init__(
+        self,
+        enabled: bool,
+        uri: str | None = None,
+        experiment: str = "arcfold",
+        outputs: str | Path = "outputs",
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        run_dir: str | Path | None = None,
+        system_metrics: bool = False,
+        system_metrics_interval: float = 10.0,
+    ):
         """With run_dir, the run's id and store are remembered there (RUN_FILE); a tracker made for a run dir
         that already names its MLflow run (a resume) continues that run instead of creating another. With
         system_metrics, MLflow samples CPU, memory (and GPU) every system_metrics_interval seconds."""
@@ -122,8 +136,12 @@ class RunTracker:
         if system_metrics:  # MLflow's sampler thread: system/cpu_utilization_percentage, memory, GPU, ...
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_interval,
-                                                resume_logging=self.resumed, tracking_uri=self.uri)
+            self.monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=system_metrics_interval,
+                resume_logging=self.resumed,
+                tracking_uri=self.uri,
+            )
             self.monitor.start()
 
     def link(self, ui_url: str | None = None) -> str | None:
@@ -140,12 +158,15 @@ class RunTracker:
             logged = self.client.get_run(self.run_id).data.params
             changed = {k: v for k, v in values.items() if k in logged and logged[k] != v}
             if changed:
-                self.client.set_tag(self.run_id, "arcfold.resume_changed",
-                                    ", ".join(f"{k}: {logged[k]} -> {v}" for k, v in changed.items())[:5000])
+                self.client.set_tag(
+                    self.run_id,
+                    "arcfold.resume_changed",
+                    ", ".join(f"{k}: {logged[k]} -> {v}" for k, v in changed.items())[:5000],
+                )
             values = {k: v for k, v in values.items() if k not in logged}
         items = [Param(k, v) for k, v in values.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.run_id is None:  # tracking disabled
@@ -157,7 +178,7 @@ class RunTracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_series(self, key: str, values: Sequence[float], first_step: int = 0) -> None:
         """One metric's history in batches (a per-step loss), steps first_step, first_step + 1, ..."""
@@ -170,7 +191,7 @@ class RunTracker:
         now = int(time.time() * 1000)
         items = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
         for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.run_id is not None:  # tracking enabled
@@ -204,8 +225,9 @@ def run_link(uri: str, experiment_id: str, run_id: str, ui_url: str | None = Non
     return f"{ui_base(uri, ui_url)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def sweep_view_link(uri: str, parent_id: str, configuration: list[str], repeats: list[str],
-                    ui_url: str | None = None) -> str:
+def sweep_view_link(
+    uri: str, parent_id: str, configuration: list[str], repeats: list[str], ui_url: str | None = None
+) -> str:
     """A link to the classic runs table showing the sweep's runs grouped by configuration (the `configuration`
     params; each group row shows the average over its runs, every run listed under it, not collapsed under the
     parent), the swept params (`repeats`: the seed) and the headline metrics as the first columns.
@@ -218,15 +240,24 @@ def sweep_view_link(uri: str, parent_id: str, configuration: list[str], repeats:
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.get_run(parent_id).info.experiment_id
     columns = [f"params.`{p}`" for p in configuration + repeats] + [f"metrics.`{m}`" for m in HEADLINE_METRICS]
-    state: dict[str, Any] = {"searchFilter": f"tags.mlflow.parentRunId = '{parent_id}'",
-                             "orderByKey": "metrics.`score`", "orderByAsc": False, "runsHiddenMode": "SHOW_ALL",
-                             "selectedColumns": columns, "columnOrder": columns}
+    state: dict[str, Any] = {
+        "searchFilter": f"tags.mlflow.parentRunId = '{parent_id}'",
+        "orderByKey": "metrics.`score`",
+        "orderByAsc": False,
+        "runsHiddenMode": "SHOW_ALL",
+        "selectedColumns": columns,
+        "columnOrder": columns,
+    }
     if configuration:
-        state["groupBy"] = {"aggregateFunction": "average",
-                            "groupByKeys": [{"mode": "param", "groupByData": p} for p in configuration]}
+        state["groupBy"] = {
+            "aggregateFunction": "average",
+            "groupByKeys": [{"mode": "param", "groupByData": p} for p in configuration],
+        }
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{parent_id}", json.dumps(state))
-    return (f"{ui_base(uri, ui_url)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&viewStateShareKey={parent_id}")
+    return (
+        f"{ui_base(uri, ui_url)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={parent_id}"
+    )
 
 
 def read_run_file(run_dir: str | Path) -> dict[str, str] | None:
@@ -275,13 +306,18 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
         overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-        tracker = RunTracker(True, config.tracking.uri, config.tracking.experiment, config.outputs,
-                             run_name=f"sweep {sweep_dir.name}",
-                             tags={"sweep_id": sweep_dir.name, "arcfold.role": "sweep",
-                                   "sweep_overrides": " ".join(overrides)})
+        tracker = RunTracker(
+            True,
+            config.tracking.uri,
+            config.tracking.experiment,
+            config.outputs,
+            run_name=f"sweep {sweep_dir.name}",
+            tags={"sweep_id": sweep_dir.name, "arcfold.role": "sweep", "sweep_overrides": " ".join(overrides)},
+        )
         tracker.log_params({"sweep.overrides": " ".join(overrides), "sweep.dir": str(sweep_dir)})
-        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": tracker.run_id, "uri": tracker.uri,
-                                                         "swept": swept_keys(overrides)}))
+        (sweep_dir / PARENT_FILE).write_text(
+            json.dumps({"run_id": tracker.run_id, "uri": tracker.uri, "swept": swept_keys(overrides)})
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.tracking.enabled:
@@ -300,11 +336,17 @@ class SweepCallback(Callback):
             source = Source(parent["uri"], children(client, parent["run_id"]), parent["run_id"], sweep_dir)
             comparison, files, link = summarise(source, sweep_dir / "compare", ui_url=config.tracking.ui_url)
             if comparison is not None:
-                print(f"\n{markdown_table(table_rows(comparison))}\n\nreport: {files['report']}\n"
-                      f"MLflow runs table: {link}")
+                print(
+                    f"\n{markdown_table(table_rows(comparison))}\n\nreport: {files['report']}\n"
+                    f"MLflow runs table: {link}"
+                )
         except Exception as err:
-            log.error("the sweep's summary failed (python -m arcfold.compare %s retries it): %s", sweep_dir, err,
-                      exc_info=True)
+            log.error(
+                "the sweep's summary failed (python -m arcfold.compare %s retries it): %s",
+                sweep_dir,
+                err,
+                exc_info=True,
+            )
         finally:
             end_parent(sweep_dir, "FINISHED")
 

@@ -64,8 +64,14 @@ class Ledger:
     """Where a fold reports as it goes. The run's ledger (store and results given) applies every report; a
     worker's (`send` given) applies the planner's part to its copy and sends each report on to the run's."""
 
-    def __init__(self, planner: Planner | None, store: Checkpoint | None = None, results: RunResults | None = None,
-                 run_dir: Path | None = None, send: Callable[[str, tuple], None] | None = None):
+    def __init__(
+        self,
+        planner: Planner | None,
+        store: Checkpoint | None = None,
+        results: RunResults | None = None,
+        run_dir: Path | None = None,
+        send: Callable[[str, tuple], None] | None = None,
+    ):
         self.planner, self.store, self.results, self.run_dir, self.send = planner, store, results, run_dir, send
 
     def report(self, name: str, *args: Any) -> None:
@@ -143,9 +149,11 @@ class FoldWorker:
             self.cfg.model.device = device
         self.run_dir = Path(run_dir)
         self.progress = progress
-        loaded = model_module.load_model(self.cfg.model, self.cfg.format.name,
-                                         max_len={"train.max_len": self.cfg.train.max_len,
-                                                  "inference.max_len": self.cfg.inference.max_len})
+        loaded = model_module.load_model(
+            self.cfg.model,
+            self.cfg.format.name,
+            max_len={"train.max_len": self.cfg.train.max_len, "inference.max_len": self.cfg.inference.max_len},
+        )
         self.codec, self.dtype = loaded.codec, loaded.dtype
         self.model = attach_lora(loaded.model, self.cfg.lora)
         self.fresh_adapter = AdapterReset(self.model)  # each fold starts from these weights; never a base reload
@@ -154,8 +162,14 @@ class FoldWorker:
         # full collection after each fold (accelerate's free_memory) scans the fold's objects only (0.4 s -> ms).
         gc.collect()
         gc.freeze()
-        self.info = WorkerInfo(str(loaded.device), os.getpid(), time.perf_counter() - start,
-                               trainable_parameters(self.model), loaded.dtype.itemsize, torch.get_num_threads())
+        self.info = WorkerInfo(
+            str(loaded.device),
+            os.getpid(),
+            time.perf_counter() - start,
+            trainable_parameters(self.model),
+            loaded.dtype.itemsize,
+            torch.get_num_threads(),
+        )
 
     def close(self) -> None:
         """Hand what the worker held back to the collector (a process that goes on after this worker)."""
@@ -172,8 +186,11 @@ class FoldWorker:
         reset = time.perf_counter() - start
         training, setup = self.train(job, ledger, plan)
         # A failed training (skipped) leaves the base model, or placeholders without train_fallback.
-        inherited = (f"{training.error} ({'base model answers' if self.cfg.train_fallback else 'placeholders'})"
-                     if training.error else "")
+        inherited = (
+            f"{training.error} ({'base model answers' if self.cfg.train_fallback else 'placeholders'})"
+            if training.error
+            else ""
+        )
         records = list(job.finished)  # finished by an earlier session
         predicted = time.perf_counter()
         for task in fold:
@@ -186,15 +203,31 @@ class FoldWorker:
                 log.error("fold %d: adapter not saved: %s", f, err)
         stats = training.stats or {}
         events = [e for e in ledger.planner.events if e["fold"] == f] if ledger.planner else []
-        row = {**vars(FoldRow(f, len(fold), stats.get("tokens", 0), stats.get("steps", 0), stats.get("seconds", 0.0),
-                              inference, stats.get("peak_memory_bytes", 0) / 2**20,
-                              stats.get("final_loss", math.nan), stats.get("tokens_per_second", 0.0),
-                              stats.get("planned_steps", 0), training.cut, training.error,
-                              math.nan if plan.projected_total is None else plan.projected_total,
-                              "; ".join(f"{e['at']}: {e['cut']} ({e['why']})" for e in events))),
-               # Per-fold overhead: the adapter reset, and training's time outside its optimiser loop (samples,
-               # optimiser, schedule, accelerate's prepare and release); the queue adds its messaging.
-               "reset_seconds": reset, "setup_seconds": setup, "worker_seconds": time.perf_counter() - start}
+        row = {
+            **vars(
+                FoldRow(
+                    f,
+                    len(fold),
+                    stats.get("tokens", 0),
+                    stats.get("steps", 0),
+                    stats.get("seconds", 0.0),
+                    inference,
+                    stats.get("peak_memory_bytes", 0) / 2**20,
+                    stats.get("final_loss", math.nan),
+                    stats.get("tokens_per_second", 0.0),
+                    stats.get("planned_steps", 0),
+                    training.cut,
+                    training.error,
+                    math.nan if plan.projected_total is None else plan.projected_total,
+                    "; ".join(f"{e['at']}: {e['cut']} ({e['why']})" for e in events),
+                )
+            ),
+            # Per-fold overhead: the adapter reset, and training's time outside its optimiser loop (samples,
+            # optimiser, schedule, accelerate's prepare and release); the queue adds its messaging.
+            "reset_seconds": reset,
+            "setup_seconds": setup,
+            "worker_seconds": time.perf_counter() - start,
+        }
         return FoldOutcome(f, row, records, events)
 
     def train(self, job: FoldJob, ledger: Ledger, plan: FoldPlan) -> tuple[TrainingRecord, float]:
@@ -220,23 +253,43 @@ class FoldWorker:
             log.info("fold %d: training on %d tasks", f, len(fold))
             start = time.perf_counter()
             try:
-                stats = train_fold(self.model, self.codec, fold, self.cfg.train, self.accelerator,
-                                   progress=self.progress, max_seconds=plan.train_seconds)
+                stats = train_fold(
+                    self.model,
+                    self.codec,
+                    fold,
+                    self.cfg.train,
+                    self.accelerator,
+                    progress=self.progress,
+                    max_seconds=plan.train_seconds,
+                )
             except Exception as err:  # out of memory, say: under on_error=skip it costs this fold's adapter only
                 if not skips(self.cfg):
                     raise
                 record = TrainingRecord(None, error=f"fold {f} training: {describe(err)}")
-                log.error("%s; its tasks get %s\n%s", record.error, "the base model's answers"
-                          if self.cfg.train_fallback else "placeholders", traceback.format_exc())
+                log.error(
+                    "%s; its tasks get %s\n%s",
+                    record.error,
+                    "the base model's answers" if self.cfg.train_fallback else "placeholders",
+                    traceback.format_exc(),
+                )
             else:
                 setup = time.perf_counter() - start - stats.seconds
                 record = TrainingRecord(vars(stats))
-                ledger.report("observe_train", f, stats.steps / stats.planned_steps if stats.planned_steps else 1.0,
-                              time.perf_counter() - start)
+                ledger.report(
+                    "observe_train",
+                    f,
+                    stats.steps / stats.planned_steps if stats.planned_steps else 1.0,
+                    time.perf_counter() - start,
+                )
                 if stats.steps < stats.planned_steps:
                     record.cut = f"stopped after {stats.steps} of {stats.planned_steps} steps"
-                    ledger.report("record", f, f"fold {f} training", "train", f"{record.cut}: the fold's training "
-                                  f"share ({plan.train_seconds:.1f} s) is spent")
+                    ledger.report(
+                        "record",
+                        f,
+                        f"fold {f} training",
+                        "train",
+                        f"{record.cut}: the fold's training share ({plan.train_seconds:.1f} s) is spent",
+                    )
         if record.stats is None:
             self.fresh_adapter.reset(self.model)  # the initial adapter adds nothing: the base model's answers
             # What the failed step held (an OOM's activations) goes before inference. Its traceback was logged as
@@ -247,8 +300,9 @@ class FoldWorker:
         ledger.report("training", f, record)
         return record, setup
 
-    def predict_one(self, f: int, task: Task, ledger: Ledger, plan: FoldPlan, inherited: str,
-                    records: list[InputRecord]) -> None:
+    def predict_one(
+        self, f: int, task: Task, ledger: Ledger, plan: FoldPlan, inherited: str, records: list[InputRecord]
+    ) -> None:
         """Predict the task's unfinished test inputs; each is reported (checkpointed and submitted) as it lands.
 
         A failure (under on_error=skip) costs this task's remaining inputs only: they get placeholders."""
@@ -259,8 +313,11 @@ class FoldWorker:
                 continue
             full_views = 8 * self.cfg.inference.n
             units = input_units(task, i, full_views)
-            step = (ledger.next_input(f, plan, units, f"task {task.id} test {i}") if ledger.planner is not None
-                    else Step(0, (), None))
+            step = (
+                ledger.next_input(f, plan, units, f"task {task.id} test {i}")
+                if ledger.planner is not None
+                else Step(0, (), None)
+            )
             rec = InputRecord(task.id, i, f, cut=",".join(step.cuts), error=error or inherited)
             start = time.perf_counter()
             failed = False
@@ -272,16 +329,19 @@ class FoldWorker:
                         raise
                     error = rec.error = f"test {i}: {describe(err)}"
                     failed = True
-                    log.error("task %s %s; placeholders submitted%s", task.id, error,
-                              "" if isinstance(err, ArcDataError) else "\n" + traceback.format_exc())
+                    log.error(
+                        "task %s %s; placeholders submitted%s",
+                        task.id,
+                        error,
+                        "" if isinstance(err, ArcDataError) else "\n" + traceback.format_exc(),
+                    )
             if failed:
                 free_memory()
             ledger.report("observe_input", f, step, units, time.perf_counter() - start)
             records.append(rec)
             ledger.report("input", rec)
 
-    def predict_input(self, task: Task, i: int, step: Step, full_views: int
-                      ) -> tuple[Any, float | None, float | None]:
+    def predict_input(self, task: Task, i: int, step: Step, full_views: int) -> tuple[Any, float | None, float | None]:
         """Test input i's prediction under the budget's step, and the true output's NLL (with and without TTT)."""
         from arcfold.engine.predict import predict_task
         from arcfold.engine.scoring import answer_nll

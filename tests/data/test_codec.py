@@ -44,8 +44,9 @@ def label_segments(labels: list[int]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("mask_first_output", [False, True])
-def test_train_labels_are_exactly_the_outputs_and_their_end_tokens(eval_tasks: list[Task],
-                                                                   mask_first_output: bool) -> None:
+def test_train_labels_are_exactly_the_outputs_and_their_end_tokens(
+    eval_tasks: list[Task], mask_first_output: bool
+) -> None:
     for task in eval_tasks:
         view = make_views(task, n=1, seed=0)[3]
         demos = view.task(task).train
@@ -77,21 +78,24 @@ GRID = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int8)
 GOOD = expected_grid_ids(GRID) + [EOS]
 
 
-@pytest.mark.parametrize("name, ids", [
-    ("no end token", GOOD[:-1]),
-    ("nothing", []),
-    ("only the end token", [EOS]),
-    ("ragged rows", [DIGIT[1], DIGIT[2], ROW, DIGIT[3], ROW, EOS]),
-    ("empty row", [ROW, DIGIT[1], ROW, EOS]),
-    ("empty row in the middle", [DIGIT[1], ROW, ROW, DIGIT[1], ROW, EOS]),
-    ("last row without its row token", [DIGIT[1], ROW, DIGIT[2], EOS]),
-    ("input marker", [DIGIT[1], IN, ROW, EOS]),
-    ("output marker", [OUT, DIGIT[1], ROW, EOS]),
-    ("bos", [CODEC.ids["bos"], DIGIT[1], ROW, EOS]),
-    ("unknown id", [DIGIT[1], 999, ROW, EOS]),
-    ("31 rows", [DIGIT[1], ROW] * 31 + [EOS]),
-    ("31 columns", [DIGIT[1]] * 31 + [ROW, EOS]),
-])
+@pytest.mark.parametrize(
+    "name, ids",
+    [
+        ("no end token", GOOD[:-1]),
+        ("nothing", []),
+        ("only the end token", [EOS]),
+        ("ragged rows", [DIGIT[1], DIGIT[2], ROW, DIGIT[3], ROW, EOS]),
+        ("empty row", [ROW, DIGIT[1], ROW, EOS]),
+        ("empty row in the middle", [DIGIT[1], ROW, ROW, DIGIT[1], ROW, EOS]),
+        ("last row without its row token", [DIGIT[1], ROW, DIGIT[2], EOS]),
+        ("input marker", [DIGIT[1], IN, ROW, EOS]),
+        ("output marker", [OUT, DIGIT[1], ROW, EOS]),
+        ("bos", [CODEC.ids["bos"], DIGIT[1], ROW, EOS]),
+        ("unknown id", [DIGIT[1], 999, ROW, EOS]),
+        ("31 rows", [DIGIT[1], ROW] * 31 + [EOS]),
+        ("31 columns", [DIGIT[1]] * 31 + [ROW, EOS]),
+    ],
+)
 def test_decode_rejects_malformed_outputs(name: str, ids: list[int]) -> None:
     assert CODEC.decode(ids) is None, name
 

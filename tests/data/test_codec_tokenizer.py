@@ -24,11 +24,17 @@ def train_bpe(texts: list[str], alphabet: list[str], unk: bool = False) -> "tran
     """A BPE over single characters (no pre-tokenizer, so newlines and digit runs merge freely)."""
     model = tokenizers.models.BPE(unk_token="<unk>" if unk else None)
     tok = tokenizers.Tokenizer(model)
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet,
-                                             min_frequency=2, show_progress=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet, min_frequency=2, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
-                                                eos_token="<eos>", unk_token="<unk>" if unk else None)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>" if unk else None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +101,9 @@ def test_a_symbol_split_into_two_tokens_is_refused() -> None:
     model = tokenizers.models.BPE()
     tok = tokenizers.Tokenizer(model)
     tok.normalizer = tokenizers.normalizers.Prepend("▁")
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=100, special_tokens=SPECIALS, show_progress=False,
-                                             initial_alphabet=list("0123456789IO\n▁"))
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=100, special_tokens=SPECIALS, show_progress=False, initial_alphabet=list("0123456789IO\n▁")
+    )
     tok.train_from_iterator(["I0012300\nO3210\n"] * 3, trainer)
     wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
     assert len(wrapped.encode("7", add_special_tokens=False)) == 2

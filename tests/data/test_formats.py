@@ -23,7 +23,8 @@ QWEN_TEMPLATE = (
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -44,18 +45,24 @@ def reference(fmt: str, demos: list[Pair], test: np.ndarray | None = None) -> st
         pair = [f"I{chr(10).join(lines(p.input))}\n+/-=O{chr(10).join(lines(p.output))}\n<eos>" for p in demos]
         text = "<bos>" + LETTERS + "".join(pair)
         return text if test is None else text + f"I{chr(10).join(lines(test))}\n+/-=O"
-    turns = [f"<|im_start|>user\n{rows(p.input)}<|im_end|>\n<|im_start|>assistant\n{rows(p.output)}<|im_end|>"
-             for p in demos]
+    turns = [
+        f"<|im_start|>user\n{rows(p.input)}<|im_end|>\n<|im_start|>assistant\n{rows(p.output)}<|im_end|>" for p in demos
+    ]
     if test is None:
         return SYSTEM + "\n".join(turns)
-    return SYSTEM + "".join(t + "\n" for t in turns) + f"<|im_start|>user\n{rows(test)}<|im_end|>\n" \
-                                                      "<|im_start|>assistant\n"
+    return (
+        SYSTEM + "".join(t + "\n" for t in turns) + f"<|im_start|>user\n{rows(test)}<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def wrap(backend: "tokenizers.Tokenizer", template: str | None) -> "transformers.PreTrainedTokenizerFast":
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizers.Tokenizer.from_str(backend.to_str()), pad_token="<pad>", bos_token="<bos>",
-        eos_token="<eos>", clean_up_tokenization_spaces=False)
+        tokenizer_object=tokenizers.Tokenizer.from_str(backend.to_str()),
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        clean_up_tokenization_spaces=False,
+    )
     tok.chat_template = template
     return tok
 
@@ -67,8 +74,12 @@ def backend(eval_tasks: list[Task]) -> "tokenizers.Tokenizer":
     tok.decoder = tokenizers.decoders.Fuse()  # decode = the tokens' text, concatenated
     texts = [f"I{rows(p.input)}+/-=O{rows(p.output)}" for t in eval_tasks for p in t.train]
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, min_frequency=2, show_progress=False,
-        initial_alphabet=list("0123456789\nIO+/-=" + LETTERS + "io .Y"))
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=list("0123456789\nIO+/-=" + LETTERS + "io .Y"),
+    )
     tok.train_from_iterator(texts + [LETTERS] * 3, trainer)
     tok.add_tokens(["user", "assistant"])
     return tok
@@ -110,16 +121,22 @@ def test_text_is_the_formats_reference_text(codecs, bpe, task: Task, eval_tasks:
 
 
 def chat_messages(demos: list[Pair]) -> list[dict[str, str]]:
-    return [m for p in demos for m in ({"role": "user", "content": rows(p.input)},
-                                       {"role": "assistant", "content": rows(p.output)})]
+    return [
+        m
+        for p in demos
+        for m in ({"role": "user", "content": rows(p.input)}, {"role": "assistant", "content": rows(p.output)})
+    ]
 
 
 def test_chat_text_is_what_the_template_itself_renders(codecs, bpe, task: Task) -> None:
     codec, test = codecs["chat"], task.test[0].input
     rendered = bpe.apply_chat_template(chat_messages(task.train), tokenize=False)
     assert decoded(bpe, codec.encode_train(task.train).ids) + "\n" == rendered
-    prompt = bpe.apply_chat_template(chat_messages(task.train) + [{"role": "user", "content": rows(test)}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = bpe.apply_chat_template(
+        chat_messages(task.train) + [{"role": "user", "content": rows(test)}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert decoded(bpe, codec.encode_prompt(task.train, test).ids) == prompt
     # Generation stops at the template's end of turn, which is not the tokenizer's eos.
     assert codec.eos_id == bpe.convert_tokens_to_ids("<|im_end|>") != bpe.eos_token_id
@@ -146,8 +163,9 @@ def segments(labels: list[int]) -> list[list[int]]:
 
 @pytest.mark.parametrize("mask_first_output", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_one_token_per_cell_and_labels_on_outputs_and_end_tokens(codecs, bpe, eval_tasks: list[Task], fmt: str,
-                                                                 mask_first_output: bool) -> None:
+def test_one_token_per_cell_and_labels_on_outputs_and_end_tokens(
+    codecs, bpe, eval_tasks: list[Task], fmt: str, mask_first_output: bool
+) -> None:
     codec = codecs[fmt]
     digits = {bpe.convert_tokens_to_ids(d): int(d) for d in "0123456789"}
     row, end = bpe.convert_tokens_to_ids("\n"), end_id(bpe, fmt)
@@ -170,8 +188,9 @@ def test_one_token_per_cell_and_labels_on_outputs_and_end_tokens(codecs, bpe, ev
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_answers_round_trip_and_stop_at_the_end_token(codecs, bpe, eval_grids: list[np.ndarray], fmt: str) -> None:
     codec = codecs[fmt]
-    assert sorted(codec.output_tokens) == sorted([bpe.convert_tokens_to_ids(d) for d in "0123456789"] +
-                                                 [bpe.convert_tokens_to_ids("\n"), end_id(bpe, fmt)])
+    assert sorted(codec.output_tokens) == sorted(
+        [bpe.convert_tokens_to_ids(d) for d in "0123456789"] + [bpe.convert_tokens_to_ids("\n"), end_id(bpe, fmt)]
+    )
     for grid in eval_grids:
         ids = codec.encode_answer(grid)
         assert len(ids) == answer_len(grid) and ids[-1] == end_id(bpe, fmt)
@@ -184,9 +203,9 @@ def test_pair_tokens_is_what_a_pair_adds(codecs, eval_tasks: list[Task], fmt: st
     for t in eval_tasks[:20]:
         demos, test = t.train, t.test[0].input
         for k in range(1, len(demos)):  # a demonstration followed by another pair
-            grown = len(codec.encode_train(demos[:k + 1]).ids) - len(codec.encode_train(demos[:k]).ids)
+            grown = len(codec.encode_train(demos[: k + 1]).ids) - len(codec.encode_train(demos[:k]).ids)
             assert codec.pair_tokens(demos[k]) == grown
-            grown = len(codec.encode_prompt(demos[:k + 1], test).ids) - len(codec.encode_prompt(demos[:k], test).ids)
+            grown = len(codec.encode_prompt(demos[: k + 1], test).ids) - len(codec.encode_prompt(demos[:k], test).ids)
             assert codec.pair_tokens(demos[k]) == grown
         # A test input: the prompt's length beyond the sequence's opening (the empty training sequence).
         assert codec.pair_tokens(Pair(test)) == len(codec.encode_prompt([], test).ids) - len(codec.encode_train([]).ids)
@@ -203,7 +222,7 @@ def test_prompt_plus_answer_is_the_training_sequence(codecs, eval_tasks: list[Ta
 
 
 def without(demos: list[Pair], i: int) -> list[Pair]:
-    return demos[:i] + demos[i + 1:]
+    return demos[:i] + demos[i + 1 :]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -252,16 +271,18 @@ def test_chat_needs_a_template_it_can_split(backend) -> None:
     assert "no" in one_line_refusal(lambda: GridCodec.from_tokenizer(wrap(backend, None), fmt="chat"))
     broken = {  # template -> what the refusal says
         "{{ messages[-1]['content'] }}": "once and in order",
-        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}":
-            "once and in order",
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}": (
+            "once and in order"
+        ),
         "{% for m in messages %}{{ m['role'] }}{% if loop.index0 < 2 %}!{% endif %}:{{ m['content'] }}<|im_end|>"
         "{% endfor %}": "first and second turns differently",
         "{% for m in messages %}{{ m['content'] }}{% endfor %}": "nothing between turns",
         "{{ raise_exception('roles must alternate') }}": "roles must alternate",
     }
     for template, says in broken.items():
-        message = one_line_refusal(lambda template=template: GridCodec.from_tokenizer(
-            wrap(backend, template), name="tpl", fmt="chat"))
+        message = one_line_refusal(
+            lambda template=template: GridCodec.from_tokenizer(wrap(backend, template), name="tpl", fmt="chat")
+        )
         assert message.startswith("tpl: format: ") and says in message, template
     assert "xml" in one_line_refusal(lambda: GridCodec.from_tokenizer(wrap(backend, None), fmt="xml"))
 
@@ -269,10 +290,15 @@ def test_chat_needs_a_template_it_can_split(backend) -> None:
 def test_architects_needs_letters_in_the_vocabulary(eval_tasks: list[Task]) -> None:
     """A tokenizer without the preprompt's letters maps them to <unk>: refused, naming the piece."""
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>", "<eos>"], show_progress=False,
-                                             initial_alphabet=list("0123456789IO+/-=\n"))
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=100,
+        special_tokens=["<unk>", "<eos>"],
+        show_progress=False,
+        initial_alphabet=list("0123456789IO+/-=\n"),
+    )
     tok.train_from_iterator(["I0012300\n+/-=O3210\n"] * 3, trainer)
     wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
     GridCodec.from_tokenizer(wrapped, fmt="plain")  # the plain format needs no letters
-    assert "unknown token" in one_line_refusal(lambda: GridCodec.from_tokenizer(wrapped, fmt="architects"),
-                                               field="codec.prefix")
+    assert "unknown token" in one_line_refusal(
+        lambda: GridCodec.from_tokenizer(wrapped, fmt="architects"), field="codec.prefix"
+    )

@@ -13,8 +13,9 @@ from arcfold.data import Task, build_submission
 
 
 def run_score(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "arcfold.score", *map(str, args)], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "arcfold.score", *map(str, args)], capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,5 +152,6 @@ def test_an_entry_with_a_key_other_than_the_two_attempts_is_refused(eval_tasks: 
     sub[task.id][0]["attempt_3"] = [[1]]
     path = tmp_path / "three_attempts.json"
     path.write_text(json.dumps(sub))
-    assert_one_line_error(run_score(path, "--data", "arc_agi_2_eval"), str(path), f"task {task.id}", "test[0]",
-                          "attempt_3")
+    assert_one_line_error(
+        run_score(path, "--data", "arc_agi_2_eval"), str(path), f"task {task.id}", "test[0]", "attempt_3"
+    )

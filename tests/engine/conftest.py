@@ -35,8 +35,16 @@ def _one_thread():
 
 def tiny_model_config(**overrides) -> ModelConfig:
     """A very small tiny-kind config: quick to build and to train on CPU."""
-    values = dict(kind="tiny", device="cpu", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                  max_position_embeddings=2048, init_seed=0)
+    values = dict(
+        kind="tiny",
+        device="cpu",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=2048,
+        init_seed=0,
+    )
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -66,8 +74,17 @@ def lora_cfg() -> LoraConfig:
 @pytest.fixture
 def train_cfg() -> TrainConfig:
     """One task view per step, short warmup, a lr that moves a tiny LoRA within a few dozen steps."""
-    return TrainConfig(epochs=1, lr=3e-3, scheduler="constant_with_warmup", warmup_steps=2, batch_size=1,
-                       grad_accum=1, max_len=2048, mixed_precision="no", seed=0)
+    return TrainConfig(
+        epochs=1,
+        lr=3e-3,
+        scheduler="constant_with_warmup",
+        warmup_steps=2,
+        batch_size=1,
+        grad_accum=1,
+        max_len=2048,
+        mixed_precision="no",
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +96,9 @@ def small_tasks() -> list[Task]:
 def build_hf_tokenizer() -> transformers.PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(HF_VOCAB)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=HF_MERGES, unk_token="<unk>"))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                                bos_token="<s>", eos_token="</s>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -95,9 +113,18 @@ def hf_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("hf_tiny")
     tokenizer = build_hf_tokenizer()
     config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=32 ** -0.5)
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=32**-0.5,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(config).save_pretrained(directory)

@@ -21,14 +21,21 @@ CODEC = GridCodec.builtin()
 EOS = CODEC.eos_id
 MAX_NEW = 4
 # A short prompt in the codec's format: input marker, a 2x2 grid, output marker.
-PROMPT = [CODEC.ids["bos"], CODEC.ids["input"], 6, 7, CODEC.ids["row"], 8, 6, CODEC.ids["row"],
-          CODEC.ids["output"]]
+PROMPT = [CODEC.ids["bos"], CODEC.ids["input"], 6, 7, CODEC.ids["row"], 8, 6, CODEC.ids["row"], CODEC.ids["output"]]
 
 
 def peaky_model(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=CODEC.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, intermediate_size=64, initializer_range=0.3))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=CODEC.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            initializer_range=0.3,
+        )
+    )
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)
         # Residual dimension 0 holds a constant: no layer writes to it, and only eos reads it in the lm_head.
@@ -48,7 +55,7 @@ def score(model: torch.nn.Module, prompt: list[int], seqs: list[list[int]]) -> l
     with torch.inference_mode():
         logps = torch.log_softmax(model(input_ids=ids).logits.float(), -1).double()
     n = len(prompt)
-    per_token = logps[:, n - 1:-1].gather(-1, ids[:, n:, None])[..., 0]
+    per_token = logps[:, n - 1 : -1].gather(-1, ids[:, n:, None])[..., 0]
     lengths = torch.tensor([len(s) for s in seqs])
     return (per_token * (torch.arange(width)[None] < lengths[:, None])).sum(-1).tolist()
 
@@ -128,8 +135,7 @@ def test_cost_is_the_prefill_plus_one_pass_per_surviving_off_guess_prefix(setup)
     prefix_logp = dict(zip(map(tuple, prefixes), score(model, PROMPT, prefixes)))
     for p in (0.1, 0.02):
         guess = max(above(table, p), key=len)
-        off_guess = [s for s, lp in prefix_logp.items()
-                     if lp >= math.log(p) and s != guess[:len(s)]]
+        off_guess = [s for s, lp in prefix_logp.items() if lp >= math.log(p) and s != guess[: len(s)]]
         _, stats = dfs(model, PROMPT, CODEC, p, MAX_NEW, guess=list(guess))
         assert stats.forward_passes == 1 + len(off_guess)
         _, stats = dfs(model, PROMPT, CODEC, p, MAX_NEW)
@@ -161,8 +167,9 @@ def test_dfs_on_a_peft_model():
     """Through a LoRA wrapper (non-zero init so it changes the model), still exact."""
     peft = pytest.importorskip("peft")
     model = peaky_model(0)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                     init_lora_weights=False))
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     lora.train()  # dfs must switch to eval itself and give the mode back
     expected = above(brute_force(lora.eval(), PROMPT, MAX_NEW), 0.02)
     lora.train()

@@ -20,26 +20,57 @@ from arcfold.engine.scoring import teacher_forced_logp
 
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjklmnpqrstuvwxyz"
 # Digits merge ("00", "000"), as in conftest's hf fixture; "+/-=O" is several tokens; the chat markers special.
-VOCAB = ["<unk>", "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "\n", *"0123456789", "00", "000",
-         *LETTERS, "I", "O", "+", "/", "-", "=", "user", "assistant"]
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+VOCAB = [
+    "<unk>",
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "\n",
+    *"0123456789",
+    "00",
+    "000",
+    *LETTERS,
+    "I",
+    "O",
+    "+",
+    "/",
+    "-",
+    "=",
+    "user",
+    "assistant",
+]
+TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
 def format_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("hf_formats")
-    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(VOCAB)}, merges=[("0", "0"), ("00", "0")],
-                                   unk_token="<unk>"))
+    backend = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(VOCAB)}, merges=[("0", "0"), ("00", "0")], unk_token="<unk>")
+    )
     backend.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
     backend.add_tokens(["user", "assistant"])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                                     bos_token="<s>", eos_token="</s>")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     tokenizer.chat_template = TEMPLATE
     config = transformers.LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(config).save_pretrained(directory)
@@ -110,15 +141,31 @@ def test_a_run_writes_the_configured_format(format_model_dir: Path, tmp_path: Pa
 
     register()
     with initialize_config_module("arcfold.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"outputs={tmp_path}", "model=hf", f"model.path={format_model_dir}", "model.device=cpu",
-            "model.dtype=float32", "format=chat", "data.limit=1", "data.order=size", "folds=1", "tracking=off",
-            "save_adapters=none", "train.max_len=1200", "inference.max_len=1200", "inference.max_seconds=20"])
+        cfg = compose(
+            "config",
+            overrides=[
+                f"outputs={tmp_path}",
+                "model=hf",
+                f"model.path={format_model_dir}",
+                "model.device=cpu",
+                "model.dtype=float32",
+                "format=chat",
+                "data.limit=1",
+                "data.order=size",
+                "folds=1",
+                "tracking=off",
+                "save_adapters=none",
+                "train.max_len=1200",
+                "inference.max_len=1200",
+                "inference.max_seconds=20",
+            ],
+        )
     check(cfg)
     loaded = []
     real_load = model_module.load_model
-    monkeypatch.setattr(model_module, "load_model",
-                        lambda *args, **kwargs: loaded.append(real_load(*args, **kwargs)) or loaded[-1])
+    monkeypatch.setattr(
+        model_module, "load_model", lambda *args, **kwargs: loaded.append(real_load(*args, **kwargs)) or loaded[-1]
+    )
     result = pipeline.run(cfg, tmp_path)
     assert [m.codec.format for m in loaded] == ["chat"]
     assert not result.failures and len(result.folds) == 1 and result.folds[0]["train_tokens"] > 0

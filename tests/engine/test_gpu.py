@@ -25,9 +25,17 @@ def llama_dir(tmp_path_factory, hf_model_dir) -> Path:
         shutil.copy(hf_model_dir / name, directory / name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-        max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(config).save_pretrained(directory)
@@ -38,8 +46,9 @@ def llama_dir(tmp_path_factory, hf_model_dir) -> Path:
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_a_quantized_base_takes_a_lora_and_one_training_step(llama_dir, lora_cfg, bits, shrink):
     pytest.importorskip("bitsandbytes")
-    cfg = ModelConfig(kind="hf", path=str(llama_dir), device="cuda", dtype="bfloat16", quantization=bits,
-                      shrink_vocab=shrink)
+    cfg = ModelConfig(
+        kind="hf", path=str(llama_dir), device="cuda", dtype="bfloat16", quantization=bits, shrink_vocab=shrink
+    )
     loaded = load_model(cfg, max_len={"train.max_len": 2048, "inference.max_len": 2048})
     assert getattr(loaded.model, f"is_loaded_in_{bits}") and loaded.device.type == "cuda"
     model = attach_lora(loaded.model, lora_cfg)
@@ -47,8 +56,20 @@ def test_a_quantized_base_takes_a_lora_and_one_training_step(llama_dir, lora_cfg
     assert adapter and all("lora_" in n for n in adapter)
     before = {n: p.detach().clone() for n, p in adapter.items()}
     codec = loaded.codec
-    ids = torch.tensor([[codec.ids["input"], *[codec.ids[d] for d in "0120"], codec.ids["row"], codec.ids["output"],
-                         codec.ids["3"], codec.ids["row"], codec.eos_id]], device=loaded.device)
+    ids = torch.tensor(
+        [
+            [
+                codec.ids["input"],
+                *[codec.ids[d] for d in "0120"],
+                codec.ids["row"],
+                codec.ids["output"],
+                codec.ids["3"],
+                codec.ids["row"],
+                codec.eos_id,
+            ]
+        ],
+        device=loaded.device,
+    )
     optimizer = torch.optim.AdamW(adapter.values(), lr=1e-2)
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -89,8 +110,15 @@ def test_bf16_autocast_loss_with_checkpointing_matches_fp32(kernel, small_tasks,
     codec = GridCodec.builtin()
     samples, _ = build_samples(codec, small_tasks, train_cfg)
     batch = {k: v.cuda() for k, v in collate(samples[:2], codec.pad_id).items()}
-    config = transformers.Qwen2Config(vocab_size=151_936, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=False)
+    config = transformers.Qwen2Config(
+        vocab_size=151_936,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = attach_lora(transformers.Qwen2ForCausalLM(config).cuda(), LoraConfig(rank=8))
     model.train()

@@ -34,9 +34,16 @@ def small_chunks(monkeypatch):
 
 def qwen2(seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     """A random Qwen2-shaped model with a vocabulary of VOCAB tokens (ids 0..15 double as the builtin codec's)."""
-    values = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, intermediate_size=64, max_position_embeddings=4096,
-                  tie_word_embeddings=False)
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     values.update(overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -45,7 +52,7 @@ def qwen2(seed: int = 0, **overrides) -> transformers.PreTrainedModel:
 
 def batch_of(tasks, codec: GridCodec, train_cfg, count: int = 3) -> dict[str, torch.Tensor]:
     samples, _ = build_samples(codec, tasks, dataclasses.replace(train_cfg, epochs=1))
-    chosen = sorted(samples, key=lambda s: len(s.ids))[::max(1, len(samples) // count)][:count]
+    chosen = sorted(samples, key=lambda s: len(s.ids))[:: max(1, len(samples) // count)][:count]
     assert len({len(s.ids) for s in chosen}) > 1  # really padded
     return collate(chosen, codec.pad_id)
 
@@ -72,7 +79,8 @@ def test_loss_and_lora_gradients_equal_the_models_own_loss(small_tasks, train_cf
     peft_model.zero_grad()
     if checkpointing:
         peft_model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     hidden = hidden_states(peft_model, batch["input_ids"], None, None, batch["attention_mask"])
     loss = causal_lm_loss(peft_model, hidden, batch["labels"])
     loss.backward()
@@ -105,8 +113,9 @@ def test_batch_loss_is_the_per_sample_loss(small_tasks, train_cfg):
     model = qwen2()
     with torch.no_grad():
         whole = collate(chosen, codec.pad_id)
-        loss = causal_lm_loss(model, hidden_states(model, whole["input_ids"], None, None, whole["attention_mask"]),
-                              whole["labels"])
+        loss = causal_lm_loss(
+            model, hidden_states(model, whole["input_ids"], None, None, whole["attention_mask"]), whole["labels"]
+        )
         total, count = 0.0, 0
         for s in chosen:
             one = collate([s], codec.pad_id)
@@ -126,15 +135,23 @@ def test_token_and_column_logps_equal_the_full_log_softmax():
     picked = full.reshape(-1, VOCAB).gather(-1, targets[:, None])[:, 0]
     torch.testing.assert_close(token_logps(model, flat, targets).float(), picked, atol=1e-5, rtol=0)
     columns = torch.tensor([5, 0, 599, 17])
-    torch.testing.assert_close(column_logps(model, flat, columns).float(), full.reshape(-1, VOCAB)[:, columns],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        column_logps(model, flat, columns).float(), full.reshape(-1, VOCAB)[:, columns], atol=1e-5, rtol=0
+    )
 
 
 def test_softcapped_logits_equal_the_models_own():
     """Gemma 2 squashes its logits (final_logit_softcapping): the head applies it like the model does."""
-    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       num_key_value_heads=1, head_dim=16, intermediate_size=64,
-                                       final_logit_softcapping=2.0)
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        final_logit_softcapping=2.0,
+    )
     torch.manual_seed(0)
     model = transformers.Gemma2ForCausalLM(config).float()
     ids = torch.randint(0, VOCAB, (1, 9))

@@ -17,8 +17,11 @@ def _adapter(peft_model) -> dict[str, torch.Tensor]:
 def test_attach_targets_every_projection_and_counts(tiny_loaded, lora_cfg):
     # Expected count from the base layers themselves: r * (in + out) per targeted linear layer.
     targets = set(lora_cfg.target_modules)
-    expected = sum(lora_cfg.rank * (m.in_features + m.out_features) for name, m in tiny_loaded.model.named_modules()
-                   if name.rsplit(".", 1)[-1] in targets)
+    expected = sum(
+        lora_cfg.rank * (m.in_features + m.out_features)
+        for name, m in tiny_loaded.model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets
+    )
     pm = attach_lora(tiny_loaded.model, lora_cfg)
     assert isinstance(pm, peft.PeftModel)
     assert expected > 0 and trainable_parameters(pm) == expected

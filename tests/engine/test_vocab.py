@@ -42,15 +42,19 @@ def bpe(tasks) -> transformers.PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts + ["The quick brown fox jumps over the lazy dog."] * 3, trainers.BpeTrainer(
-        vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    backend.train_from_iterator(
+        texts + ["The quick brown fox jumps over the lazy dog."] * 3,
+        trainers.BpeTrainer(vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
-    tok.add_special_tokens({"pad_token": SPECIALS[0], "eos_token": SPECIALS[2],
-                            "additional_special_tokens": [SPECIALS[1]]})
+    tok.add_special_tokens(
+        {"pad_token": SPECIALS[0], "eos_token": SPECIALS[2], "additional_special_tokens": [SPECIALS[1]]}
+    )
     tok.add_tokens(["<tool_call>"])  # an added token that is not special: the shrink drops it
     start = (SPECIALS[1], tok.convert_tokens_to_ids(SPECIALS[1]))
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{start[0]} $A", pair=f"{start[0]} $A $B", special_tokens=[start])
+        single=f"{start[0]} $A", pair=f"{start[0]} $A $B", special_tokens=[start]
+    )
     assert len(tok.encode("0000\n", add_special_tokens=False)) < 5, "no digit merges: the test would prove little"
     return tok
 
@@ -58,11 +62,24 @@ def bpe(tasks) -> transformers.PreTrainedTokenizerFast:
 def save_model(directory: Path, bpe, model_type: str) -> Path:
     """Qwen2: tied embeddings, and transformers 5 rebuilds a byte-level Qwen2Tokenizer; Llama: untied, and the
     tokenizer.json is used as written (its merges apply)."""
-    shape = dict(vocab_size=ROWS, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                 intermediate_size=64, max_position_embeddings=4096, eos_token_id=bpe.eos_token_id,
-                 pad_token_id=bpe.pad_token_id, bos_token_id=None, initializer_range=0.2)
-    config = (transformers.Qwen2Config(tie_word_embeddings=True, **shape) if model_type == "qwen2"
-              else transformers.LlamaConfig(tie_word_embeddings=False, **shape))
+    shape = dict(
+        vocab_size=ROWS,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=4096,
+        eos_token_id=bpe.eos_token_id,
+        pad_token_id=bpe.pad_token_id,
+        bos_token_id=None,
+        initializer_range=0.2,
+    )
+    config = (
+        transformers.Qwen2Config(tie_word_embeddings=True, **shape)
+        if model_type == "qwen2"
+        else transformers.LlamaConfig(tie_word_embeddings=False, **shape)
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
@@ -83,8 +100,9 @@ def full(model_dir):
 @pytest.fixture(scope="module")
 def shrunk(model_dir, tmp_path_factory):
     save = tmp_path_factory.mktemp("shrunk") / "model"
-    cfg = ModelConfig(kind="hf", path=str(model_dir), device="cpu", dtype="float32", shrink_vocab=True,
-                      shrink_vocab_save=str(save))
+    cfg = ModelConfig(
+        kind="hf", path=str(model_dir), device="cpu", dtype="float32", shrink_vocab=True, shrink_vocab_save=str(save)
+    )
     return load_model(cfg), save
 
 
@@ -100,8 +118,9 @@ def test_shrunk_log_probs_are_the_full_models_renormalised_over_the_kept_tokens(
     model = small.model
     assert model.config.vocab_size == len(keep) == model.get_input_embeddings().num_embeddings
     assert model.get_output_embeddings().weight.shape[0] == len(keep)
-    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == \
-        full.model.config.tie_word_embeddings
+    assert (
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ) == full.model.config.tie_word_embeddings
     full_ids = full.codec.encode_train(tasks[0].train).ids
     small_ids = small.codec.encode_train(tasks[0].train).ids
     assert small_ids == [keep.index(i) for i in full_ids]  # the shrunk codec is the full one renumbered
@@ -116,13 +135,17 @@ def test_shrunk_codec_and_tokenizer_agree_and_round_trip(full, shrunk, tasks):
     small, _ = shrunk
     assert GridCodec.from_tokenizer(small.tokenizer).ids == small.codec.ids
     assert sorted(small.tokenizer.all_special_ids) == sorted(
-        kept_token_ids(full.codec, full.tokenizer).index(i) for i in full.tokenizer.all_special_ids)
+        kept_token_ids(full.codec, full.tokenizer).index(i) for i in full.tokenizer.all_special_ids
+    )
     for grid in [p.output for t in tasks[:5] for p in t.train]:
         assert np.array_equal(small.codec.decode(small.codec.encode_answer(grid)), grid)
         # Without merges the plain tokenizer gives one token per cell: exactly the codec's ids.
         assert small.tokenizer.encode(grid_text(grid), add_special_tokens=False) == small.codec.encode_grid(grid)
-        assert small.tokenizer.decode(small.codec.encode_grid(grid)) == full.tokenizer.decode(
-            full.codec.encode_grid(grid)) == grid_text(grid)
+        assert (
+            small.tokenizer.decode(small.codec.encode_grid(grid))
+            == full.tokenizer.decode(full.codec.encode_grid(grid))
+            == grid_text(grid)
+        )
     text = "<|im_start|>I<|im_end|>O<|endoftext|>"  # no merges apply: the full tokenizer's ids are all kept
     keep = kept_token_ids(full.codec, full.tokenizer)
     # Special tokens (and the post-processor's start token) keep their meaning under the new ids.
@@ -169,8 +192,11 @@ def test_an_lm_head_bias_is_sliced_with_its_rows(tmp_path, bpe, tasks):
 def test_a_tokenizer_that_is_not_bpe_is_refused_before_the_weights_load(tmp_path, model_dir, hf_vocab):
     vocab = {tok: i for i, tok in enumerate(hf_vocab)}
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>",
-        eos_token="</s>", pad_token="<pad>")
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
     tok.save_pretrained(tmp_path)
     config = json.loads((model_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llama", "vocab_size": len(vocab)}))

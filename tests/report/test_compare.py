@@ -30,8 +30,9 @@ def log_sweep(uri: str, outputs: Path) -> tuple[str, dict[str, dict[str, list[bo
     ids = {}
     for rank, p in ((4, 0.15), (16, 0.7)):
         for seed in (0, 1, 2):
-            run = RunTracker(True, uri, "arcfold", outputs, run_name=f"lora.rank={rank} seed={seed}",
-                             parent_run_id=parent.run_id)
+            run = RunTracker(
+                True, uri, "arcfold", outputs, run_name=f"lora.rank={rank} seed={seed}", parent_run_id=parent.run_id
+            )
             run.log_params({"lora.rank": rank, "seed": seed, "train.seed": seed, "folds": 2, "data.limit": 24})
             solved = {t: [bool(rng.random() < p), bool(rng.random() < p)] for t in TASKS}
             table = outputs / f"tables_{rank}_{seed}" / "tasks.csv"
@@ -43,8 +44,15 @@ def log_sweep(uri: str, outputs: Path) -> tuple[str, dict[str, dict[str, list[bo
                     for i, s in enumerate(solved[t]):
                         w.writerow({"task": t, "test_index": i, "solved": s, "answer_nll": 2.0 - p + 0.1 * i})
             score = float(np.mean([np.mean(v) for v in solved.values()]))
-            run.log_metrics({"score": score, "oracle": min(1.0, score + 0.1), "answer_nll": 2.05 - p,
-                             "seconds_total": 30.0, "failed_tasks": 0})
+            run.log_metrics(
+                {
+                    "score": score,
+                    "oracle": min(1.0, score + 0.1),
+                    "answer_nll": 2.05 - p,
+                    "seconds_total": 30.0,
+                    "failed_tasks": 0,
+                }
+            )
             run.log_artifact(table)
             run.finish("FINISHED")
             ids[run.run_id] = solved
@@ -66,8 +74,9 @@ def check_compare(uri: str, parent_id: str, solved: dict[str, dict[str, list[boo
     assert sorted(r for conf in doc["configurations"] for r in conf["runs"]) == sorted(child_ids)
     with open(out / "solved_matrix.csv") as f:  # each cell: the fraction of the task's two outputs solved
         matrix = {row["task"]: row for row in csv.DictReader(f)}
-    assert {(t, r): float(matrix[t][r]) for t in TASKS for r in child_ids} == \
-        {(t, r): sum(solved[r][t]) / 2 for t in TASKS for r in child_ids}
+    assert {(t, r): float(matrix[t][r]) for t in TASKS for r in child_ids} == {
+        (t, r): sum(solved[r][t]) / 2 for t in TASKS for r in child_ids
+    }
 
     from mlflow.tracking import MlflowClient
 
@@ -113,10 +122,25 @@ def tracking_server(tmp_path):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--workers", "1", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server_artifacts")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--workers",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server_artifacts"),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):

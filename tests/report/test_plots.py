@@ -19,12 +19,14 @@ def test_loss_per_fold_draws_one_line_per_fold(tmp_path, read_png, has_colour):
 
 
 def test_phase_timeline_colours_each_phase(tmp_path, read_png, has_colour):
-    spans = [{"phase": "load", "fold": None, "device": "cpu", "start": 0.0, "end": 2.0},
-             {"phase": "train", "fold": 0, "device": "cpu", "start": 2.0, "end": 9.0},
-             {"phase": "inference", "fold": 0, "device": "cpu", "start": 9.0, "end": 12.0},
-             {"phase": "train", "fold": 1, "device": "cpu", "start": 12.0, "end": 18.0},
-             {"phase": "inference", "fold": 1, "device": "cpu", "start": 18.0, "end": 20.0},
-             {"phase": "scoring", "fold": None, "device": "cpu", "start": 20.0, "end": 21.0}]
+    spans = [
+        {"phase": "load", "fold": None, "device": "cpu", "start": 0.0, "end": 2.0},
+        {"phase": "train", "fold": 0, "device": "cpu", "start": 2.0, "end": 9.0},
+        {"phase": "inference", "fold": 0, "device": "cpu", "start": 9.0, "end": 12.0},
+        {"phase": "train", "fold": 1, "device": "cpu", "start": 12.0, "end": 18.0},
+        {"phase": "inference", "fold": 1, "device": "cpu", "start": 18.0, "end": 20.0},
+        {"phase": "scoring", "fold": None, "device": "cpu", "start": 20.0, "end": 21.0},
+    ]
     image = read_png(plots.phase_timeline(spans, tmp_path / "timeline.png"))
     for phase in ("load", "train", "inference", "scoring"):
         assert has_colour(image, plots.PHASE_COLOURS[phase]), phase
@@ -46,8 +48,9 @@ def test_task_rendering_uses_the_arc_palette(tmp_path, read_png, has_colour):
 
 
 def test_per_config_and_differences_show_seeds_and_intervals(tmp_path, read_png, has_colour):
-    image = read_png(plots.per_config(["rank=4", "rank=8"], [[0.1, 0.2, 0.15], [0.3, 0.25, math.nan]], "score",
-                                      tmp_path / "s.png"))
+    image = read_png(
+        plots.per_config(["rank=4", "rank=8"], [[0.1, 0.2, 0.15], [0.3, 0.25, math.nan]], "score", tmp_path / "s.png")
+    )
     assert has_colour(image, "#d62728")  # the mean +- sd markers
     ivs = [Interval(0.1, 0.05, 0.15, 0.95, 40), Interval(0.01, -0.02, 0.04, 0.95, 40)]
     image = read_png(plots.differences(["a", "b"], ivs, "score", "base", tmp_path / "d.png"))

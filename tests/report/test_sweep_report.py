@@ -17,19 +17,35 @@ TASKS = [f"t{i:02d}" for i in range(30)]
 def record(rank: int, seed: int, rng: np.random.Generator, p_solve: float, nll: float) -> RunRecord:
     scores = {t: float(rng.random() < p_solve) for t in TASKS}
     nlls = {t: nll + rng.normal(0, 0.05) for t in TASKS}
-    params = {"lora.rank": str(rank), "seed": str(seed), "train.seed": str(seed), "split.seed": str(seed),
-              "folds": "2", "data.limit": "30"}
-    metrics = {"score": float(np.mean(list(scores.values()))), "oracle": 0.5, "selection_accuracy": 0.4,
-               "answer_nll": float(np.mean(list(nlls.values()))), "seconds_total": 10.0 + seed}
-    return RunRecord(f"{rank:04d}{seed:028d}", f"lora.rank={rank} seed={seed}", params, metrics, "FINISHED",
-                     {"score": scores, "answer_nll": nlls})
+    params = {
+        "lora.rank": str(rank),
+        "seed": str(seed),
+        "train.seed": str(seed),
+        "split.seed": str(seed),
+        "folds": "2",
+        "data.limit": "30",
+    }
+    metrics = {
+        "score": float(np.mean(list(scores.values()))),
+        "oracle": 0.5,
+        "selection_accuracy": 0.4,
+        "answer_nll": float(np.mean(list(nlls.values()))),
+        "seconds_total": 10.0 + seed,
+    }
+    return RunRecord(
+        f"{rank:04d}{seed:028d}",
+        f"lora.rank={rank} seed={seed}",
+        params,
+        metrics,
+        "FINISHED",
+        {"score": scores, "answer_nll": nlls},
+    )
 
 
 @pytest.fixture
 def runs() -> list[RunRecord]:
     rng = np.random.default_rng(0)
-    return [record(rank, seed, rng, p, nll) for rank, p, nll in ((16, 0.6, 0.8), (4, 0.2, 1.2))
-            for seed in (1, 2, 3)]
+    return [record(rank, seed, rng, p, nll) for rank, p, nll in ((16, 0.6, 0.8), (4, 0.2, 1.2)) for seed in (1, 2, 3)]
 
 
 def test_configurations_are_the_swept_params_without_the_seeds(runs):
@@ -55,8 +71,7 @@ def test_the_interval_pairs_tasks_over_each_configurations_seed_means(runs):
     assert rows[1]["d score vs baseline"].endswith("**better**")
     assert rows[1]["d answer_nll vs baseline"].endswith("**better**")  # lower NLL is better
     assert rows[0]["d score vs baseline"] == "baseline" and rows[1]["lora.rank"] == "16 (best)"
-    mean, sd = np.mean([r.metrics["score"] for r in high.runs]), np.std([r.metrics["score"] for r in high.runs],
-                                                                       ddof=1)
+    mean, sd = np.mean([r.metrics["score"] for r in high.runs]), np.std([r.metrics["score"] for r in high.runs], ddof=1)
     assert rows[1]["score"] == f"{mean:.3f} +- {sd:.3f}"
 
 

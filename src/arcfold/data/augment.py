@@ -38,8 +38,11 @@ class Transform:
 
     @property
     def is_identity(self) -> bool:
-        return self.d8 == 0 and self.colours == IDENTITY_COLOURS and (
-            not self.demo_order or list(self.demo_order) == sorted(self.demo_order))
+        return (
+            self.d8 == 0
+            and self.colours == IDENTITY_COLOURS
+            and (not self.demo_order or list(self.demo_order) == sorted(self.demo_order))
+        )
 
     def grid(self, grid: np.ndarray) -> np.ndarray:
         out = np.asarray(self.colours, dtype=np.int8)[grid]
@@ -60,8 +63,10 @@ class Transform:
         # A view made for another task (or before demos were dropped) would silently lose or repeat pairs.
         if sorted(order) != list(range(len(pairs))):
             raise ValueError(f"demo_order {self.demo_order} is not a permutation of {len(pairs)} pairs")
-        return tuple(Pair(self.grid(p.input), None if p.output is None else self.grid(p.output))
-                     for p in (pairs[i] for i in order))
+        return tuple(
+            Pair(self.grid(p.input), None if p.output is None else self.grid(p.output))
+            for p in (pairs[i] for i in order)
+        )
 
     def task(self, task: Task) -> Task:
         """The augmented task: demonstrations transformed and reordered, test pairs transformed in place."""
@@ -84,8 +89,9 @@ def random_colours(rng: np.random.Generator, mode: ColourMode) -> tuple[int, ...
     raise ValueError(f"colour mode must be one of {' | '.join(COLOURS)}, got {mode!r}")
 
 
-def make_views(task: Task, n: int, seed: int, colours: ColourMode = "all", shuffle_demos: bool = True,
-               identity_first: bool = True) -> list[Transform]:
+def make_views(
+    task: Task, n: int, seed: int, colours: ColourMode = "all", shuffle_demos: bool = True, identity_first: bool = True
+) -> list[Transform]:
     """8 * n views of a task: n rounds of the 8 D8 symmetries, each with its own random colour permutation
     and demonstration order. With identity_first the very first view is the untouched task."""
     rng = task_rng(seed, "views", task.id)
@@ -101,8 +107,9 @@ def make_views(task: Task, n: int, seed: int, colours: ColourMode = "all", shuff
     return views
 
 
-def epoch_plan(tasks: Sequence[Task], epochs: int, seed: int, colours: ColourMode = "all",
-               shuffle_demos: bool = True) -> list[tuple[Task, Transform]]:
+def epoch_plan(
+    tasks: Sequence[Task], epochs: int, seed: int, colours: ColourMode = "all", shuffle_demos: bool = True
+) -> list[tuple[Task, Transform]]:
     """The training data of the reference's "epochs = augmented copies": for each task and epoch, the 8 D8
     views (each with its own colours and demo order), all shuffled into ONE pass: 8 * epochs per task."""
     plan = []

@@ -62,11 +62,15 @@ class GridCodec:
         # bos and pad may be the eos token (many tokenizers do that), never a cell, row or marker token.
         for extra in ("bos", "pad"):
             if extra in self.ids and self.ids[extra] in core.values() and self.ids[extra] != self.ids["eos"]:
-                raise ArcDataError(f"{extra} id {self.ids[extra]} is also a grid symbol's id", file=self.name,
-                                   field=f"codec.{extra}")
+                raise ArcDataError(
+                    f"{extra} id {self.ids[extra]} is also a grid symbol's id", file=self.name, field=f"codec.{extra}"
+                )
         if plain:  # frozen: set the derived field once, here
-            object.__setattr__(self, "pieces", {"prefix": (), "input": (self.ids["input"],),
-                                                "output": (self.ids["output"],), "separator": ()})
+            object.__setattr__(
+                self,
+                "pieces",
+                {"prefix": (), "input": (self.ids["input"],), "output": (self.ids["output"],), "separator": ()},
+            )
         elif set(self.pieces) != set(PIECES):
             raise ArcDataError(f"pieces must be {PIECES}, got {sorted(self.pieces)}", file=self.name, field="codec")
 
@@ -79,8 +83,12 @@ class GridCodec:
     def builtin(cls, fmt: str = "plain") -> "GridCodec":
         """The tiny model's 16-token vocabulary: it holds no letters, so it writes the plain format only."""
         if fmt != "plain":
-            raise ArcDataError(f"the tiny model's built-in vocabulary writes only format=plain, not {fmt!r} "
-                               "(use model=hf with a tokenizer)", file="builtin", field="format")
+            raise ArcDataError(
+                f"the tiny model's built-in vocabulary writes only format=plain, not {fmt!r} "
+                "(use model=hf with a tokenizer)",
+                file="builtin",
+                field="format",
+            )
         return cls({s: i for i, s in enumerate(BUILTIN_SYMBOLS)}, name="builtin")
 
     @classmethod
@@ -107,8 +115,12 @@ class GridCodec:
             ids["bos"] = int(tokenizer.bos_token_id)
         pad = getattr(tokenizer, "pad_token_id", None)
         ids["pad"] = int(pad) if pad is not None else ids["eos"]
-        texts = {"prefix": form.prefix, "input": form.input_marker, "output": form.output_marker,
-                 "separator": form.separator}
+        texts = {
+            "prefix": form.prefix,
+            "input": form.input_marker,
+            "output": form.output_marker,
+            "separator": form.separator,
+        }
         pieces = {piece: _tokens(tokenizer, text, name, piece) for piece, text in texts.items()}
         return cls(ids, name=name, pieces=pieces, format=form.name)
 
@@ -191,8 +203,9 @@ class GridCodec:
             log.info("%s: dropped %d of %d demonstrations to fit", what, dropped, len(demos))
         return keep, dropped
 
-    def encode_train(self, demos: Sequence[Pair], max_len: int | None = None,
-                     mask_first_output: bool = False) -> Encoded | None:
+    def encode_train(
+        self, demos: Sequence[Pair], max_len: int | None = None, mask_first_output: bool = False
+    ) -> Encoded | None:
         """A training sequence of all demonstrations (a view's order) with loss only on outputs.
 
         The last demonstration plays the test role; with mask_first_output the first output carries no loss
@@ -213,13 +226,22 @@ class GridCodec:
             ids += pair_ids
             labels += pair_labels
         if max_len is not None and len(ids) > max_len:
-            log.info("train: %d tokens with %d demonstrations still exceed max length %d: no sample",
-                     len(ids), len(keep), max_len)
+            log.info(
+                "train: %d tokens with %d demonstrations still exceed max length %d: no sample",
+                len(ids),
+                len(keep),
+                max_len,
+            )
             return None
         return Encoded(ids, labels, dropped, len(keep))
 
-    def encode_prompt(self, demos: Sequence[Pair], test_input: np.ndarray, max_len: int | None = None,
-                      reserve: int = MAX_OUTPUT_TOKENS) -> Encoded:
+    def encode_prompt(
+        self,
+        demos: Sequence[Pair],
+        test_input: np.ndarray,
+        max_len: int | None = None,
+        reserve: int = MAX_OUTPUT_TOKENS,
+    ) -> Encoded:
         """Demonstrations, the test input and the output marker: the model continues with the answer.
 
         With max_len, demonstrations are dropped (longest first) until prompt + `reserve` answer tokens fit;
@@ -234,8 +256,11 @@ class GridCodec:
             ids += self._pair(demos[i])[0] + list(self.pieces["separator"])
         ids += test_ids
         if max_len is not None and len(ids) + reserve > max_len:
-            raise ArcDataError(f"prompt of {len(ids)} tokens + {reserve} answer tokens exceeds max length "
-                               f"{max_len} even with one demonstration", field="max_len")
+            raise ArcDataError(
+                f"prompt of {len(ids)} tokens + {reserve} answer tokens exceeds max length "
+                f"{max_len} even with one demonstration",
+                field="max_len",
+            )
         return Encoded(ids, None, dropped, len(keep))
 
     # ----------------------------------------------------------------------------------- decoding
@@ -274,8 +299,11 @@ def _one_token(tokenizer: Any, text: str, name: str, symbol: str) -> int:
     """The single token `text` is on its own; refused if it is several, none, or the unknown token."""
     toks = _tokens(tokenizer, text, name, symbol)
     if len(toks) != 1:
-        raise ArcDataError(f"tokenizer turns {text!r} into {len(toks)} tokens {list(toks)}, need exactly one",
-                           file=name, field=f"codec.{symbol}")
+        raise ArcDataError(
+            f"tokenizer turns {text!r} into {len(toks)} tokens {list(toks)}, need exactly one",
+            file=name,
+            field=f"codec.{symbol}",
+        )
     return toks[0]
 
 
@@ -288,8 +316,11 @@ def _tokens(tokenizer: Any, text: str, name: str, piece: str) -> tuple[int, ...]
     if text and not toks:
         raise ArcDataError(f"tokenizer turns {text!r} into no tokens at all", file=name, field=f"codec.{piece}")
     if unk is not None and unk in toks:
-        raise ArcDataError(f"tokenizer has no token for some of {text!r} (it becomes the unknown token)",
-                           file=name, field=f"codec.{piece}")
+        raise ArcDataError(
+            f"tokenizer has no token for some of {text!r} (it becomes the unknown token)",
+            file=name,
+            field=f"codec.{piece}",
+        )
     return toks
 
 

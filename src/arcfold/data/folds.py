@@ -15,8 +15,13 @@ from arcfold.data.tasks import Task
 Strategy = Literal["random", "balanced", "per_task"]
 
 
-def make_folds(tasks: Sequence[Task], k: int | None, strategy: Strategy = "random", seed: int = 0,
-               cost: Callable[[Task], int] | None = None) -> list[list[Task]]:
+def make_folds(
+    tasks: Sequence[Task],
+    k: int | None,
+    strategy: Strategy = "random",
+    seed: int = 0,
+    cost: Callable[[Task], int] | None = None,
+) -> list[list[Task]]:
     """Every task lands in exactly one fold; the same seed gives the same folds.
 
     random:    shuffle (seeded) and cut into k folds whose sizes differ by at most one.
@@ -29,15 +34,18 @@ def make_folds(tasks: Sequence[Task], k: int | None, strategy: Strategy = "rando
     if not tasks:
         raise ArcDataError("no tasks to split", field="folds")
     if strategy not in CHOICES["split.strategy"]:
-        raise ArcDataError(f"unknown fold strategy '{strategy}', expected {' | '.join(CHOICES['split.strategy'])}",
-                           field="split.strategy")
+        raise ArcDataError(
+            f"unknown fold strategy '{strategy}', expected {' | '.join(CHOICES['split.strategy'])}",
+            field="split.strategy",
+        )
     if len({t.id for t in tasks}) != len(tasks):
         raise ArcDataError("a task id appears twice: it would land in two folds", field="folds")
     if strategy == "per_task":
         return [[t] for t in tasks]
     if k is None or k < 1 or k > len(tasks):
-        raise ArcDataError(f"got {k!r}; allowed: an integer from 1 to the {len(tasks)} tasks, or per_task",
-                           field="folds")
+        raise ArcDataError(
+            f"got {k!r}; allowed: an integer from 1 to the {len(tasks)} tasks, or per_task", field="folds"
+        )
     order = np.random.default_rng(seed).permutation(len(tasks))
     shuffled = [tasks[i] for i in order]
     if strategy == "random":

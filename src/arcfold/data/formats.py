@@ -52,38 +52,61 @@ def chat(tokenizer: Any, name: str = "tokenizer") -> PromptFormat:
     (the last assistant turn may differ, e.g. a thinking block, and is not used); the template writes its own
     bos, if any, so none is added."""
     if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
-        raise ArcDataError("format=chat needs a tokenizer with a chat template; this one has none",
-                           file=name, field="format")
+        raise ArcDataError(
+            "format=chat needs a tokenizer with a chat template; this one has none", file=name, field="format"
+        )
     messages = []
     for i in range(3):
-        messages += [{"role": "user", "content": _USER.format(i)},
-                     {"role": "assistant", "content": _ASSISTANT.format(i)}]
+        messages += [
+            {"role": "user", "content": _USER.format(i)},
+            {"role": "assistant", "content": _ASSISTANT.format(i)},
+        ]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as err:  # a Jinja template raises whatever it likes: report it in one line
-        raise ArcDataError(f"the chat template fails on user/assistant turns: {' '.join(str(err).split())[:200]}",
-                           file=name, field="format") from None
+        raise ArcDataError(
+            f"the chat template fails on user/assistant turns: {' '.join(str(err).split())[:200]}",
+            file=name,
+            field="format",
+        ) from None
     sentinels = [s.format(i) for i in range(3) for s in (_USER, _ASSISTANT)]
     starts = [text.find(s) for s in sentinels]
     if any(text.count(s) != 1 for s in sentinels) or starts != sorted(starts):
-        raise ArcDataError("the chat template does not write each turn's content once and in order; "
-                           "use format=plain or architects", file=name, field="format")
+        raise ArcDataError(
+            "the chat template does not write each turn's content once and in order; use format=plain or architects",
+            file=name,
+            field="format",
+        )
     ends = [start + len(s) for start, s in zip(starts, sentinels)]
     # Piece k lies between sentinel k's end and sentinel k+1's start: U0 [out] A0 [tail] U1 [out] A1 [tail] U2.
-    between = [text[ends[k]:starts[k + 1]] for k in range(len(sentinels) - 1)]
+    between = [text[ends[k] : starts[k + 1]] for k in range(len(sentinels) - 1)]
     output_marker, tail = between[0], between[1]
     if (between[2], between[3]) != (output_marker, tail):
-        raise ArcDataError("the chat template writes the first and second turns differently; use format=plain "
-                           "or architects", file=name, field="format")
+        raise ArcDataError(
+            "the chat template writes the first and second turns differently; use format=plain or architects",
+            file=name,
+            field="format",
+        )
     if not output_marker or not tail:
-        raise ArcDataError(f"the chat template writes nothing between turns ({output_marker!r}, {tail!r}): no "
-                           "marker or end token to find", file=name, field="format")
+        raise ArcDataError(
+            f"the chat template writes nothing between turns ({output_marker!r}, {tail!r}): no "
+            "marker or end token to find",
+            file=name,
+            field="format",
+        )
     first = list(tokenizer.encode(tail, add_special_tokens=False))[:1]
     end = tokenizer.decode(first, skip_special_tokens=False) if first else ""
     if not end or not tail.startswith(end):
         raise ArcDataError(f"cannot find the end token at the start of {tail!r}", file=name, field="format")
-    return PromptFormat("chat", prefix=text[:starts[0]], input_marker="", output_marker=output_marker,
-                        end=end, separator=tail[len(end):], bos=False)
+    return PromptFormat(
+        "chat",
+        prefix=text[: starts[0]],
+        input_marker="",
+        output_marker=output_marker,
+        end=end,
+        separator=tail[len(end) :],
+        bos=False,
+    )
 
 
 def prompt_format(fmt: str, tokenizer: Any = None, name: str = "tokenizer") -> PromptFormat:

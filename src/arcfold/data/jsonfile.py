@@ -39,12 +39,14 @@ def parse_json_file(path: str | Path, task: str | None = None) -> tuple[Any, lis
     try:
         return json.loads(text, object_pairs_hook=keep_duplicates), duplicates
     except json.JSONDecodeError as err:
-        raise ArcDataError(f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
-                           file=str(path), task=task) from None
+        raise ArcDataError(
+            f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})", file=str(path), task=task
+        ) from None
 
 
-def duplicate_errors(data: Any, duplicates: list[Duplicate], file: str,
-                     task: str | None = None) -> dict[str | None, ArcDataError]:
+def duplicate_errors(
+    data: Any, duplicates: list[Duplicate], file: str, task: str | None = None
+) -> dict[str | None, ArcDataError]:
     """One error per task that has a duplicate key (the first found), keyed by task id.
 
     With `task` the whole file is that one task; otherwise the top-level keys are task ids. The key None holds
@@ -92,8 +94,9 @@ def _path_to(node: Any, target: dict, path: str = "") -> str | None:
     children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, child in children:
         if isinstance(child, (dict, list)):
-            sub = f"{path}.{key}" if isinstance(key, str) and path else key if isinstance(key, str) \
-                else f"{path}[{key}]"
+            sub = (
+                f"{path}.{key}" if isinstance(key, str) and path else key if isinstance(key, str) else f"{path}[{key}]"
+            )
             found = _path_to(child, target, sub)
             if found is not None:
                 return found

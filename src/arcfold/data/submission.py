@@ -74,15 +74,17 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return path
 
 
-def write_submission(path: str | Path, tasks: Sequence[Task],
-                     attempts: Mapping[str, Mapping[int, Sequence[Grid]]]) -> Path:
+def write_submission(
+    path: str | Path, tasks: Sequence[Task], attempts: Mapping[str, Mapping[int, Sequence[Grid]]]
+) -> Path:
     sub = build_submission(tasks, attempts)
     validate_submission(sub, tasks, file=str(path))
     return write_json_atomic(path, sub)
 
 
-def validate_submission(sub: Any, tasks: Sequence[Task], file: str = "submission.json",
-                        require_all: bool = True) -> None:
+def validate_submission(
+    sub: Any, tasks: Sequence[Task], file: str = "submission.json", require_all: bool = True
+) -> None:
     """Raise ArcDataError unless `sub` is a well-formed submission for these tasks: one entry per test input,
     each with two valid grids, and no task id the challenges lack. With require_all (what Kaggle needs) every
     task must be there; without it a missing task is allowed (the scorer counts it as 0)."""
@@ -96,8 +98,12 @@ def validate_submission(sub: Any, tasks: Sequence[Task], file: str = "submission
         entries = sub[task.id]
         if not isinstance(entries, list) or len(entries) != len(task.test):
             n = len(entries) if isinstance(entries, list) else type(entries).__name__
-            raise ArcDataError(f"expected {len(task.test)} entries (one per test input), got {n}",
-                               file=file, task=task.id, field="entries")
+            raise ArcDataError(
+                f"expected {len(task.test)} entries (one per test input), got {n}",
+                file=file,
+                task=task.id,
+                field="entries",
+            )
         for i, entry in enumerate(entries):
             for name in ATTEMPTS:
                 if not isinstance(entry, dict) or name not in entry:
@@ -105,13 +111,21 @@ def validate_submission(sub: Any, tasks: Sequence[Task], file: str = "submission
                 parse_grid(entry[name], file=file, task=task.id, field=f"test[{i}].{name}")
             other = sorted(set(entry) - set(ATTEMPTS))
             if other:  # an answer under another key would be ignored by Kaggle's scorer, or the file refused
-                raise ArcDataError(f"unexpected key(s) {other}: an entry holds only attempt_1 and attempt_2",
-                                   file=file, task=task.id, field=f"test[{i}]")
+                raise ArcDataError(
+                    f"unexpected key(s) {other}: an entry holds only attempt_1 and attempt_2",
+                    file=file,
+                    task=task.id,
+                    field=f"test[{i}]",
+                )
     known = {t.id for t in tasks}
     extra = [k for k in sub if k not in known]
     if extra:
-        raise ArcDataError(f"{len(extra)} task id(s) not in the challenges (a submission for another dataset?): "
-                           f"{extra[:5]}", file=file, task=extra[0], field="id")
+        raise ArcDataError(
+            f"{len(extra)} task id(s) not in the challenges (a submission for another dataset?): {extra[:5]}",
+            file=file,
+            task=extra[0],
+            field="id",
+        )
 
 
 def load_submission(path: str | Path, tasks: Sequence[Task], require_all: bool = True) -> dict:
@@ -139,8 +153,10 @@ class Score:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"score {self.score_tasks:.4f} ({self.solved:g}/{self.n_tasks} tasks), "
-                f"per output {self.score_pairs:.4f} ({self.solved_pairs}/{self.n_pairs})")
+        return (
+            f"score {self.score_tasks:.4f} ({self.solved:g}/{self.n_tasks} tasks), "
+            f"per output {self.score_pairs:.4f} ({self.solved_pairs}/{self.n_pairs})"
+        )
 
 
 def grid_equal(a: Any, b: np.ndarray | None) -> bool:
@@ -170,6 +186,14 @@ def score_submission(sub: Mapping[str, Any], tasks: Sequence[Task]) -> Score:
     n_pairs = sum(len(h) for h in per_pair.values())
     solved_pairs = sum(sum(h) for h in per_pair.values())
     solved = sum(per_task.values())
-    return Score(score_tasks=solved / len(tasks), score_pairs=solved_pairs / n_pairs, n_tasks=len(tasks),
-                 n_pairs=n_pairs, solved=solved, solved_pairs=solved_pairs,
-                 solved_task_ids=[t for t, s in per_task.items() if s > 0], per_task=per_task, per_pair=per_pair)
+    return Score(
+        score_tasks=solved / len(tasks),
+        score_pairs=solved_pairs / n_pairs,
+        n_tasks=len(tasks),
+        n_pairs=n_pairs,
+        solved=solved,
+        solved_pairs=solved_pairs,
+        solved_task_ids=[t for t, s in per_task.items() if s > 0],
+        per_task=per_task,
+        per_pair=per_pair,
+    )

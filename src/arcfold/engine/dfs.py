@@ -82,9 +82,18 @@ class _PathCache:
             self.held = []
 
 
-def dfs(model: torch.nn.Module, prompt: list[int], codec: GridCodec, min_prob: float, max_new_tokens: int,
-        guess: list[int] | None = None, max_seconds: float | None = None, max_candidates: int | None = None,
-        explore: Explore = "likely", cache: DynamicCache | None = None) -> tuple[list[Completion], GenStats]:
+def dfs(
+    model: torch.nn.Module,
+    prompt: list[int],
+    codec: GridCodec,
+    min_prob: float,
+    max_new_tokens: int,
+    guess: list[int] | None = None,
+    max_seconds: float | None = None,
+    max_candidates: int | None = None,
+    explore: Explore = "likely",
+    cache: DynamicCache | None = None,
+) -> tuple[list[Completion], GenStats]:
     """All completions (ending in eos, at most max_new_tokens tokens) with probability >= min_prob.
 
     Returns them best first, each with its full-softmax log p, and the search's stats. `max_seconds` and

@@ -52,6 +52,7 @@ class GenStats:
 
 # ------------------------------------------------------------------------------------------ model plumbing
 
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -70,20 +71,27 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ batched decoding
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
         if p:
-            ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[row, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
-def _decode_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], codec: GridCodec,
-                  max_new_tokens: int, pick: Pick, deadline: float | None, stats: GenStats) -> list[Completion]:
+def _decode_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    codec: GridCodec,
+    max_new_tokens: int,
+    pick: Pick,
+    deadline: float | None,
+    stats: GenStats,
+) -> list[Completion]:
     """Decode one batch of prompts until every row has produced eos or max_new_tokens tokens.
 
     Left padding + attention mask + explicit position ids (a padded row's first real token is position 0).
@@ -128,8 +136,15 @@ def _decode_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], code
     return results
 
 
-def _run(model: torch.nn.Module, rows: Sequence[Sequence[int]], codec: GridCodec, max_new_tokens: int,
-         batch_size: int, pick: Pick, max_seconds: float | None) -> tuple[list[Completion], GenStats]:
+def _run(
+    model: torch.nn.Module,
+    rows: Sequence[Sequence[int]],
+    codec: GridCodec,
+    max_new_tokens: int,
+    batch_size: int,
+    pick: Pick,
+    max_seconds: float | None,
+) -> tuple[list[Completion], GenStats]:
     """Decode all rows in batches of similar prompt length (less padding); results in the input order."""
     start = time.perf_counter()
     deadline = None if max_seconds is None else start + max_seconds
@@ -144,7 +159,7 @@ def _run(model: torch.nn.Module, rows: Sequence[Sequence[int]], codec: GridCodec
                 if deadline is not None and time.perf_counter() > deadline:
                     stats.timed_out = True  # the rest stay empty (invalid) completions
                     break
-                batch = order[first:first + batch_size]
+                batch = order[first : first + batch_size]
                 done = _decode_batch(model, [rows[i] for i in batch], codec, max_new_tokens, pick, deadline, stats)
                 for i, completion in zip(batch, done):
                     out[i] = completion
@@ -154,22 +169,37 @@ def _run(model: torch.nn.Module, rows: Sequence[Sequence[int]], codec: GridCodec
     return out, stats
 
 
-def greedy(model: torch.nn.Module, prompts: list[list[int]], codec: GridCodec, max_new_tokens: int,
-           batch_size: int = 8, max_seconds: float | None = None) -> tuple[list[list[Completion]], GenStats]:
+def greedy(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    codec: GridCodec,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    max_seconds: float | None = None,
+) -> tuple[list[list[Completion]], GenStats]:
     """The argmax chain over codec.output_tokens for each prompt: one Completion per prompt.
 
     logp is under the full unmasked softmax (module docstring); a row that hits max_new_tokens (or the
     wall-clock cap) before eos comes back without the eos, which decodes to no grid."""
     if max_new_tokens < 1 or not prompts:
         return [[Completion([], 0.0)] for _ in prompts], GenStats()
-    completions, stats = _run(model, list(prompts), codec, max_new_tokens, batch_size,
-                              lambda logits: logits.argmax(-1), max_seconds)
+    completions, stats = _run(
+        model, list(prompts), codec, max_new_tokens, batch_size, lambda logits: logits.argmax(-1), max_seconds
+    )
     return [[c] for c in completions], stats
 
 
-def sample(model: torch.nn.Module, prompts: list[list[int]], codec: GridCodec, max_new_tokens: int, n: int,
-           temperature: float, seed: int, batch_size: int = 8, max_seconds: float | None = None
-           ) -> tuple[list[list[Completion]], GenStats]:
+def sample(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    codec: GridCodec,
+    max_new_tokens: int,
+    n: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 8,
+    max_seconds: float | None = None,
+) -> tuple[list[list[Completion]], GenStats]:
     """n samples per prompt from softmax(logits / temperature) restricted to codec.output_tokens.
 
     Seeded by its own torch.Generator, so results depend only on (seed, prompts, model). logp is still the
@@ -186,4 +216,4 @@ def sample(model: torch.nn.Module, prompts: list[list[int]], codec: GridCodec, m
 
     rows = [p for p in prompts for _ in range(n)]
     flat, stats = _run(model, rows, codec, max_new_tokens, batch_size, pick, max_seconds)
-    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))], stats
+    return [flat[i * n : (i + 1) * n] for i in range(len(prompts))], stats

@@ -45,9 +45,14 @@ def _params_of(forward: Callable[..., Any]) -> frozenset[str]:
     return frozenset(inspect.signature(forward).parameters)
 
 
-def hidden_states(model: torch.nn.Module, ids: torch.Tensor, cache: Any | None, keep: int | None = 1,
-                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def hidden_states(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    cache: Any | None,
+    keep: int | None = 1,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Run `ids` (batch, new) on top of `cache` (extended in place; None: nothing cached) through the backbone;
     the final hidden states of the last `keep` positions (None: all), (batch, keep, hidden)."""
     decoder = _decoder(model)
@@ -84,9 +89,9 @@ def token_logps(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     out = torch.empty(len(targets), dtype=torch.float64, device=hidden.device)
     step = _chunk_rows(model)
     for start in range(0, len(targets), step):
-        logits = head_logits(model, hidden[start:start + step])
-        picked = logits.gather(-1, targets[start:start + step, None])[:, 0]
-        out[start:start + step] = picked - torch.logsumexp(logits, dim=-1)
+        logits = head_logits(model, hidden[start : start + step])
+        picked = logits.gather(-1, targets[start : start + step, None])[:, 0]
+        out[start : start + step] = picked - torch.logsumexp(logits, dim=-1)
     return out
 
 
@@ -95,8 +100,8 @@ def column_logps(model: torch.nn.Module, hidden: torch.Tensor, columns: torch.Te
     out = torch.empty((hidden.shape[0], len(columns)), dtype=torch.float64, device=hidden.device)
     step = _chunk_rows(model)
     for start in range(0, hidden.shape[0], step):
-        logits = head_logits(model, hidden[start:start + step])
-        out[start:start + step] = logits.index_select(-1, columns) - torch.logsumexp(logits, -1, keepdim=True)
+        logits = head_logits(model, hidden[start : start + step])
+        out[start : start + step] = logits.index_select(-1, columns) - torch.logsumexp(logits, -1, keepdim=True)
     return out
 
 
@@ -104,8 +109,9 @@ def _summed_nll(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return F.cross_entropy(head_logits(model, hidden), targets, reduction="sum")
 
 
-def causal_lm_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, kernel: str = "torch"
-                   ) -> torch.Tensor:
+def causal_lm_loss(
+    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, kernel: str = "torch"
+) -> torch.Tensor:
     """Mean NLL of every labelled token (labels != IGNORE; position t predicts labels[t + 1]), as transformers'
     causal LM loss, from the backbone's hidden states (batch, T, H).
 
@@ -121,7 +127,7 @@ def causal_lm_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.T
     total = hidden.new_zeros((), dtype=torch.float32)
     step = _chunk_rows(model)
     for start in range(0, count, step):
-        chunk, chunk_targets = picked[start:start + step], targets[start:start + step]
+        chunk, chunk_targets = picked[start : start + step], targets[start : start + step]
         if torch.is_grad_enabled():
             total = total + checkpoint(_summed_nll, model, chunk, chunk_targets, use_reentrant=False)
         else:
@@ -133,20 +139,31 @@ def _liger_loss(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
-        raise ConfigError("liger-kernel is not installed (pip install 'arcfold[gpu]')",
-                           key="train.loss_kernel") from None
+        raise ConfigError(
+            "liger-kernel is not installed (pip install 'arcfold[gpu]')", key="train.loss_kernel"
+        ) from None
     if hidden.device.type != "cuda":
-        raise ConfigError(f"the liger kernel runs on CUDA only, the model is on {hidden.device}",
-                           key="train.loss_kernel")
+        raise ConfigError(
+            f"the liger kernel runs on CUDA only, the model is on {hidden.device}", key="train.loss_kernel"
+        )
     base = base_model(model)
     head = base.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):  # a LoRA on the head is not a plain weight to fuse
-        raise ConfigError(f"the liger kernel needs a plain linear head, got {type(head).__name__}",
-                           key="train.loss_kernel")
+        raise ConfigError(
+            f"the liger kernel needs a plain linear head, got {type(head).__name__}", key="train.loss_kernel"
+        )
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     loss = LigerFusedLinearCrossEntropyLoss(softcap=getattr(config, "final_logit_softcapping", None))
     return loss(head.weight, hidden, targets, head.bias)
 
 
-__all__ = ["CHUNK_BYTES", "LOSS_KERNELS", "base_model", "causal_lm_loss", "column_logps", "head_logits",
-           "hidden_states", "token_logps"]
+__all__ = [
+    "CHUNK_BYTES",
+    "LOSS_KERNELS",
+    "base_model",
+    "causal_lm_loss",
+    "column_logps",
+    "head_logits",
+    "hidden_states",
+    "token_logps",
+]

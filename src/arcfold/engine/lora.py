@@ -20,8 +20,11 @@ _LORA_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Co
 
 def _module_names(model: torch.nn.Module) -> set[str]:
     """Last name segments of the layers a LoRA could target (e.g. q_proj, down_proj)."""
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-            if name and (isinstance(m, _LORA_TYPES) or type(m).__name__ == "Conv1D")}  # Conv1D: GPT-2 style
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if name and (isinstance(m, _LORA_TYPES) or type(m).__name__ == "Conv1D")
+    }  # Conv1D: GPT-2 style
 
 
 def attach_lora(model: torch.nn.Module, cfg: LoraConfig) -> peft.PeftModel:
@@ -31,12 +34,19 @@ def attach_lora(model: torch.nn.Module, cfg: LoraConfig) -> peft.PeftModel:
         existing = _module_names(model)
         missing = [t for t in targets if t not in existing]
         if missing:
-            raise ArcDataError(f"target modules {missing} not in {type(model).__name__} (asked {targets}; "
-                               f"the model has {sorted(existing)})", field="lora.target_modules")
+            raise ArcDataError(
+                f"target modules {missing} not in {type(model).__name__} (asked {targets}; "
+                f"the model has {sorted(existing)})",
+                field="lora.target_modules",
+            )
     config = peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
-        use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
+        use_rslora=cfg.use_rslora,
+        task_type="CAUSAL_LM",
+    )
     device = next(model.parameters()).device
     # The A matrices are drawn from torch's RNG: seed them, without moving the caller's RNG stream.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -49,8 +59,9 @@ class AdapterReset:
 
     def __init__(self, peft_model: peft.PeftModel):
         # The trainable parameters are exactly the adapter's (peft freezes the base). CPU copies keep GPU free.
-        self._initial = {name: p.detach().to("cpu", copy=True)
-                         for name, p in peft_model.named_parameters() if p.requires_grad}
+        self._initial = {
+            name: p.detach().to("cpu", copy=True) for name, p in peft_model.named_parameters() if p.requires_grad
+        }
         if not self._initial:
             raise ValueError("the model has no trainable (adapter) parameters to snapshot")
 

@@ -26,8 +26,14 @@ from arcfold.engine.vocab import check_shrinkable, kept_token_ids, remap_codec, 
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -41,7 +47,7 @@ class LoadedModel:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """"auto" -> cuda if available, else cpu; otherwise the named device, which must exist."""
+    """ "auto" -> cuda if available, else cpu; otherwise the named device, which must exist."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -52,13 +58,14 @@ def resolve_device(spec: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"{spec!r} asked for, but CUDA is not available", key="model.device")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{spec!r} asked for, but only {torch.cuda.device_count()} CUDA devices exist",
-                               key="model.device")
+            raise ConfigError(
+                f"{spec!r} asked for, but only {torch.cuda.device_count()} CUDA devices exist", key="model.device"
+            )
     return device
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """"auto" -> bf16 on a GPU that supports it, else fp32 (fp16 weights train badly without care)."""
+    """ "auto" -> bf16 on a GPU that supports it, else fp32 (fp16 weights train badly without care)."""
     if spec == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -77,8 +84,10 @@ def load_model(cfg: ModelConfig, fmt: str = "plain", max_len: Mapping[str, int] 
     quantization = _quantization_config(cfg, device, dtype)
     if cfg.kind == "tiny":
         if cfg.shrink_vocab:
-            raise ConfigError("the tiny model's vocabulary is the codec's already; use it with model.kind=hf",
-                               key="model.shrink_vocab")
+            raise ConfigError(
+                "the tiny model's vocabulary is the codec's already; use it with model.kind=hf",
+                key="model.shrink_vocab",
+            )
         check_context(cfg.max_position_embeddings, "model.max_position_embeddings", max_len, file="config")
         codec, tokenizer, name = GridCodec.builtin(fmt), None, "tiny"
         # Built on the CPU from a seed, then moved (transformers' @wraps(Module.to) hides the bound signature).
@@ -91,22 +100,33 @@ def load_model(cfg: ModelConfig, fmt: str = "plain", max_len: Mapping[str, int] 
     else:
         raise ConfigError(f"unknown model kind {cfg.kind!r}; use tiny or hf", key="model.kind")
     model.eval()
-    log.info("loaded %s: %.2fM parameters, %s%s on %s", name, model.num_parameters() / 1e6, dtype,
-             f" ({cfg.quantization} weights)" if quantization else "", device)
+    log.info(
+        "loaded %s: %.2fM parameters, %s%s on %s",
+        name,
+        model.num_parameters() / 1e6,
+        dtype,
+        f" ({cfg.quantization} weights)" if quantization else "",
+        device,
+    )
     return LoadedModel(model, codec, tokenizer, device, dtype, name)
 
 
-def check_context(context: int | None, context_key: str, max_len: Mapping[str, int] | None,
-                  file: str | None = None) -> None:
+def check_context(
+    context: int | None, context_key: str, max_len: Mapping[str, int] | None, file: str | None = None
+) -> None:
     """Refuse a max_len the model has no positions for (it would run past the context it was trained on)."""
     for key, n in (max_len or {}).items():
         if context is not None and n > context:
-            raise ConfigError(f"{n} exceeds the model's context length {context_key}={context}"
-                              f"{f' ({file})' if file else ''}; lower {key}", key=key)
+            raise ConfigError(
+                f"{n} exceeds the model's context length {context_key}={context}"
+                f"{f' ({file})' if file else ''}; lower {key}",
+                key=key,
+            )
 
 
-def _quantization_config(cfg: ModelConfig, device: torch.device,
-                         dtype: torch.dtype) -> transformers.BitsAndBytesConfig | None:
+def _quantization_config(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> transformers.BitsAndBytesConfig | None:
     if cfg.quantization == "none":
         return None
     field = "model.quantization"
@@ -119,12 +139,12 @@ def _quantization_config(cfg: ModelConfig, device: torch.device,
     except ImportError:
         raise ConfigError(f"{cfg.quantization} needs bitsandbytes: pip install '.[gpu]'", key=field) from None
     if device.type != "cuda":
-        raise ConfigError(f"{cfg.quantization} (bitsandbytes) needs a CUDA device; model.device is {device}",
-                           key=field)
+        raise ConfigError(f"{cfg.quantization} (bitsandbytes) needs a CUDA device; model.device is {device}", key=field)
     if cfg.quantization == "8bit":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
 
 
 def _device_map(spec: str | None, device: torch.device) -> Any:
@@ -145,29 +165,44 @@ def _device_map(spec: str | None, device: torch.device) -> Any:
             return str(torch.device(spec))
         except RuntimeError:
             pass
-    raise ConfigError(f"{spec!r} is not auto, balanced, sequential, a device or a mapping of module names to "
-                       "devices", key="model.device_map")
+    raise ConfigError(
+        f"{spec!r} is not auto, balanced, sequential, a device or a mapping of module names to devices",
+        key="model.device_map",
+    )
 
 
 def _tiny_model(cfg: ModelConfig, codec: GridCodec, dtype: torch.dtype) -> transformers.PreTrainedModel:
     config = transformers.LlamaConfig(
-        vocab_size=codec.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings, bos_token_id=codec.ids.get("bos"),
-        eos_token_id=codec.eos_id, pad_token_id=codec.pad_id, tie_word_embeddings=True,
+        vocab_size=codec.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=codec.ids.get("bos"),
+        eos_token_id=codec.eos_id,
+        pad_token_id=codec.pad_id,
+        tie_word_embeddings=True,
         # HF's default init (std 0.02) suits wide models; at width 64 it leaves every logit within about +-0.6,
         # so a LoRA on the projections cannot move the loss off ln(vocab). 1/sqrt(width) gives logits room.
-        initializer_range=cfg.hidden_size ** -0.5)
+        initializer_range=cfg.hidden_size**-0.5,
+    )
     # Seed the weights without disturbing the caller's RNG stream: same init_seed -> identical model.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         return transformers.AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+            config, dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
 
 
-def _hf_model(cfg: ModelConfig, fmt: str, device: torch.device, dtype: torch.dtype,
-              quantization: transformers.BitsAndBytesConfig | None,
-              max_len: Mapping[str, int]) -> tuple[transformers.PreTrainedModel, GridCodec, object]:
+def _hf_model(
+    cfg: ModelConfig,
+    fmt: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: transformers.BitsAndBytesConfig | None,
+    max_len: Mapping[str, int],
+) -> tuple[transformers.PreTrainedModel, GridCodec, object]:
     if not cfg.path:
         raise ConfigError("model.kind=hf needs a model directory", key="model.path")
     path = Path(cfg.path).expanduser()
@@ -178,7 +213,8 @@ def _hf_model(cfg: ModelConfig, fmt: str, device: torch.device, dtype: torch.dty
     device_map = _device_map(cfg.device_map, device)
     with _one_line_errors(path):
         config = transformers.AutoConfig.from_pretrained(
-            path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+            path, trust_remote_code=cfg.trust_remote_code, local_files_only=True
+        )
     text_config = config.get_text_config()
     context = getattr(text_config, "max_position_embeddings", getattr(text_config, "n_positions", None))
     if context is None:
@@ -186,7 +222,8 @@ def _hf_model(cfg: ModelConfig, fmt: str, device: torch.device, dtype: torch.dty
     check_context(context, "max_position_embeddings", max_len, file=str(path / "config.json"))
     with _one_line_errors(path):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+            path, trust_remote_code=cfg.trust_remote_code, local_files_only=True
+        )
     codec = GridCodec.from_tokenizer(tokenizer, name=str(path), fmt=fmt)
     keep = kept_token_ids(codec, tokenizer) if cfg.shrink_vocab else None
     if keep is not None:  # the tokenizer is rewritten first: an unshrinkable one is refused before the weights
@@ -196,13 +233,22 @@ def _hf_model(cfg: ModelConfig, fmt: str, device: torch.device, dtype: torch.dty
     with _one_line_errors(path):
         # Straight onto the device(s) in the final dtype (or quantized): never a full fp32 copy on the CPU first.
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, device_map=device_map, quantization_config=quantization,
-            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
-            local_files_only=True)
+            path,
+            config=config,
+            dtype=dtype,
+            device_map=device_map,
+            quantization_config=quantization,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            local_files_only=True,
+        )
     rows = cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings
     if codec.vocab_size > rows:
-        raise ArcDataError(f"tokenizer ids go up to {codec.vocab_size - 1} but the model has only {rows} "
-                           "embedding rows", file=str(path), field="model.path")
+        raise ArcDataError(
+            f"tokenizer ids go up to {codec.vocab_size - 1} but the model has only {rows} embedding rows",
+            file=str(path),
+            field="model.path",
+        )
     if keep is not None:
         shrink_model(model, keep)
         codec = remap_codec(codec, keep)

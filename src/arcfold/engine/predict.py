@@ -52,8 +52,9 @@ def answer_budget(max_len: int) -> int:
 def generation_prompt(codec: GridCodec, task: Task, index: int, view: Transform, max_len: int) -> Encoded:
     """View `view` of test input `index`'s prompt, with room for the longest answer it may generate
     (answer_budget). Raises ArcDataError when not even one demonstration fits."""
-    return codec.encode_prompt(view.pairs(task.train), view.grid(task.test[index].input), max_len=max_len,
-                               reserve=answer_budget(max_len))
+    return codec.encode_prompt(
+        view.pairs(task.train), view.grid(task.test[index].input), max_len=max_len, reserve=answer_budget(max_len)
+    )
 
 
 def cache_bytes(cache: DynamicCache) -> int:
@@ -65,8 +66,15 @@ def cache_bytes(cache: DynamicCache) -> int:
 class _TestRun:
     """The generation state of one test input: prompts per view, candidates, counters."""
 
-    def __init__(self, model: torch.nn.Module, codec: GridCodec, task: Task, index: int, cfg: InferenceConfig,
-                 views: Sequence[Transform]) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        codec: GridCodec,
+        task: Task,
+        index: int,
+        cfg: InferenceConfig,
+        views: Sequence[Transform],
+    ) -> None:
         self.model, self.codec, self.task, self.index, self.cfg = model, codec, task, index, cfg
         self.start = time.perf_counter()
         self.deadline = self.start + cfg.max_seconds
@@ -111,14 +119,23 @@ class _TestRun:
             if self.remaining() <= 0:
                 self.gen.timed_out = True
                 break
-            chunk = self.prompts[first:first + step]
+            chunk = self.prompts[first : first + step]
             ids = [p for _, _, p in chunk]
             if self.cfg.strategy == "greedy":
                 out, stats = greedy(self.model, ids, self.codec, self.max_new, step, self.remaining())
             else:
                 seed = int(task_rng(self.cfg.seed, "sample", self.task.id, self.index, first).integers(2**31))
-                out, stats = sample(self.model, ids, self.codec, self.max_new, self.cfg.samples,
-                                    self.cfg.temperature, seed, step, self.remaining())
+                out, stats = sample(
+                    self.model,
+                    ids,
+                    self.codec,
+                    self.max_new,
+                    self.cfg.samples,
+                    self.cfg.temperature,
+                    seed,
+                    step,
+                    self.remaining(),
+                )
             self.gen.add(stats)
             for (v, view, _), completions in zip(chunk, out):
                 self.collect(v, view, completions)
@@ -136,7 +153,7 @@ class _TestRun:
         scoring = self.cfg.scoring
         if scoring.views <= 0 or scoring.views_from != "generation" or scoring.cache_mb <= 0:
             return set()
-        return {v for v, _, _ in self.prompts[:scoring.views]}
+        return {v for v, _, _ in self.prompts[: scoring.views]}
 
     def run_dfs(self) -> None:
         """DFS view by view; each view starts from the best candidate so far, mapped into its frame, as guess."""
@@ -150,8 +167,17 @@ class _TestRun:
                 best = self.candidates[rank_by_votes(self.candidates)[0]]
                 guess = self.codec.encode_answer(view.grid(best.grid))
             cache = DynamicCache() if v in to_keep else None
-            found, stats = dfs(self.model, ids, self.codec, self.cfg.min_prob, self.max_new, guess=guess,
-                               max_seconds=self.remaining(), max_candidates=self.cfg.max_candidates, cache=cache)
+            found, stats = dfs(
+                self.model,
+                ids,
+                self.codec,
+                self.cfg.min_prob,
+                self.max_new,
+                guess=guess,
+                max_seconds=self.remaining(),
+                max_candidates=self.cfg.max_candidates,
+                cache=cache,
+            )
             if cache is not None:
                 self.keep(v, cache, ids)
             self.gen.add(stats)
@@ -169,17 +195,33 @@ def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, flo
     from arcfold.engine import scoring  # imported here: generation alone must not depend on it
 
     if cfg.scoring.views_from == "generation":
-        chosen = run.prompts[:cfg.scoring.views]
+        chosen = run.prompts[: cfg.scoring.views]
         views: list[Transform] = [view for _, view, _ in chosen]
         prompts: list[list[int]] | None = [ids for _, _, ids in chosen]
         kept = {j: run.kept[v] for j, (v, _, _) in enumerate(chosen) if v in run.kept}
     else:
-        views = make_views(run.task, math.ceil(cfg.scoring.views / 8), cfg.scoring.seed,
-                           cast(ColourMode, cfg.scoring.colours), cfg.shuffle_demos)[:cfg.scoring.views]
+        views = make_views(
+            run.task,
+            math.ceil(cfg.scoring.views / 8),
+            cfg.scoring.seed,
+            cast(ColourMode, cfg.scoring.colours),
+            cfg.shuffle_demos,
+        )[: cfg.scoring.views]
         prompts, kept = None, {}
-    stats.update(scoring.score_candidates(run.model, run.codec, run.task, run.index, candidates, views,
-                                          max_len=cfg.max_len, batch_size=cfg.batch_size, prompts=prompts,
-                                          kept=kept))
+    stats.update(
+        scoring.score_candidates(
+            run.model,
+            run.codec,
+            run.task,
+            run.index,
+            candidates,
+            views,
+            max_len=cfg.max_len,
+            batch_size=cfg.batch_size,
+            prompts=prompts,
+            kept=kept,
+        )
+    )
     for name in scoring.AGGREGATES:
         rankings[name] = scoring.rank(candidates, name)
     rankings["votes"] = rank_by_votes(candidates)  # the shared definition, whatever scoring calls votes
@@ -188,8 +230,9 @@ def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, flo
     return rankings, rankings[cfg.scoring.aggregate], stats
 
 
-def predict_test(model: torch.nn.Module, codec: GridCodec, task: Task, index: int, cfg: InferenceConfig,
-                 views: Sequence[Transform]) -> TestPrediction:
+def predict_test(
+    model: torch.nn.Module, codec: GridCodec, task: Task, index: int, cfg: InferenceConfig, views: Sequence[Transform]
+) -> TestPrediction:
     run = _TestRun(model, codec, task, index, cfg, views)
     if cfg.strategy == "dfs":
         run.run_dfs()
@@ -215,13 +258,17 @@ def predict_test(model: torch.nn.Module, codec: GridCodec, task: Task, index: in
         "capped": float(run.gen.capped),
         **{k: float(v) for k, v in scoring_stats.items()},
     }
-    return TestPrediction(task.id, index, run.candidates, [run.candidates[i].grid for i in order[:2]],
-                          rankings, stats)
+    return TestPrediction(task.id, index, run.candidates, [run.candidates[i].grid for i in order[:2]], rankings, stats)
 
 
-def predict_task(model: torch.nn.Module, codec: GridCodec, task: Task, cfg: InferenceConfig,
-                 views: list[Transform] | None = None, indices: Sequence[int] | None = None
-                 ) -> list[TestPrediction]:
+def predict_task(
+    model: torch.nn.Module,
+    codec: GridCodec,
+    task: Task,
+    cfg: InferenceConfig,
+    views: list[Transform] | None = None,
+    indices: Sequence[int] | None = None,
+) -> list[TestPrediction]:
     """One TestPrediction per test input (or per one of `indices`), attempts (at most two) in the task's frame.
 
     views defaults to make_views(task, cfg.n, cfg.seed, ...) = 8 * n views, the identity first. The model runs
@@ -231,8 +278,10 @@ def predict_task(model: torch.nn.Module, codec: GridCodec, task: Task, cfg: Infe
     if views is None:
         views = make_views(task, cfg.n, cfg.seed, cast(ColourMode, cfg.colours), cfg.shuffle_demos)
     with eval_mode(model):
-        return [predict_test(model, codec, task, i, cfg, views)
-                for i in (range(len(task.test)) if indices is None else indices)]
+        return [
+            predict_test(model, codec, task, i, cfg, views)
+            for i in (range(len(task.test)) if indices is None else indices)
+        ]
 
 
 __all__ = ["predict_task", "predict_test", "answer_budget", "generation_prompt", "cache_bytes", "STRATEGIES"]

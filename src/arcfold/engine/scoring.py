@@ -45,8 +45,10 @@ _PACK_ROW_TOKENS: int | None = None  # tests: cap on one row's packed tokens (No
 
 # ------------------------------------------------------------------------------------------ model plumbing
 
-def _block_sums(model: torch.nn.Module, hidden: torch.Tensor, blocks: torch.Tensor, targets: torch.Tensor,
-                count: int) -> list[float]:
+
+def _block_sums(
+    model: torch.nn.Module, hidden: torch.Tensor, blocks: torch.Tensor, targets: torch.Tensor, count: int
+) -> list[float]:
     """Summed log p per answer: blocks[r, q] names the answer (0..count-1) whose token targets[r, q] position q of
     row r predicts, -1 where nothing is read. The head runs at the read positions only (engine.logits)."""
     real = blocks >= 0
@@ -64,13 +66,15 @@ T = TypeVar("T")
 
 def _chunks(order: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(order), size):
-        yield order[start:start + size]
+        yield order[start : start + size]
 
 
 # ------------------------------------------------------------------------------------------ teacher forcing
 
-def _score_from_scratch(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]],
-                        batch_size: int) -> tuple[list[float], int]:
+
+def _score_from_scratch(
+    model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int
+) -> tuple[list[float], int]:
     """Sum log p of each answer after its prompt, every prompt + answer run in full (right-padded batches).
 
     Returns the scores and the tokens pushed through the model. Right padding needs no attention mask: a
@@ -94,17 +98,21 @@ def _score_from_scratch(model: torch.nn.Module, pairs: Sequence[tuple[list[int],
         for r, i in enumerate(batch):
             prompt, answer = pairs[i]
             start = len(prompt) - 1 - offset
-            blocks[r, start:start + len(answer)] = r
-            targets[r, start:start + len(answer)] = torch.tensor(answer)
+            blocks[r, start : start + len(answer)] = r
+            targets[r, start : start + len(answer)] = torch.tensor(answer)
         sums = _block_sums(model, hidden, blocks.to(device), targets.to(device), len(batch))
         for i, score in zip(batch, sums):
             scores[i] = score
     return scores, tokens
 
 
-def _score_with_prefix(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
-                       batch_size: int, kept: Mapping[int, DynamicCache] | None = None
-                       ) -> tuple[list[list[float]], int]:
+def _score_with_prefix(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    answers: Sequence[Sequence[list[int]]],
+    batch_size: int,
+    kept: Mapping[int, DynamicCache] | None = None,
+) -> tuple[list[list[float]], int]:
     """Sum log p of each answers[v][i] after prompts[v]: every prompt runs at most once, its answers from its KV
     cache. `kept[v]`, where given, already holds exactly prompts[v] (the DFS leaves one behind, see
     engine.predict): that prompt does not run again.
@@ -134,9 +142,13 @@ def _packing_supported(model: torch.nn.Module) -> bool:
     return not layer_types or all(kind == "full_attention" for kind in layer_types)
 
 
-def _prompt_groups(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
-                   batch_size: int, kept: Mapping[int, DynamicCache] | None) -> Iterator[tuple[list[int],
-                                                                                          DynamicCache, int]]:
+def _prompt_groups(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    answers: Sequence[Sequence[list[int]]],
+    batch_size: int,
+    kept: Mapping[int, DynamicCache] | None,
+) -> Iterator[tuple[list[int], DynamicCache, int]]:
     """Views with answers to score, grouped by prompt length (the 4 D8 views that keep a grid's shape, and the 4
     that transpose it), batch_size at a time, with one KV cache per group (row r: view group[r]).
 
@@ -148,8 +160,9 @@ def _prompt_groups(model: torch.nn.Module, prompts: Sequence[list[int]], answers
     kept = kept or {}
     for v, cache in kept.items():  # before any work
         if cache.get_seq_length() != len(prompts[v]):
-            raise ValueError(f"kept cache of view {v} holds {cache.get_seq_length()} tokens, its prompt "
-                             f"{len(prompts[v])}")
+            raise ValueError(
+                f"kept cache of view {v} holds {cache.get_seq_length()} tokens, its prompt {len(prompts[v])}"
+            )
     device = model_device(model)
     same_length: dict[tuple[bool, int], list[int]] = {}
     for v, prompt in enumerate(prompts):
@@ -223,18 +236,27 @@ def _packed_mask(blocks: torch.Tensor, prompt_len: int, additive_dtype: torch.dt
     eager, which adds the mask to the attention scores."""
     rows, width = blocks.shape
     pos = torch.arange(width, device=blocks.device)
-    packed = ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, None, :] >= 0)
-              & (pos[None, None, :] <= pos[None, :, None]))
+    packed = (
+        (blocks[:, :, None] == blocks[:, None, :])
+        & (blocks[:, None, :] >= 0)
+        & (pos[None, None, :] <= pos[None, :, None])
+    )
     mask = torch.cat([packed.new_ones(rows, width, prompt_len), packed], dim=-1)[:, None]
     if additive_dtype is None:
         return mask
     return torch.zeros(mask.shape, dtype=additive_dtype, device=mask.device).masked_fill_(
-        ~mask, torch.finfo(additive_dtype).min)
+        ~mask, torch.finfo(additive_dtype).min
+    )
 
 
-def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
-                  batch_size: int, pack_tokens: int | None = None, kept: Mapping[int, DynamicCache] | None = None
-                  ) -> tuple[list[list[float]], int]:
+def _score_packed(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    answers: Sequence[Sequence[list[int]]],
+    batch_size: int,
+    pack_tokens: int | None = None,
+    kept: Mapping[int, DynamicCache] | None = None,
+) -> tuple[list[list[float]], int]:
     """`_score_with_prefix` by packing ("tree attention"): no cache copies.
 
     Each group of views (`_prompt_groups`) has one cache row per view. Each row then takes several of its
@@ -279,10 +301,10 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
                 start = 0
                 for i in pack:
                     answer, n = answers[v][i], inputs[r][i]
-                    ids[r, start:start + n] = torch.tensor(_answer_inputs(prompts[v], answer))
-                    targets[r, start:start + n] = torch.tensor(answer)
-                    positions[r, start:start + n] = torch.arange(prefix, prefix + n)
-                    blocks[r, start:start + n] = len(owners)
+                    ids[r, start : start + n] = torch.tensor(_answer_inputs(prompts[v], answer))
+                    targets[r, start : start + n] = torch.tensor(answer)
+                    positions[r, start : start + n] = torch.arange(prefix, prefix + n)
+                    blocks[r, start : start + n] = len(owners)
                     owners.append((v, i))
                     start += n
             ids, targets, positions, blocks = (t.to(device) for t in (ids, targets, positions, blocks))
@@ -295,8 +317,13 @@ def _score_packed(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
     return scores, tokens
 
 
-def _score_copied(model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]],
-                  batch_size: int, kept: Mapping[int, DynamicCache] | None = None) -> tuple[list[list[float]], int]:
+def _score_copied(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    answers: Sequence[Sequence[list[int]]],
+    batch_size: int,
+    kept: Mapping[int, DynamicCache] | None = None,
+) -> tuple[list[list[float]], int]:
     """`_score_with_prefix` for any cache: each (view, answer) row on its own copy of the prompt's cache.
 
     For each group of views (`_prompt_groups`), (view, answer) rows run in batches, longest answers first, each
@@ -329,8 +356,9 @@ def _score_copied(model: torch.nn.Module, prompts: Sequence[list[int]], answers:
     return scores, tokens
 
 
-def teacher_forced_logp(model: torch.nn.Module, prompt: list[int], answers: list[list[int]],
-                        batch_size: int = 8, reuse_prefix: bool = True) -> list[float]:
+def teacher_forced_logp(
+    model: torch.nn.Module, prompt: list[int], answers: list[list[int]], batch_size: int = 8, reuse_prefix: bool = True
+) -> list[float]:
     """Sum of log p (full softmax, float64 sum) of each answer's tokens given the prompt, in one pass each."""
     if not prompt or any(not a for a in answers):
         raise ValueError("the prompt and every answer need at least one token")
@@ -342,16 +370,28 @@ def teacher_forced_logp(model: torch.nn.Module, prompt: list[int], answers: list
 
 # ------------------------------------------------------------------------------------------ scoring views
 
-def _view_prompt(codec: GridCodec, task: Task, test_index: int, view: Transform, max_len: int,
-                 reserve: int) -> list[int]:
-    return codec.encode_prompt(view.pairs(task.train), view.grid(task.test[test_index].input),
-                               max_len=max_len, reserve=reserve).ids
+
+def _view_prompt(
+    codec: GridCodec, task: Task, test_index: int, view: Transform, max_len: int, reserve: int
+) -> list[int]:
+    return codec.encode_prompt(
+        view.pairs(task.train), view.grid(task.test[test_index].input), max_len=max_len, reserve=reserve
+    ).ids
 
 
-def score_candidates(model: torch.nn.Module, codec: GridCodec, task: Task, test_index: int,
-                     candidates: list[Candidate], views: list[Transform], max_len: int, batch_size: int = 8,
-                     reuse_prefix: bool = True, prompts: Sequence[list[int]] | None = None,
-                     kept: Mapping[int, DynamicCache] | None = None) -> dict[str, float]:
+def score_candidates(
+    model: torch.nn.Module,
+    codec: GridCodec,
+    task: Task,
+    test_index: int,
+    candidates: list[Candidate],
+    views: list[Transform],
+    max_len: int,
+    batch_size: int = 8,
+    reuse_prefix: bool = True,
+    prompts: Sequence[list[int]] | None = None,
+    kept: Mapping[int, DynamicCache] | None = None,
+) -> dict[str, float]:
     """Fill `c.scores[v]` (v = index into `views`) with the teacher-forced log p of each candidate under each view.
 
     Candidates with the same grid are scored once and share the numbers. `prompts[v]`, when given, is view v's
@@ -369,8 +409,10 @@ def score_candidates(model: torch.nn.Module, codec: GridCodec, task: Task, test_
     if groups:
         answers = [[codec.encode_answer(view.grid(np.asarray(g[0].grid))) for g in groups] for view in views]
         if prompts is None:
-            prompts = [_view_prompt(codec, task, test_index, view, max_len, max(map(len, view_answers)))
-                       for view, view_answers in zip(views, answers)]
+            prompts = [
+                _view_prompt(codec, task, test_index, view, max_len, max(map(len, view_answers)))
+                for view, view_answers in zip(views, answers)
+            ]
         elif len(prompts) != len(views):
             raise ValueError(f"{len(prompts)} prompts for {len(views)} views")
         with eval_mode(model):
@@ -379,18 +421,29 @@ def score_candidates(model: torch.nn.Module, codec: GridCodec, task: Task, test_
             else:
                 flat = [(p, a) for p, view_answers in zip(prompts, answers) for a in view_answers]
                 flat_scores, tokens = _score_from_scratch(model, flat, batch_size)
-                scores = [flat_scores[v * len(groups):(v + 1) * len(groups)] for v in range(len(views))]
+                scores = [flat_scores[v * len(groups) : (v + 1) * len(groups)] for v in range(len(views))]
         for v, view_scores in enumerate(scores):
             for group, score in zip(groups, view_scores):
                 for cand in group:
                     cand.scores[v] = score
-    return {"scoring_seconds": time.perf_counter() - start, "scoring_tokens": float(tokens),
-            "scoring_views": float(len(views) if groups else 0), "scoring_candidates": float(len(groups)),
-            "scoring_kept_views": float(len(kept or {}) if groups and reuse_prefix else 0)}
+    return {
+        "scoring_seconds": time.perf_counter() - start,
+        "scoring_tokens": float(tokens),
+        "scoring_views": float(len(views) if groups else 0),
+        "scoring_candidates": float(len(groups)),
+        "scoring_kept_views": float(len(kept or {}) if groups and reuse_prefix else 0),
+    }
 
 
-def answer_nll(model: torch.nn.Module, codec: GridCodec, task: Task, test_index: int, views: list[Transform],
-               max_len: int, batch_size: int = 8) -> float:
+def answer_nll(
+    model: torch.nn.Module,
+    codec: GridCodec,
+    task: Task,
+    test_index: int,
+    views: list[Transform],
+    max_len: int,
+    batch_size: int = 8,
+) -> float:
     """Mean over views of the per-token NLL of the true test output, teacher-forced in each view's frame.
 
     Works for a PeftModel as is; for the base model alone, call it inside `peft_model.disable_adapter()`."""
@@ -410,6 +463,7 @@ def answer_nll(model: torch.nn.Module, codec: GridCodec, task: Task, test_index:
 
 
 # ------------------------------------------------------------------------------------------ aggregation
+
 
 def aggregate(candidate: Candidate, name: str) -> float:
     """One number per candidate, higher is better.
@@ -446,11 +500,13 @@ def rank(candidates: list[Candidate], name: str) -> list[int]:
     if name != "votes" and candidates:
         view_sets = {frozenset(c.scores) for c in candidates}
         if len(view_sets) > 1:
-            raise ValueError(f"aggregate {name!r}: candidates were scored under different views; "
-                             "score them all with the same views")
+            raise ValueError(
+                f"aggregate {name!r}: candidates were scored under different views; score them all with the same views"
+            )
     values = [aggregate(c, name) for c in candidates]
-    return sorted(range(len(candidates)),
-                  key=lambda i: (-values[i], -candidates[i].votes, -candidates[i].mean_gen_logp, i))
+    return sorted(
+        range(len(candidates)), key=lambda i: (-values[i], -candidates[i].votes, -candidates[i].mean_gen_logp, i)
+    )
 
 
 __all__ = ["AGGREGATES", "score_candidates", "aggregate", "rank", "answer_nll", "teacher_forced_logp"]

@@ -61,13 +61,13 @@ def build_samples(codec: GridCodec, tasks: Sequence[Task], cfg: TrainConfig) -> 
             continue
         samples.append(enc)
     if skipped:
-        log.warning("skipped %d of %d training samples (too long for max_len=%d)", skipped,
-                    skipped + len(samples), cfg.max_len)
+        log.warning(
+            "skipped %d of %d training samples (too long for max_len=%d)", skipped, skipped + len(samples), cfg.max_len
+        )
     return samples, skipped
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, window: int = 64
-                           ) -> list[list[int]]:
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, window: int = 64) -> list[list[int]]:
     """Sample indices in batches of similar length, in a random order (as transformers' LengthGroupedSampler).
 
     A seeded shuffle, then each window of `window` batches' worth of samples is sorted by length and cut into
@@ -79,8 +79,8 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, w
     span = batch_size * window
     batches = []
     for start in range(0, len(order), span):
-        group = sorted(order[start:start + span], key=lambda i: lengths[i])
-        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+        group = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -89,7 +89,7 @@ def random_batches(count: int, batch_size: int, seed: int) -> list[list[int]]:
     """Sample indices in random batches, regardless of length (train.group_by_length=false)."""
     order = list(range(count))
     random.Random(seed).shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, count, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, count, batch_size)]
 
 
 def collate(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -110,14 +110,20 @@ def make_accelerator(cfg: TrainConfig, device: torch.device) -> accelerate.Accel
     """One Accelerator per run. Note accelerate's state is process-wide: its mixed precision cannot change later."""
     mixed = cfg.mixed_precision
     if mixed not in CHOICES["train.mixed_precision"]:
-        raise ConfigError(f"unknown mixed precision {mixed!r}; use {' | '.join(CHOICES['train.mixed_precision'])}",
-                           key="train.mixed_precision")
+        raise ConfigError(
+            f"unknown mixed precision {mixed!r}; use {' | '.join(CHOICES['train.mixed_precision'])}",
+            key="train.mixed_precision",
+        )
     if mixed == "auto":
         # bf16 autocast where the hardware has it; fp16 needs loss scaling and is opt-in only.
         mixed = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     # device_placement=False: the model already sits where load_model put it, and batches follow the model.
-    return accelerate.Accelerator(cpu=device.type == "cpu", mixed_precision=mixed, device_placement=False,
-                                  gradient_accumulation_steps=cfg.grad_accum)
+    return accelerate.Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=mixed,
+        device_placement=False,
+        gradient_accumulation_steps=cfg.grad_accum,
+    )
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -127,10 +133,16 @@ def _peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
-def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Task], cfg: TrainConfig,
-               accelerator: accelerate.Accelerator | None = None, progress: bool = True,
-               max_seconds: float | None = None,
-               on_step: Callable[[int, int, float], None] | None = None) -> FoldTrainStats:
+def train_fold(
+    peft_model: torch.nn.Module,
+    codec: GridCodec,
+    tasks: Sequence[Task],
+    cfg: TrainConfig,
+    accelerator: accelerate.Accelerator | None = None,
+    progress: bool = True,
+    max_seconds: float | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> FoldTrainStats:
     """Train the adapter on one fold's tasks; a new optimiser and schedule each call, the model left in eval mode.
 
     max_seconds (a run's time budget) stops training after the optimiser step that passes it; the adapter keeps
@@ -148,11 +160,15 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
         torch.cuda.reset_peak_memory_stats(device)
 
     if cfg.loss_kernel not in LOSS_KERNELS:
-        raise ConfigError(f"unknown loss kernel {cfg.loss_kernel!r}; use one of {', '.join(LOSS_KERNELS)}",
-                           key="train.loss_kernel")
+        raise ConfigError(
+            f"unknown loss kernel {cfg.loss_kernel!r}; use one of {', '.join(LOSS_KERNELS)}", key="train.loss_kernel"
+        )
     lengths = [len(s.ids) for s in samples]
-    batches = (length_grouped_batches(lengths, cfg.batch_size, cfg.seed) if cfg.group_by_length
-               else random_batches(len(samples), cfg.batch_size, cfg.seed))
+    batches = (
+        length_grouped_batches(lengths, cfg.batch_size, cfg.seed)
+        if cfg.group_by_length
+        else random_batches(len(samples), cfg.batch_size, cfg.seed)
+    )
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     steps = math.ceil(len(batches) / cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * steps)
@@ -162,32 +178,67 @@ def train_fold(peft_model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Ta
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         # A list is a map-style dataset (torch's docs); its stubs ask for a Dataset subclass.
-        loader: DataLoader[Encoded] = DataLoader(samples, batch_sampler=batches,  # type: ignore[arg-type]
-                                                 collate_fn=partial(collate, pad_id=codec.pad_id))
+        loader: DataLoader[Encoded] = DataLoader(
+            samples,  # type: ignore[arg-type]
+            batch_sampler=batches,
+            collate_fn=partial(collate, pad_id=codec.pad_id),
+        )
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = transformers.get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup,
-                                               num_training_steps=steps)
+        scheduler = transformers.get_scheduler(
+            cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps
+        )
         model, optimizer, loader, scheduler = accelerator.prepare(peft_model, optimizer, loader, scheduler)
         try:
-            losses, seconds = _loop(accelerator, model, optimizer, loader, scheduler, device, steps,
-                                    cfg.max_grad_norm, cfg.loss_kernel, progress, max_seconds, on_step)
+            losses, seconds = _loop(
+                accelerator,
+                model,
+                optimizer,
+                loader,
+                scheduler,
+                device,
+                steps,
+                cfg.max_grad_norm,
+                cfg.loss_kernel,
+                progress,
+                max_seconds,
+                on_step,
+            )
         finally:
             _release(accelerator, peft_model)
             peft_model.eval()
     if len(losses) != steps and max_seconds is None:  # accelerate syncs at the loader's end: a logic error
         log.warning("expected %d optimiser steps, made %d", steps, len(losses))
     return FoldTrainStats(
-        steps=len(losses), samples=len(samples), tokens=tokens, padded_tokens=padded, seconds=seconds,
+        steps=len(losses),
+        samples=len(samples),
+        tokens=tokens,
+        padded_tokens=padded,
+        seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
-        final_loss=losses[-1] if losses else math.nan, losses=losses, peak_memory_bytes=_peak_memory(device),
-        dropped_demos=dropped, skipped_samples=skipped, planned_steps=steps)
+        final_loss=losses[-1] if losses else math.nan,
+        losses=losses,
+        peak_memory_bytes=_peak_memory(device),
+        dropped_demos=dropped,
+        skipped_samples=skipped,
+        planned_steps=steps,
+    )
 
 
-def _loop(accelerator: accelerate.Accelerator, model: torch.nn.Module, optimizer, loader, scheduler,
-          device: torch.device, steps: int, max_grad_norm: float, kernel: str, progress: bool,
-          max_seconds: float | None = None, on_step: Callable[[int, int, float], None] | None = None
-          ) -> tuple[list[float], float]:
+def _loop(
+    accelerator: accelerate.Accelerator,
+    model: torch.nn.Module,
+    optimizer,
+    loader,
+    scheduler,
+    device: torch.device,
+    steps: int,
+    max_grad_norm: float,
+    kernel: str,
+    progress: bool,
+    max_seconds: float | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> tuple[list[float], float]:
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # micro-batch losses of the current optimiser step
     bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, leave=False)
@@ -233,5 +284,12 @@ def _release(accelerator: accelerate.Accelerator, peft_model: torch.nn.Module) -
     accelerator.free_memory()
 
 
-__all__ = ["FoldTrainStats", "build_samples", "collate", "length_grouped_batches", "make_accelerator",
-           "random_batches", "train_fold"]
+__all__ = [
+    "FoldTrainStats",
+    "build_samples",
+    "collate",
+    "length_grouped_batches",
+    "make_accelerator",
+    "random_batches",
+    "train_fold",
+]

@@ -35,12 +35,16 @@ def check_shrinkable(tokenizer: Any, name: str) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     kind = json.loads(backend.to_str())["model"]["type"] if backend is not None else type(tokenizer).__name__
     if kind != "BPE":
-        raise ArcDataError(f"can shrink only a BPE tokenizer (tokenizer.json), this one is {kind}", file=name,
-                           field="model.shrink_vocab")
+        raise ArcDataError(
+            f"can shrink only a BPE tokenizer (tokenizer.json), this one is {kind}",
+            file=name,
+            field="model.shrink_vocab",
+        )
 
 
-def shrink_tokenizer(tokenizer: Any, keep: Sequence[int], config: transformers.PretrainedConfig,
-                     directory: str | Path) -> Any:
+def shrink_tokenizer(
+    tokenizer: Any, keep: Sequence[int], config: transformers.PretrainedConfig, directory: str | Path
+) -> Any:
     """Write the shrunk tokenizer (and `config`, which picks its class) to `directory` and load it from there.
 
     Kept token i gets id i; merges are dropped; added tokens and the post-processor's special-token ids are
@@ -66,8 +70,9 @@ def shrink_tokenizer(tokenizer: Any, keep: Sequence[int], config: transformers.P
     if config_path.is_file():
         tok_config = json.loads(config_path.read_text(encoding="utf-8"))
         if "added_tokens_decoder" in tok_config:
-            tok_config["added_tokens_decoder"] = {str(new_id[int(i)]): t for i, t in
-                                                  tok_config["added_tokens_decoder"].items() if int(i) in new_id}
+            tok_config["added_tokens_decoder"] = {
+                str(new_id[int(i)]): t for i, t in tok_config["added_tokens_decoder"].items() if int(i) in new_id
+            }
         config_path.write_text(json.dumps(tok_config, ensure_ascii=False, indent=2), encoding="utf-8")
     return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
@@ -85,8 +90,9 @@ def _renumber_post_processor(node: Any, id_of: dict[str, int], file: str) -> Non
             if key in node:
                 node[key] = [node[key][0], id_of[node[key][0]]]
     except KeyError as err:
-        raise ArcDataError(f"the post-processor adds token {err} that the shrink drops", file=file,
-                           field="model.shrink_vocab") from None
+        raise ArcDataError(
+            f"the post-processor adds token {err} that the shrink drops", file=file, field="model.shrink_vocab"
+        ) from None
 
 
 def shrink_model(model: transformers.PreTrainedModel, keep: Sequence[int]) -> None:
@@ -95,8 +101,9 @@ def shrink_model(model: transformers.PreTrainedModel, keep: Sequence[int]) -> No
     embed, head = cast(torch.nn.Embedding, model.get_input_embeddings()), model.get_output_embeddings()
     rows = embed.num_embeddings
     if keep[-1] >= rows:
-        raise ArcDataError(f"kept token id {keep[-1]} but the model has only {rows} embedding rows",
-                           field="model.shrink_vocab")
+        raise ArcDataError(
+            f"kept token id {keep[-1]} but the model has only {rows} embedding rows", field="model.shrink_vocab"
+        )
     if not isinstance(head, torch.nn.Linear):
         raise ArcDataError(f"cannot slice an output layer of type {type(head).__name__}", field="model.shrink_vocab")
     tied = head.weight is embed.weight
@@ -108,8 +115,9 @@ def shrink_model(model: transformers.PreTrainedModel, keep: Sequence[int]) -> No
         if embed.padding_idx is not None:
             embed.padding_idx = {old: new for new, old in enumerate(keep)}.get(embed.padding_idx)
         index = index.to(head.weight.device)
-        head.weight = embed.weight if tied else torch.nn.Parameter(head.weight.index_select(0, index),
-                                                                   head.weight.requires_grad)
+        head.weight = (
+            embed.weight if tied else torch.nn.Parameter(head.weight.index_select(0, index), head.weight.requires_grad)
+        )
         if head.bias is not None:
             head.bias = torch.nn.Parameter(head.bias.index_select(0, index), head.bias.requires_grad)
         head.out_features = len(keep)
@@ -119,8 +127,14 @@ def shrink_model(model: transformers.PreTrainedModel, keep: Sequence[int]) -> No
         model.vocab_size = len(keep)
     for config in (model.config, getattr(model, "generation_config", None)):
         _renumber_special_ids(config, keep)
-    log.info("vocabulary shrunk %d -> %d tokens: embeddings and head %.1f MiB -> %.2f MiB (%s)", rows, len(keep),
-             before / 2**20, after / 2**20, "tied" if tied else "untied")
+    log.info(
+        "vocabulary shrunk %d -> %d tokens: embeddings and head %.1f MiB -> %.2f MiB (%s)",
+        rows,
+        len(keep),
+        before / 2**20,
+        after / 2**20,
+        "tied" if tied else "untied",
+    )
 
 
 def _renumber_special_ids(config: Any, keep: Sequence[int]) -> None:
@@ -135,8 +149,7 @@ def _renumber_special_ids(config: Any, keep: Sequence[int]) -> None:
         ids = [value] if isinstance(value, int) else list(value)
         dropped = [i for i in ids if i not in new_id]
         if dropped:
-            log.warning("%s %s is not a special token of the tokenizer: dropped by the vocabulary shrink", key,
-                        dropped)
+            log.warning("%s %s is not a special token of the tokenizer: dropped by the vocabulary shrink", key, dropped)
         kept = [new_id[i] for i in ids if i in new_id]
         setattr(config, key, (kept[0] if kept else None) if isinstance(value, int) else kept)
 
@@ -144,8 +157,11 @@ def _renumber_special_ids(config: Any, keep: Sequence[int]) -> None:
 def remap_codec(codec: GridCodec, keep: Sequence[int]) -> GridCodec:
     """The same codec in the shrunk numbering."""
     new_id = {old: new for new, old in enumerate(keep)}
-    return dataclasses.replace(codec, ids={symbol: new_id[i] for symbol, i in codec.ids.items()},
-                               pieces={piece: tuple(new_id[i] for i in ids) for piece, ids in codec.pieces.items()})
+    return dataclasses.replace(
+        codec,
+        ids={symbol: new_id[i] for symbol, i in codec.ids.items()},
+        pieces={piece: tuple(new_id[i] for i in ids) for piece, ids in codec.pieces.items()},
+    )
 
 
 __all__ = ["check_shrinkable", "kept_token_ids", "remap_codec", "shrink_model", "shrink_tokenizer"]

@@ -14,10 +14,27 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 # The ARC palette (0 black, 1 blue, 2 red, 3 green, 4 yellow, 5 grey, 6 magenta, 7 orange, 8 sky, 9 maroon).
-ARC_COLOURS = ("#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00",
-               "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25")
-PHASE_COLOURS = {"load": "#7f7f7f", "train": "#1f77b4", "inference": "#ff7f0e", "predict": "#ff7f0e",
-                 "scoring": "#2ca02c", "score": "#2ca02c", "logging": "#9467bd"}
+ARC_COLOURS = (
+    "#000000",
+    "#0074D9",
+    "#FF4136",
+    "#2ECC40",
+    "#FFDC00",
+    "#AAAAAA",
+    "#F012BE",
+    "#FF851B",
+    "#7FDBFF",
+    "#870C25",
+)
+PHASE_COLOURS = {
+    "load": "#7f7f7f",
+    "train": "#1f77b4",
+    "inference": "#ff7f0e",
+    "predict": "#ff7f0e",
+    "scoring": "#2ca02c",
+    "score": "#2ca02c",
+    "logging": "#9467bd",
+}
 
 
 def _figure(width: float, height: float):
@@ -46,7 +63,7 @@ def loss_per_fold(losses: Mapping[int, Sequence[float]], path: str | Path) -> Pa
         window = max(1, len(values) // 10)
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
         ax.plot(steps, values, color=colour, alpha=0.3 if window > 1 else 1.0, linewidth=0.8)
-        ax.plot(steps[window - 1:], smooth, color=colour, linewidth=2, label=f"fold {fold}")
+        ax.plot(steps[window - 1 :], smooth, color=colour, linewidth=2, label=f"fold {fold}")
     title = "Training loss per fold" + (f" (bold: running mean over {window} steps)" if window > 1 else "")
     ax.set(xlabel="optimiser step", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
@@ -65,8 +82,14 @@ def phase_timeline(spans: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     for s in spans:
         lane = (str(s.get("device", "")), -1 if s.get("fold") is None else int(s["fold"]))
         phase = str(s["phase"])
-        ax.barh(row[lane], float(s["end"]) - float(s["start"]), left=float(s["start"]), height=0.7,
-                color=PHASE_COLOURS.get(phase, "#bcbd22"), label=None if phase in seen else phase)
+        ax.barh(
+            row[lane],
+            float(s["end"]) - float(s["start"]),
+            left=float(s["start"]),
+            height=0.7,
+            color=PHASE_COLOURS.get(phase, "#bcbd22"),
+            label=None if phase in seen else phase,
+        )
         seen.add(phase)
     ax.set_yticks(range(len(lanes)), [f"{d} run" if f < 0 else f"{d} fold {f}" for d, f in lanes])
     ax.invert_yaxis()
@@ -85,8 +108,7 @@ def solved_matrix(values: np.ndarray, tasks: Sequence[str], runs: Sequence[str],
     fig = _figure(min(4 + 0.45 * len(runs), 20), min(max(3.0, 1.5 + 0.18 * len(tasks)), 40))
     ax = fig.add_subplot()
     cmap = LinearSegmentedColormap.from_list("solved", ["#f4f4f4", "#2ca02c"]).with_extremes(bad="#9a9a9a")
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1, aspect="auto",
-                      interpolation="nearest")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(runs)), runs, rotation=60, ha="right", fontsize="x-small")
     ax.set_yticks(range(len(tasks)), tasks, fontsize="x-small" if len(tasks) < 80 else 4)
     ax.set_xticks(np.arange(-0.5, len(runs)), minor=True)
@@ -94,8 +116,9 @@ def solved_matrix(values: np.ndarray, tasks: Sequence[str], runs: Sequence[str],
     ax.grid(which="minor", color="white", linewidth=0.8)
     ax.tick_params(which="minor", length=0)
     solved = np.nansum(values, axis=0)
-    ax.set_title(f"Solved per task and run (tasks solved per run: {', '.join(f'{s:g}' for s in solved)})",
-                 fontsize="small")
+    ax.set_title(
+        f"Solved per task and run (tasks solved per run: {', '.join(f'{s:g}' for s in solved)})", fontsize="small"
+    )
     fig.colorbar(image, ax=ax, label="task score", shrink=0.6)
     return _save(fig, path)
 
@@ -107,8 +130,9 @@ def _draw_grid(ax: Any, grid: np.ndarray | None, title: str) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     if grid is None:
-        ax.text(0.5, 0.5, "no attempt\n(a placeholder\nwas submitted)", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no attempt\n(a placeholder\nwas submitted)", ha="center", va="center", transform=ax.transAxes
+        )
         return
     grid = np.asarray(grid)
     ax.imshow(grid, cmap=ListedColormap(ARC_COLOURS), vmin=0, vmax=9, interpolation="nearest")
@@ -119,8 +143,13 @@ def _draw_grid(ax: Any, grid: np.ndarray | None, title: str) -> None:
     ax.set_xlabel(f"{grid.shape[0]}x{grid.shape[1]}", fontsize="x-small")
 
 
-def task_rendering(task_id: str, test_input: np.ndarray, attempts: Sequence[np.ndarray | None],
-                   truth: np.ndarray | None, path: str | Path) -> Path:
+def task_rendering(
+    task_id: str,
+    test_input: np.ndarray,
+    attempts: Sequence[np.ndarray | None],
+    truth: np.ndarray | None,
+    path: str | Path,
+) -> Path:
     """The test input, both attempts and the true output side by side, in the ARC palette; the title says
     whether an attempt is right."""
     two = list(attempts)[:2] + [None] * (2 - len(attempts[:2]))
@@ -129,8 +158,12 @@ def task_rendering(task_id: str, test_input: np.ndarray, attempts: Sequence[np.n
     fig = _figure(10, 3.2)
     fig.suptitle(f"task {task_id}: {'solved' if solved else 'not solved'}", fontsize="medium")
     for ax, (title, grid) in zip(fig.subplots(1, 4), panels):
-        right = truth is not None and grid is not None and title.startswith("attempt") and \
-            np.array_equal(np.asarray(grid), np.asarray(truth))
+        right = (
+            truth is not None
+            and grid is not None
+            and title.startswith("attempt")
+            and np.array_equal(np.asarray(grid), np.asarray(truth))
+        )
         _draw_grid(ax, grid, f"{title} (right)" if right else title)
     return _save(fig, path)
 
@@ -146,8 +179,16 @@ def per_config(labels: Sequence[str], values: Sequence[Sequence[float]], metric:
             continue
         ax.scatter(i + rng.uniform(-0.12, 0.12, v.size), v, s=28, alpha=0.75, color="#1f77b4", zorder=3)
         sd = v.std(ddof=1) if v.size > 1 else 0.0
-        ax.errorbar(i + 0.25, v.mean(), yerr=sd, fmt="D", color="#d62728", capsize=4, zorder=4,
-                    label="mean +- sd" if i == 0 else None)
+        ax.errorbar(
+            i + 0.25,
+            v.mean(),
+            yerr=sd,
+            fmt="D",
+            color="#d62728",
+            capsize=4,
+            zorder=4,
+            label="mean +- sd" if i == 0 else None,
+        )
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize="small")
     ax.set(ylabel=metric, title=f"{metric} per configuration (dots: seeds)")
     ax.grid(axis="y", alpha=0.3)
@@ -155,8 +196,7 @@ def per_config(labels: Sequence[str], values: Sequence[Sequence[float]], metric:
     return _save(fig, path)
 
 
-def differences(labels: Sequence[str], intervals: Sequence[Any], metric: str, baseline: str,
-                path: str | Path) -> Path:
+def differences(labels: Sequence[str], intervals: Sequence[Any], metric: str, baseline: str, path: str | Path) -> Path:
     """Forest plot: each configuration's mean paired difference to the baseline and its bootstrap interval."""
     fig = _figure(8, 1.5 + 0.5 * max(1, len(labels)))
     ax = fig.add_subplot()
@@ -169,11 +209,20 @@ def differences(labels: Sequence[str], intervals: Sequence[Any], metric: str, ba
     ax.set_yticks(range(len(labels)), labels, fontsize="small")
     ax.invert_yaxis()
     level = next((iv.level for iv in intervals if iv is not None), 0.95)
-    ax.set(xlabel=f"{metric} difference to {baseline} (paired over tasks)",
-           title=f"{metric}: {level:.0%} bootstrap intervals (red: excludes 0)")
+    ax.set(
+        xlabel=f"{metric} difference to {baseline} (paired over tasks)",
+        title=f"{metric}: {level:.0%} bootstrap intervals (red: excludes 0)",
+    )
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 
-__all__ = ["ARC_COLOURS", "loss_per_fold", "phase_timeline", "solved_matrix", "task_rendering", "per_config",
-           "differences"]
+__all__ = [
+    "ARC_COLOURS",
+    "loss_per_fold",
+    "phase_timeline",
+    "solved_matrix",
+    "task_rendering",
+    "per_config",
+    "differences",
+]

@@ -28,8 +28,7 @@ def chosen_inputs(results: RunResults, count: int) -> list[tuple[str, Any, int]]
     return picked["solved"] + picked["failed"]
 
 
-def write_run_plots(results: RunResults, spans: Sequence[dict[str, Any]], out: Path, render_tasks: int
-                    ) -> list[Path]:
+def write_run_plots(results: RunResults, spans: Sequence[dict[str, Any]], out: Path, render_tasks: int) -> list[Path]:
     """The run's PNGs in `out`; a plot that fails costs that plot only (the run's results are already on disk)."""
     written: list[Path] = []
 
@@ -42,6 +41,12 @@ def write_run_plots(results: RunResults, spans: Sequence[dict[str, Any]], out: P
     draw("loss.png", plots.loss_per_fold, results.losses)
     draw("timeline.png", plots.phase_timeline, spans)
     for status, task, i in chosen_inputs(results, render_tasks):
-        draw(f"tasks/{status}_{task.id}_{i}.png", plots.task_rendering, f"{task.id} test {i}", task.test[i].input,
-             results.predictions[(task.id, i)].attempts, task.test[i].output)
+        draw(
+            f"tasks/{status}_{task.id}_{i}.png",
+            plots.task_rendering,
+            f"{task.id} test {i}",
+            task.test[i].input,
+            results.predictions[(task.id, i)].attempts,
+            task.test[i].output,
+        )
     return written

@@ -31,8 +31,13 @@ class Interval:
         return self.low > 0 or self.high < 0
 
 
-def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_boot: int = 10_000,
-                     level: float = 0.95, seed: int = 0) -> Interval:
+def paired_bootstrap(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    n_boot: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
     """Interval for mean(a - b) over tasks, a[t] and b[t] being the same task's values (NaN pairs dropped)."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
@@ -47,7 +52,7 @@ def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
     chunk = max(1, 2_000_000 // d.size)  # index blocks of ~2M entries: bounded memory for any task count
     for start in range(0, n_boot, chunk):
         idx = rng.integers(0, d.size, size=(min(chunk, n_boot - start), d.size))
-        means[start:start + idx.shape[0]] = d[idx].mean(axis=1)
+        means[start : start + idx.shape[0]] = d[idx].mean(axis=1)
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return Interval(float(d.mean()), float(low), float(high), level, int(d.size))

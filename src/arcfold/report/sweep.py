@@ -24,8 +24,13 @@ from arcfold.report.stats import Interval, mean_sd, paired_bootstrap
 SEED_KEYS = ("seed", "split.seed", "train.seed", "inference.seed", "inference.scoring.seed", "lora.init_seed")
 NOT_SETTINGS = ("run_dir", "outputs", "tracking.run_name", "repeats")  # differ per run, configure nothing
 # The table's columns: (metric, heading, digits); the first is the headline.
-TABLE_METRICS = (("score", "score", 3), ("oracle", "oracle", 3), ("selection_accuracy", "selection acc.", 3),
-                 ("answer_nll", "answer NLL", 4), ("seconds_total", "seconds", 1))
+TABLE_METRICS = (
+    ("score", "score", 3),
+    ("oracle", "oracle", 3),
+    ("selection_accuracy", "selection acc.", 3),
+    ("answer_nll", "answer NLL", 4),
+    ("seconds_total", "seconds", 1),
+)
 MIN_TASKS = 10  # fewer paired tasks than this: the interval is shown but no better/worse verdict is given
 # Per-task metrics compared against the baseline, and whether higher is better.
 PAIRED_METRICS = {"score": True, "answer_nll": False}
@@ -105,8 +110,10 @@ def group(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[Configuration]
     for r in runs:
         groups.setdefault(tuple(r.params.get(k, "") for k in keys), []).append(r)
     ordered = sorted(groups, key=lambda values: [_natural(v) for v in values])
-    return [Configuration(dict(zip(keys, values)), sorted(groups[values], key=lambda r: _natural(r.seed)))
-            for values in ordered]
+    return [
+        Configuration(dict(zip(keys, values)), sorted(groups[values], key=lambda r: _natural(r.seed)))
+        for values in ordered
+    ]
 
 
 def pick_baseline(configs: Sequence[Configuration], baseline: str | None) -> int:
@@ -118,12 +125,15 @@ def pick_baseline(configs: Sequence[Configuration], baseline: str | None) -> int
         pairs = {f"{k}={v}" for k, v in c.values.items()}
         if wanted <= pairs or baseline in {r.run_id for r in c.runs} or baseline == c.label:
             return i
-    raise ValueError(f"baseline {baseline!r} matches no configuration; the configurations are: "
-                     + "; ".join(c.label for c in configs))
+    raise ValueError(
+        f"baseline {baseline!r} matches no configuration; the configurations are: "
+        + "; ".join(c.label for c in configs)
+    )
 
 
-def compare(runs: Sequence[RunRecord], baseline: str | None = None, level: float = 0.95, n_boot: int = 10_000,
-            seed: int = 0) -> Comparison:
+def compare(
+    runs: Sequence[RunRecord], baseline: str | None = None, level: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> Comparison:
     if not runs:
         raise ValueError("no runs to compare")
     swept, seeds = swept_keys(runs)
@@ -135,9 +145,10 @@ def compare(runs: Sequence[RunRecord], baseline: str | None = None, level: float
         if not any(metric in r.per_task for r in runs):
             continue
         b = configs[base].per_task_mean(metric, tasks)
-        intervals[metric] = [None if i == base else
-                             paired_bootstrap(c.per_task_mean(metric, tasks), b, n_boot, level, seed)
-                             for i, c in enumerate(configs)]
+        intervals[metric] = [
+            None if i == base else paired_bootstrap(c.per_task_mean(metric, tasks), b, n_boot, level, seed)
+            for i, c in enumerate(configs)
+        ]
 
     def rank(i: int) -> tuple[float, float]:
         score, nll = mean_sd(configs[i].metric("score"))[0], mean_sd(configs[i].metric("answer_nll"))[0]
@@ -205,11 +216,13 @@ def run_label(c: Comparison, r: RunRecord) -> str:
 def solved_matrix(c: Comparison) -> np.ndarray:
     """tasks x runs: each task's score per run (NaN where the run has none)."""
     return np.array([[r.per_task.get("score", {}).get(t, math.nan) for r in c.runs] for t in c.tasks]).reshape(
-        len(c.tasks), len(c.runs))
+        len(c.tasks), len(c.runs)
+    )
 
 
-def write_report(c: Comparison, out: str | Path, title: str = "arcfold comparison",
-                 max_matrix_rows: int = 200) -> dict[str, Path]:
+def write_report(
+    c: Comparison, out: str | Path, title: str = "arcfold comparison", max_matrix_rows: int = 200
+) -> dict[str, Path]:
     """report.md, compare.json (strict JSON), solved_matrix.csv and the PNG plots in `out`; their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,43 +240,72 @@ def write_report(c: Comparison, out: str | Path, title: str = "arcfold compariso
     conf_labels = [conf.label for conf in c.configurations]
     for metric in ("score", "answer_nll"):
         if any(conf.metric(metric) for conf in c.configurations):
-            files[f"{metric}_png"] = plots.per_config(conf_labels, [conf.metric(metric) for conf in c.configurations],
-                                                      metric, out / f"{metric}_per_configuration.png")
+            files[f"{metric}_png"] = plots.per_config(
+                conf_labels,
+                [conf.metric(metric) for conf in c.configurations],
+                metric,
+                out / f"{metric}_per_configuration.png",
+            )
     for metric, ivs in c.intervals.items():
         if len(c.configurations) > 1:
             others = [i for i in range(len(ivs)) if i != c.baseline]
-            files[f"d_{metric}_png"] = plots.differences([conf_labels[i] for i in others], [ivs[i] for i in others],
-                                                         metric, base.label, out / f"{metric}_differences.png")
+            files[f"d_{metric}_png"] = plots.differences(
+                [conf_labels[i] for i in others],
+                [ivs[i] for i in others],
+                metric,
+                base.label,
+                out / f"{metric}_differences.png",
+            )
 
     best = c.configurations[c.best]
     failed = [r for r in runs if r.status != "FINISHED"]
-    lines = [f"# {title}", "",
-             f"{len(runs)} runs in {len(c.configurations)} configurations over {len(c.tasks)} tasks; "
-             f"swept: {', '.join(c.swept) or 'nothing'}; repeats by {c.repeat_key or 'nothing (one run each)'}.",
-             f"Baseline: **{base.label}**. Best (highest mean score, then lowest answer NLL): **{best.label}**.",
-             f"Runs not FINISHED: {len(failed)}" + (f" ({', '.join(r.run_id[:8] for r in failed)})" if failed else ""),
-             "", "## Configurations", "",
-             "Mean +- sd over the runs of each configuration (sd over seeds: the noise a single run carries). "
-             f"`d metric vs baseline`: the mean paired difference over tasks and its {c.level:.0%} bootstrap "
-             "interval (tasks resampled, each task's values averaged over the configuration's runs); **better** / "
-             f"**worse** where the interval excludes zero (given at least {MIN_TASKS} tasks). Lower answer NLL is "
-             "better.",
-             "",
-             markdown_table(table_rows(c)), ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(runs)} runs in {len(c.configurations)} configurations over {len(c.tasks)} tasks; "
+        f"swept: {', '.join(c.swept) or 'nothing'}; repeats by {c.repeat_key or 'nothing (one run each)'}.",
+        f"Baseline: **{base.label}**. Best (highest mean score, then lowest answer NLL): **{best.label}**.",
+        f"Runs not FINISHED: {len(failed)}" + (f" ({', '.join(r.run_id[:8] for r in failed)})" if failed else ""),
+        "",
+        "## Configurations",
+        "",
+        "Mean +- sd over the runs of each configuration (sd over seeds: the noise a single run carries). "
+        f"`d metric vs baseline`: the mean paired difference over tasks and its {c.level:.0%} bootstrap "
+        "interval (tasks resampled, each task's values averaged over the configuration's runs); **better** / "
+        f"**worse** where the interval excludes zero (given at least {MIN_TASKS} tasks). Lower answer NLL is "
+        "better.",
+        "",
+        markdown_table(table_rows(c)),
+        "",
+    ]
     if any(k.endswith("_png") for k in files):
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for k, p in files.items() if k.endswith("_png")] + [""]
     if c.tasks and runs:
-        lines += ["## Solved per task", "",
-                  "Each cell: the task's score in that run (1 = every test output solved by an attempt, "
-                  ". = none, blank = not predicted).", ""]
+        lines += [
+            "## Solved per task",
+            "",
+            "Each cell: the task's score in that run (1 = every test output solved by an attempt, "
+            ". = none, blank = not predicted).",
+            "",
+        ]
         shown = c.tasks[:max_matrix_rows]
-        rows = [{"task": t, **{f"r{j + 1}": "" if math.isnan(v) else ("1" if v == 1 else "." if v == 0 else f"{v:.2f}")
-                               for j, v in enumerate(matrix[i])}} for i, t in enumerate(shown)]
+        rows = [
+            {
+                "task": t,
+                **{
+                    f"r{j + 1}": "" if math.isnan(v) else ("1" if v == 1 else "." if v == 0 else f"{v:.2f}")
+                    for j, v in enumerate(matrix[i])
+                },
+            }
+            for i, t in enumerate(shown)
+        ]
         lines += [markdown_table(rows), ""]
         if len(c.tasks) > len(shown):
             lines.append(f"({len(c.tasks) - len(shown)} more tasks in solved_matrix.csv)")
-        lines += ["Runs: " + "; ".join(f"r{j + 1} = {lab} ({r.run_id[:8]})" for j, (lab, r) in
-                                       enumerate(zip(labels, runs))), ""]
+        lines += [
+            "Runs: " + "; ".join(f"r{j + 1} = {lab} ({r.run_id[:8]})" for j, (lab, r) in enumerate(zip(labels, runs))),
+            "",
+        ]
     (out / "report.md").write_text("\n".join(lines))
     files["report"] = out / "report.md"
     files["json"] = write_json_atomic(out / "compare.json", to_json(c))
@@ -276,15 +318,35 @@ def _interval_json(iv: Interval | None) -> dict[str, Any] | None:
 
 def to_json(c: Comparison) -> dict[str, Any]:
     return {
-        "swept": c.swept, "seeds": c.seeds, "level": c.level, "tasks": c.tasks,
-        "baseline": c.configurations[c.baseline].label, "best": c.configurations[c.best].label,
+        "swept": c.swept,
+        "seeds": c.seeds,
+        "level": c.level,
+        "tasks": c.tasks,
+        "baseline": c.configurations[c.baseline].label,
+        "best": c.configurations[c.best].label,
         "configurations": [
-            {"label": conf.label, "values": conf.values, "runs": [r.run_id for r in conf.runs],
-             "metrics": {m: dict(zip(("mean", "sd"), mean_sd(conf.metric(m)))) for m, _, _ in TABLE_METRICS},
-             "vs_baseline": {m: _interval_json(ivs[i]) for m, ivs in c.intervals.items()}}
-            for i, conf in enumerate(c.configurations)],
+            {
+                "label": conf.label,
+                "values": conf.values,
+                "runs": [r.run_id for r in conf.runs],
+                "metrics": {m: dict(zip(("mean", "sd"), mean_sd(conf.metric(m)))) for m, _, _ in TABLE_METRICS},
+                "vs_baseline": {m: _interval_json(ivs[i]) for m, ivs in c.intervals.items()},
+            }
+            for i, conf in enumerate(c.configurations)
+        ],
     }
 
 
-__all__ = ["SEED_KEYS", "RunRecord", "Configuration", "Comparison", "compare", "swept_keys", "table_rows",
-           "markdown_table", "write_report", "solved_matrix", "to_json"]
+__all__ = [
+    "SEED_KEYS",
+    "RunRecord",
+    "Configuration",
+    "Comparison",
+    "compare",
+    "swept_keys",
+    "table_rows",
+    "markdown_table",
+    "write_report",
+    "solved_matrix",
+    "to_json",
+]
