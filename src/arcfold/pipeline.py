@@ -145,7 +145,7 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
         )
         progress = Progress(
             cfg.report.progress,
-            sum(len(fold) for f, fold in enumerate(folds) if f not in done),
+            sum(not finished(t, results) for t in tasks),  # tasks with a test input still to predict
             len(folds),
             cfg.report.progress_every,
         )
@@ -157,7 +157,8 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
     try:
         # The folds run in this process, in a worker process per device, or on Ray actors; what they report
         # as they go (test inputs, trainings, the budget's measurements) lands in this process's Ledger.
-        with Executor(cfg, run_dir, Ledger(planner, store, results, run_dir)) as executor, progress:
+        ledger = Ledger(planner, store, results, run_dir, on_input=lambda rec: task_progress(rec, s))
+        with Executor(cfg, run_dir, ledger) as executor, progress:
             s.workers, planner.workers = executor.workers, len(executor.devices)
             clock.device = ",".join(executor.devices)
             tracker.set_tags({"device": clock.device})
@@ -209,7 +210,8 @@ def finish_fold(event: Done | Lost, s: Session) -> dict[str, Any]:
     if isinstance(event, Lost):
         if not skips(s.cfg):
             raise RuntimeError(f"fold {job.fold}: {event.reason}")
-        error, ledger = f"fold {job.fold}: {event.reason}", Ledger(s.planner, s.store, s.results)
+        error = f"fold {job.fold}: {event.reason}"
+        ledger = Ledger(s.planner, s.store, s.results, on_input=lambda rec: task_progress(rec, s))
         for key in [(t.id, i) for t in job.tasks for i in range(len(t.test))]:
             if key not in s.results.recorded:  # its placeholders, recorded and submitted
                 ledger.report("input", InputRecord(*key, job.fold, error=error))
@@ -239,9 +241,18 @@ def finish_fold(event: Done | Lost, s: Session) -> dict[str, Any]:
         },
         {"phase": "inference", "fold": job.fold, "device": device, "start": end - row["inference_seconds"], "end": end},
     ]
-    for task in job.tasks:
-        s.progress.task_done(task.id)
     return row
+
+
+def finished(task: Task, results: RunResults) -> bool:
+    return all((task.id, i) in results.recorded for i in range(len(task.test)))
+
+
+def task_progress(rec: InputRecord, s: Session) -> None:
+    """A test input landed: the task counts as predicted once all its test inputs have."""
+    task = next(t for t in s.results.tasks if t.id == rec.task)
+    if finished(task, s.results):
+        s.progress.task_done(task.id)
 
 
 def begin(job: FoldJob, s: Session) -> FoldJob:

@@ -71,8 +71,10 @@ class Ledger:
         results: RunResults | None = None,
         run_dir: Path | None = None,
         send: Callable[[str, tuple], None] | None = None,
+        on_input: Callable[[InputRecord], None] | None = None,
     ):
         self.planner, self.store, self.results, self.run_dir, self.send = planner, store, results, run_dir, send
+        self.on_input = on_input  # the run's progress: called for each test input that lands
 
     def report(self, name: str, *args: Any) -> None:
         self.apply(name, args)
@@ -86,6 +88,8 @@ class Ledger:
             self.results.add_input(rec)
             self.store.save_input(rec)
             self.results.write_submission(self.store.run_dir / "submission.json")
+            if self.on_input is not None:
+                self.on_input(rec)
         elif name == "training" and self.store is not None:
             self.store.save_training(*args)
             f, record = args
