@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runs from a plain checkout too (the GPU machine has no editable install)
 
+from bench_memory import train_task  # noqa: E402  (benchmarks/ is the script's own folder)
+
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "T4": 65.0}
 SHAPES = {
     "qwen2-0.5b": dict(
@@ -108,18 +110,6 @@ def quantize_4bit(model, compute_dtype) -> None:
     torch.cuda.empty_cache()
 
 
-def random_task(tokens: int, seed: int):
-    import numpy as np
-
-    from arcfold.data.tasks import Pair, Task
-
-    pairs = max(2, round(tokens / 1863))  # a 30x30 pair is 1,863 tokens
-    side = int(((tokens / pairs - 3) / 2) ** 0.5)
-    rng = np.random.default_rng(seed)
-    grid = lambda: rng.integers(0, 10, (side, side), dtype=np.int8)  # noqa: E731
-    return Task(f"r{tokens}", tuple(Pair(grid(), grid()) for _ in range(pairs)), (Pair(grid(), grid()),))
-
-
 def linear_params(model) -> tuple[int, int]:
     """(decoder linear-layer parameters, head parameters); a 4-bit layer counts its logical weights."""
     import torch
@@ -156,7 +146,7 @@ def measure(name: str, shape: str, tokens: int, checkpointing: bool, four_bit: b
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_model = attach_lora(model, LoraConfig(rank=16, alpha=16))
     codec = GridCodec.builtin()
-    task = random_task(tokens, seed=tokens)
+    task = train_task(tokens)
     cfg = TrainConfig(
         epochs=1,
         batch_size=1,
