@@ -96,8 +96,13 @@ def run_app(cfg: DictConfig) -> float | None:
         with interrupts():  # SIGINT / SIGTERM: the pipeline unwinds, writing what exists
             check(cfg)
             tracker.log_params(config_params(cfg))
-            result = pipeline.run(cfg, run_dir, tracker)
-        status, tags = outcome(len(result.failures))
+            if cfg.stage == "pretrain":
+                from arcfold import pretrain
+
+                pretrained = pretrain.run(cfg, run_dir, tracker)
+            else:
+                result = pipeline.run(cfg, run_dir, tracker)
+        status, tags = outcome(0 if cfg.stage == "pretrain" else len(result.failures))
     except Interrupted as sig:
         status, tags, exit_code = "KILLED", {"arcfold.outcome": "killed"}, sig.exit_code
     except (ArcDataError, ConfigError) as err:
@@ -112,6 +117,9 @@ def run_app(cfg: DictConfig) -> float | None:
         if sweeping and cfg.tracking.enabled:
             end_parent(hc.sweep.dir, "KILLED")  # the sweep stops here: its remaining jobs never start
         sys.exit(exit_code)
+    if cfg.stage == "pretrain":
+        log.info("pretrained model in %s: %s", cfg.pretrain.out or run_dir / "model", pretrained)
+        return pretrained["heldout_solved"]
     score = result.summary.get("score")
     log.info(
         "run finished in %.1fs: %s",

@@ -17,7 +17,15 @@ from typing import Any, Callable, Optional
 COLOURS = ("all", "keep_zero", "none")  # colour augmentation: any permutation, keep 0 (background), none
 # The allowed values of every choice key: the one list that check() and the code that branches on them use.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("arc_agi_2_eval", "arc_agi_2_train", "arc_agi_1_eval", "arc_agi_1_train", "kaggle", "dir"),
+    "data.name": (
+        "arc_agi_2_eval",
+        "arc_agi_2_train",
+        "arc_agi_1_eval",
+        "arc_agi_1_train",
+        "kaggle",
+        "dir",
+        "synthetic",
+    ),
     "data.order": ("id", "size"),
     "data.on_invalid": ("raise", "skip"),
     "model.kind": ("tiny", "hf"),
@@ -47,6 +55,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "on_error": ("auto", "fail", "skip"),  # auto: skip for data=kaggle (a submission), fail elsewhere
     "executor.name": ("local", "ray"),  # where folds run (arcfold.execute)
     "report.progress": ("auto", "bars", "lines", "off"),  # auto: bars on a terminal, log lines elsewhere
+    "stage": ("run", "pretrain"),  # a TTT run, or pretraining a tiny model from scratch (arcfold.pretrain)
 }
 LOSS_KERNELS = CHOICES["train.loss_kernel"]
 DEGRADE_STEPS = ("views", "min_prob", "greedy", "placeholders")  # budget.degrade, cheapest cut first
@@ -62,12 +71,22 @@ class DataConfig:
     limit: Optional[int] = None  # keep at most N tasks
     order: str = "id"  # id | size (smallest tasks first: cheap CPU runs)
     on_invalid: str = "raise"  # raise | skip (warn and leave the bad task out)
+    # synthetic (data.synthetic): `count` tasks of these families (equal shares), grid sides in [min, max], drawn
+    # from `seed` (a fixed seed is a fixed task set: pretraining and held-out sets differ by seed)
+    families: list[str] = field(
+        default_factory=lambda: ["identity", "colour_map", "geometry", "upscale", "tile", "crop"]
+    )
+    count: int = 100
+    sides: list[int] = field(default_factory=lambda: [3, 7])
+    seed: int = 1000
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "tiny"  # tiny (random weights, built-in vocabulary) | hf (a local Hugging Face causal LM)
-    path: Optional[str] = None  # hf: directory with config, weights and tokenizer
+    kind: str = "tiny"  # tiny (the built-in vocabulary) | hf (a local Hugging Face causal LM)
+    # hf: directory with config, weights and tokenizer; tiny: a directory `stage=pretrain` saved (None: random
+    # weights of the shape below)
+    path: Optional[str] = None
     dtype: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' choice)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -199,6 +218,18 @@ class BudgetConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """stage=pretrain (arcfold.pretrain): the tiny model of `model` trained from scratch on `data`'s tasks with
+    `train`'s schedule; every `eval_every` steps it is scored on held-out tasks and saved to `out`."""
+
+    out: Optional[str] = None  # the model directory (None: <run dir>/model)
+    minutes: Optional[float] = None  # stop training after this many minutes (the schedule is sized by data.count)
+    eval_every: int = 500  # optimiser steps between held-out evaluations (and saves)
+    eval_count: int = 60  # held-out tasks: data's families and sides, drawn from eval_seed
+    eval_seed: int = 1
+
+
+@dataclass
 class RunConfig:
     # folds is a value, not a config group: Hydra parses `folds=8` as an int, which a group cannot take.
     # An int k (k folds, strategy from `split`) or "per_task" (one fold per task).
@@ -226,6 +257,8 @@ class RunConfig:
     outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
     save_adapters: str = "none"  # none | last (the last fold's adapter) | all (every fold's)
     run_dir: Optional[str] = None  # set from Hydra's output dir at run time
+    stage: str = "run"  # run (TTT: train, predict, score) | pretrain (a tiny model from scratch: arcfold.pretrain)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 class ConfigError(ValueError):
@@ -252,6 +285,11 @@ def _num(v: Any) -> bool:
 # Range rules: key -> (test of the value, what is allowed). Checked in order, before anything loads.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.limit": (lambda v: v is None or (_int(v) and v >= 1), "null (every task) or an integer >= 1"),
+    "data.count": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "data.sides": (lambda v: len(v) == 2 and 2 <= v[0] <= v[1] <= 30, "[min, max] with 2 <= min <= max <= 30"),
+    "pretrain.eval_every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "pretrain.eval_count": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "pretrain.minutes": (lambda v: v is None or (_num(v) and v > 0), "null or a number of minutes > 0"),
     "model.hidden_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "model.num_layers": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "model.num_heads": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
@@ -319,6 +357,12 @@ def check(cfg: Any) -> None:
             raise refuse(key, value, allowed)
     _check_folds(cfg)
     _check_paths(cfg)
+    if cfg.data.name == "synthetic":
+        from arcfold.data.synthetic import FAMILIES  # here, not at the top: config stays a leaf module
+
+        unknown = [f for f in cfg.data.families if f not in FAMILIES]
+        if unknown or not cfg.data.families:
+            raise refuse("data.families", list(cfg.data.families), "a non-empty list of " + " | ".join(FAMILIES))
     scoring = cfg.inference.scoring
     if scoring.views_from == "generation" and scoring.views > 8 * cfg.inference.n:
         raise refuse(
@@ -369,7 +413,7 @@ def _check_paths(cfg: Any) -> None:
         paths += [("data.challenges", data.challenges, "file"), ("data.solutions", data.solutions, "file")]
     if data.name == "dir":
         paths.append(("data.path", data.path, "dir"))
-    if model.kind == "hf":
+    if model.kind == "hf" or model.path:  # tiny: a pretrained one
         paths.append(("model.path", model.path, "model"))
     for key, path, kind in paths:
         if path is None:  # optional (data.solutions); the mandatory ones were reported missing above
@@ -444,6 +488,7 @@ __all__ = [
     "ExecutorConfig",
     "ReportConfig",
     "BudgetConfig",
+    "PretrainConfig",
     "RunConfig",
     "check",
     "check_budget",

@@ -22,6 +22,7 @@ from arcfold.checkpoint import Checkpoint, FoldOutcome, InputRecord
 from arcfold.data import ArcDataError, Task, load_dataset, make_folds, select
 from arcfold.data.codec import train_tokens
 from arcfold.data.folds import Strategy
+from arcfold.data.synthetic import generate, write_kaggle
 from arcfold.execute import Done, Executor, Lost, Ready
 from arcfold.failures import describe, skips
 from arcfold.progress import Progress
@@ -81,9 +82,12 @@ class Timings:
 def load_tasks(data: Any) -> tuple[list[Task], list[Task]]:
     """(the tasks this run predicts, every task of the source). The submission covers the latter."""
     source = data.challenges or data.path or data.name
-    everything = load_dataset(
-        data.name, challenges=data.challenges, solutions=data.solutions, path=data.path, on_invalid=data.on_invalid
-    )
+    if data.name == "synthetic":  # generated (arcfold.data.synthetic): the same tasks for the same seed
+        everything = generate(list(data.families), data.count, data.seed, list(data.sides))
+    else:
+        everything = load_dataset(
+            data.name, challenges=data.challenges, solutions=data.solutions, path=data.path, on_invalid=data.on_invalid
+        )
     chosen = select(everything, ids=list(data.task_ids) or None, limit=data.limit, order=data.order, source=source)
     if len(chosen) < len(everything):
         log.warning(
@@ -129,6 +133,8 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
 
     with clock("load"):
         tasks, everything = load_tasks(cfg.data)
+        if cfg.data.name == "synthetic":  # the generated tasks as Kaggle files: data=kaggle reads them back
+            write_kaggle(everything, run_dir / "data")
         folds = split(tasks, cfg.folds, cfg.split.strategy, cfg.split.seed)
         results = RunResults(tasks, everything)
         store = Checkpoint(run_dir, folds, resume=bool(cfg.resume))

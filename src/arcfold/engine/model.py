@@ -88,10 +88,13 @@ def load_model(cfg: ModelConfig, fmt: str = "plain", max_len: Mapping[str, int] 
                 "the tiny model's vocabulary is the codec's already; use it with model.kind=hf",
                 key="model.shrink_vocab",
             )
-        check_context(cfg.max_position_embeddings, "model.max_position_embeddings", max_len, file="config")
-        codec, tokenizer, name = GridCodec.builtin(fmt), None, "tiny"
-        # Built on the CPU from a seed, then moved (transformers' @wraps(Module.to) hides the bound signature).
-        model = _tiny_model(cfg, codec, dtype).to(device)  # type: ignore[arg-type]
+        codec, tokenizer, name = GridCodec.builtin(fmt), None, str(cfg.path or "tiny")
+        if cfg.path:  # a pretrained tiny model (stage=pretrain): its own shape, the built-in vocabulary
+            model = _pretrained_tiny(cfg, codec, device, dtype, max_len)
+        else:
+            check_context(cfg.max_position_embeddings, "model.max_position_embeddings", max_len, file="config")
+            # Built on the CPU from a seed, then moved (transformers' @wraps(Module.to) hides the bound signature).
+            model = _tiny_model(cfg, codec, dtype).to(device)  # type: ignore[arg-type]
     elif cfg.kind == "hf":
         model, codec, tokenizer = _hf_model(cfg, fmt, device, dtype, quantization, max_len or {})
         name = str(cfg.path)
@@ -192,6 +195,32 @@ def _tiny_model(cfg: ModelConfig, codec: GridCodec, dtype: torch.dtype) -> trans
         torch.manual_seed(cfg.init_seed)
         return transformers.AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
+
+
+def _pretrained_tiny(
+    cfg: ModelConfig, codec: GridCodec, device: torch.device, dtype: torch.dtype, max_len: Mapping[str, int] | None
+) -> transformers.PreTrainedModel:
+    path = Path(str(cfg.path)).expanduser()
+    if not (path / "config.json").is_file():
+        raise ArcDataError("no config.json: not a model directory that stage=pretrain saved", file=str(path))
+    with _one_line_errors(path):
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if getattr(config, "vocab_size", None) != codec.vocab_size:
+        raise ArcDataError(
+            f"vocab_size {getattr(config, 'vocab_size', None)} is not the built-in vocabulary's {codec.vocab_size}: "
+            "not a tiny model (use model.kind=hf for a model with a tokenizer)",
+            file=str(path / "config.json"),
+            field="model.path",
+        )
+    check_context(config.max_position_embeddings, "max_position_embeddings", max_len, file=str(path / "config.json"))
+    with _one_line_errors(path):
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            device_map={"": device},
+            attn_implementation=cfg.attn_implementation,
+            local_files_only=True,
         )
 
 
