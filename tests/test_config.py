@@ -9,10 +9,23 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import arcfold
 from arcfold.config import ConfigError, RunConfig, check, register
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["data", "model", "format", "split", "lora", "train", "inference", "tracking", "experiment", "executor"]
+GROUPS = [
+    "data",
+    "model",
+    "format",
+    "split",
+    "lora",
+    "train",
+    "inference",
+    "tracking",
+    "experiment",
+    "executor",
+    "variant",
+]
 # Options whose mandatory keys (???) must be given to compose a usable config.
 REQUIRED = {
     ("data", "kaggle"): ["data.challenges=c.json"],
@@ -117,7 +130,18 @@ def test_the_default_config_passes_the_check(model_dir):
 
 def test_the_cpu_demo_experiment_sizes_the_default_run_and_groups_mean_what_they_say():
     demo = compose_with([])
-    assert (demo.model.kind, demo.data.limit, demo.data.order, demo.train.lr) == ("tiny", 8, "size", 3e-3)
+    assert (demo.model.kind, demo.data.name, demo.data.count, demo.train.lr) == ("tiny", "synthetic", 8, 1e-3)
+    assert Path(demo.model.path) == Path(arcfold.__file__).parent / "shipped"  # the shipped model, wherever installed
+    # The real data is one override away: the demo's sizing keeps it to the 8 smallest tasks.
+    real_data = compose_with(["data=arc_agi_2_eval"])
+    assert (real_data.data.name, real_data.data.limit, real_data.data.order) == ("arc_agi_2_eval", 8, "size")
+    smoke = compose_with(["experiment=smoke"])  # the random tiny model: the plumbing check the tests run on
+    assert (smoke.model.kind, smoke.model.path, smoke.data.name, smoke.train.lr) == (
+        "tiny",
+        None,
+        "arc_agi_2_eval",
+        3e-3,
+    )
     # The model option no longer sizes the run: a chosen train option keeps its own schedule under the demo.
     arc25 = compose_with(["model=tiny", "train=arc25"])
     assert (arc25.train.lr, arc25.train.epochs) == (2e-4, 10)

@@ -173,7 +173,7 @@ def test_workers_split_the_cores(monkeypatch):
 def test_one_device_runs_in_this_process_several_in_worker_processes(tmp_path, overrides, pool):
     register()
     with initialize_config_module("arcfold.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["model.device=cpu", *overrides])
+        cfg = compose("config", overrides=["experiment=smoke", "model.device=cpu", *overrides])
     check(cfg)
     assert type(Executor(cfg, tmp_path, Ledger(None)).pool) is pool  # nothing starts before run()
 

@@ -23,6 +23,7 @@ LAYER = {
     "execute_ray": 2,
     "report": 2,
     "progress": 2,
+    "pretrain": 2,
     "__main__": 3,
     "tracking": 3,
     "score": 3,

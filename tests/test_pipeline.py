@@ -16,6 +16,7 @@ from arcfold.engine import train
 
 register()
 SMALL = [
+    "experiment=smoke",  # the random tiny model on ARC-AGI-2 tasks (the default demo runs the shipped model)
     "model.hidden_size=32",
     "model.num_layers=1",
     "model.num_heads=2",

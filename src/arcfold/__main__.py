@@ -67,7 +67,7 @@ def run_app(cfg: DictConfig) -> float | None:
         torch.set_num_threads(threads)
     if hc.runtime.choices.get("experiment") == "cpu_demo" and cfg.model.kind != "tiny":
         log.warning(
-            "experiment=cpu_demo sizes the run for a random tiny model (data.limit, train=cpu_demo's lr); "
+            "experiment=cpu_demo sizes the run for the shipped tiny model (data.limit, train=shipped's lr); "
             "for %s pick experiment=none or another experiment",
             cfg.model.kind,
         )

@@ -456,6 +456,8 @@ def register() -> None:
     OmegaConf.register_new_resolver("arcfold_run_dir", session_dir, replace=True)
     # ${seed_plus:${seed},1}: a seed derived from `seed` (scoring views must differ from generation views).
     OmegaConf.register_new_resolver("seed_plus", lambda seed, offset: int(seed) + int(offset), replace=True)
+    # ${arcfold_package:shipped}: a folder inside the installed package (the shipped model), wherever it lives.
+    OmegaConf.register_new_resolver("arcfold_package", lambda name: str(Path(__file__).parent / name), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for group, node in [
