@@ -29,6 +29,7 @@ from arcfold.engine.logits import head_logits, hidden_states
 from arcfold.engine.model import load_model
 from arcfold.engine.train import train_fold
 from arcfold.pipeline import Tracker, load_tasks
+from arcfold.report.plots import learning_curve
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,10 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker) -> dict[str, float]:
         **{k: v for k, v in curve[-1].items() if k.startswith("heldout")},
     }
     tracker.log_metrics(summary)
+    learning_curve(curve, out / "curve.png")
     write_card(out, cfg, curve, summary)
-    tracker.log_artifact(out / "README.md")
-    tracker.log_artifact(out / "curve.csv")
+    for name in ("README.md", "curve.csv", "curve.png"):
+        tracker.log_artifact(out / name)
     return summary
 
 
@@ -166,6 +168,8 @@ A {model.num_layers}-layer Llama-style model (hidden {model.hidden_size}, {model
   {torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}), torch {torch.__version__}
 
 ## Learning curve
+
+![learning curve](curve.png)
 
 Held out: {cfg.pretrain.eval_count} generated tasks of the same families from seed {cfg.pretrain.eval_seed}.
 NLL: per output token of the first test output. Greedy solves: the share whose output is the argmax at every

@@ -72,6 +72,23 @@ def loss_per_fold(losses: Mapping[int, Sequence[float]], path: str | Path) -> Pa
     return _save(fig, path)
 
 
+def learning_curve(curve: Sequence[Mapping[str, float]], path: str | Path) -> Path:
+    """Pretraining: the training loss and the held-out NLL (left axis) and the held-out greedy solves (right)."""
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    steps = [row["step"] for row in curve]
+    ax.plot(steps, [row["train_loss"] for row in curve], "o-", color="C0", label="training loss (mean since last)")
+    ax.plot(steps, [row["heldout_nll"] for row in curve], "s-", color="C1", label="held-out NLL (test outputs)")
+    ax.set(xlabel="optimiser step", ylabel="NLL per output token", title="Pretraining")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    right.plot(steps, [100 * row["heldout_solved"] for row in curve], "^-", color="C2", label="held-out greedy solves")
+    right.set(ylabel="held-out tasks solved by greedy (%)", ylim=(0, 100))
+    lines = ax.get_lines() + right.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize="small", loc="center right")
+    return _save(fig, path)
+
+
 def phase_timeline(spans: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """A bar per span (phase, fold, device, start, end: seconds from the run's start), one row per device and fold."""
     lanes = sorted({(str(s.get("device", "")), -1 if s.get("fold") is None else int(s["fold"])) for s in spans})
