@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def heldout_scores(model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Task]) -> dict[str, float]:
     """Per-token NLL of each task's first test output given its demonstrations, and the share of tasks whose
-    output is the argmax at every token under teacher forcing: exactly the tasks greedy decoding solves."""
+    output is, at every token under teacher forcing, the argmax among the grid tokens (codec.output_tokens, all
+    that greedy decoding may pick): exactly the tasks greedy decoding solves."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    allowed = torch.tensor(codec.output_tokens, device=device)
     nll, solved, by_family = [], [], defaultdict(list)
     for task in tasks:
         test = task.test[0]
@@ -50,7 +52,8 @@ def heldout_scores(model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Tas
         logps = torch.log_softmax(head_logits(model, hidden), dim=-1)
         target = torch.tensor(answer, device=device)
         nll.append(-logps.gather(-1, target[:, None]).mean().item())
-        solved.append(float(bool((logps.argmax(-1) == target).all())))
+        picked = allowed[logps.index_select(-1, allowed).argmax(-1)]  # as engine.generate: grid tokens only
+        solved.append(float(bool((picked == target).all())))
         by_family[task.id.split("-")[0]].append(solved[-1])
     model.train(was_training)
     scores = {"heldout_nll": sum(nll) / len(nll), "heldout_solved": sum(solved) / len(solved)}
