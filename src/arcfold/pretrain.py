@@ -121,7 +121,8 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker) -> dict[str, float]:
         "pretrain_samples": float(stats.samples),
         **{k: v for k, v in curve[-1].items() if k.startswith("heldout")},
     }
-    tracker.log_metrics(summary)
+    # The held-out scores are already the curve's last point; logged again without a step they would land at step 0
+    tracker.log_metrics({k: v for k, v in summary.items() if not k.startswith("heldout")})
     write_card(out, cfg, curve, summary)
     tracker.log_artifact(out / "README.md")
     tracker.log_artifact(out / "curve.csv")
