@@ -29,7 +29,7 @@ def described(name: str, grid: np.ndarray) -> np.ndarray:
     if family == "identity":
         return grid.copy()
     if family == "colour_map":
-        table = dict(tuple(map(int, item.split(">"))) for item in arg.split(","))
+        table = {int(src): int(dst) for src, dst in (item.split(">") for item in arg.split(","))}
         return np.array([[table.get(int(v), int(v)) for v in row] for row in grid], dtype=grid.dtype)
     if family == "geometry":
         out = {
