@@ -172,8 +172,8 @@ A {model.num_layers}-layer Llama-style model (hidden {model.hidden_size}, {model
 ## Learning curve
 
 Held out: {cfg.pretrain.eval_count} generated tasks of the same families from seed {cfg.pretrain.eval_seed}.
-NLL: per output token of the first test output. Greedy solves: the share whose output is the argmax at every
-token (exactly what greedy decoding gets right, without TTT).
+NLL: per output token of the first test output. Greedy solves: the share whose output is, at every token, the
+most likely grid token (exactly what greedy decoding gets right, without TTT).
 
 | step | minutes | train loss (since last row) | held-out NLL | greedy solves |
 |---|---|---|---|---|
