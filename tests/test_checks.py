@@ -97,6 +97,17 @@ BAD = [
     ("report.render_tasks=-1", "report.render_tasks", "-1", "integer >= 0"),
     ("report.progress_every=-1", "report.progress_every", "-1", ">= 0"),
     ("tracking.system_metrics_interval=0", "tracking.system_metrics_interval", "0", "> 0"),
+    ("data=synthetic data.families=[nope]", "data.families", "['nope']", "a non-empty list of identity | "),
+    ("data=synthetic data.families=[]", "data.families", "[]", "a non-empty list of identity | "),
+    ("data=synthetic data.count=0", "data.count", "0", "integer >= 1"),
+    ("data=synthetic data.sides=[5,3]", "data.sides", "[5, 3]", "2 <= min <= max <= 30"),
+    ("data=synthetic data.sides=[3,31]", "data.sides", "[3, 31]", "2 <= min <= max <= 30"),
+    ("data=synthetic data.sides=[3]", "data.sides", "[3]", "[min, max]"),
+    ("data=synthetic data.seed=-1", "data.seed", "-1", "integer >= 0"),
+    ("stage=pretrain pretrain.eval_every=0", "pretrain.eval_every", "0", "integer >= 1"),
+    ("stage=pretrain pretrain.eval_count=0", "pretrain.eval_count", "0", "integer >= 1"),
+    ("stage=pretrain pretrain.eval_seed=-1", "pretrain.eval_seed", "-1", "integer >= 0"),
+    ("stage=pretrain pretrain.minutes=0", "pretrain.minutes", "0", "> 0"),
 ]
 # An unknown value for every choice key, e.g. inference.strategy=bogus: refused with the whole list of choices.
 BAD += [(f"{key}=bogus", key, "'bogus'", " | ".join(allowed)) for key, allowed in CHOICES.items()]

@@ -37,10 +37,12 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def heldout_scores(model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Task]) -> dict[str, float]:
     """Per-token NLL of each task's first test output given its demonstrations, and the share of tasks whose
-    output is the argmax at every token under teacher forcing: exactly the tasks greedy decoding solves."""
+    output is, at every token under teacher forcing, the argmax among the grid tokens (codec.output_tokens, all
+    that greedy decoding may pick): exactly the tasks greedy decoding solves."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    allowed = torch.tensor(codec.output_tokens, device=device)
     nll, solved, by_family = [], [], defaultdict(list)
     for task in tasks:
         test = task.test[0]
@@ -51,7 +53,8 @@ def heldout_scores(model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Tas
         logps = torch.log_softmax(head_logits(model, hidden), dim=-1)
         target = torch.tensor(answer, device=device)
         nll.append(-logps.gather(-1, target[:, None]).mean().item())
-        solved.append(float(bool((logps.argmax(-1) == target).all())))
+        picked = allowed[logps.index_select(-1, allowed).argmax(-1)]  # as engine.generate: grid tokens only
+        solved.append(float(bool((picked == target).all())))
         by_family[task.id.split("-")[0]].append(solved[-1])
     model.train(was_training)
     scores = {"heldout_nll": sum(nll) / len(nll), "heldout_solved": sum(solved) / len(solved)}
@@ -119,7 +122,8 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker) -> dict[str, float]:
         "pretrain_samples": float(stats.samples),
         **{k: v for k, v in curve[-1].items() if k.startswith("heldout")},
     }
-    tracker.log_metrics(summary)
+    # The held-out scores are already the curve's last point; logged again without a step they would land at step 0
+    tracker.log_metrics({k: v for k, v in summary.items() if not k.startswith("heldout")})
     learning_curve(curve, out / "curve.png")
     write_card(out, cfg, curve, summary)
     for name in ("README.md", "curve.csv", "curve.png"):
@@ -172,8 +176,8 @@ A {model.num_layers}-layer Llama-style model (hidden {model.hidden_size}, {model
 ![learning curve](curve.png)
 
 Held out: {cfg.pretrain.eval_count} generated tasks of the same families from seed {cfg.pretrain.eval_seed}.
-NLL: per output token of the first test output. Greedy solves: the share whose output is the argmax at every
-token (exactly what greedy decoding gets right, without TTT).
+NLL: per output token of the first test output. Greedy solves: the share whose output is, at every token, the
+most likely grid token (exactly what greedy decoding gets right, without TTT).
 
 | step | minutes | train loss (since last row) | held-out NLL | greedy solves |
 |---|---|---|---|---|

@@ -222,7 +222,7 @@ def _same(a: Grid, b: Grid | None) -> bool:
 # ------------------------------------------------------------------------------------------------ tasks
 
 
-def check_spec(families: Sequence[str], count: int, sides: Sequence[int]) -> None:
+def check_spec(families: Sequence[str], count: int, sides: Sequence[int], seed: int = 0) -> None:
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
         raise ArcDataError(f"unknown families {unknown}; choose from {' | '.join(FAMILIES)}", field="data.families")
@@ -232,6 +232,8 @@ def check_spec(families: Sequence[str], count: int, sides: Sequence[int]) -> Non
         raise ArcDataError(
             f"sides must be [min, max] with 2 <= min <= max <= 30, got {list(sides)}", field="data.sides"
         )
+    if seed < 0:  # numpy's seed sequences take non-negative integers only
+        raise ArcDataError(f"seed must be >= 0, got {seed}", field="data.seed")
 
 
 def generate_task(family: str, seed: int, index: int, sides: Sequence[int] = (3, 7)) -> tuple[Task, Rule]:
@@ -269,7 +271,7 @@ def _draw_task(family: str, rng: Rng, sides: Sequence[int]) -> tuple[tuple[Pair,
 
 def generate(families: Sequence[str], count: int, seed: int, sides: Sequence[int] = (3, 7)) -> list[Task]:
     """`count` tasks, the families taken in turn (equal shares), task i from its own stream (seed, i)."""
-    check_spec(families, count, sides)
+    check_spec(families, count, sides, seed)
     return [generate_task(families[i % len(families)], seed, i, sides)[0] for i in range(count)]
 
 
@@ -302,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sides", type=int, nargs=2, default=[3, 7])
     parser.add_argument("--name", default="synthetic")
     args = parser.parse_args(argv)
-    tasks = generate(args.families, args.count, args.seed, args.sides)
+    try:
+        tasks = generate(args.families, args.count, args.seed, args.sides)
+    except ArcDataError as err:  # one line and exit 2, as the other command lines: the message names the field
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     for path in write_kaggle(tasks, args.out, args.name):
         print(path)
 
