@@ -33,10 +33,9 @@ FAMILIES = ["identity", "colour_map", "geometry", "upscale", "tile", "crop"]
 SIDES = [3, 5]
 # 40 tasks x 8 views / batch 8 = 40 steps of a 2-layer width-32 model: about 3 s of training on one thread.
 PRETRAIN = [
-    "stage=pretrain",
-    "data=synthetic",
+    "experiment=pretrain",  # stage=pretrain, data=synthetic, model=tiny (random init), train.epochs=1
+    "pretrain.minutes=null",
     "data.count=40",
-    "data.limit=null",  # the default experiment (cpu_demo) keeps 8 tasks
     "data.seed=0",
     "data.sides=[3,5]",
     "model.hidden_size=32",

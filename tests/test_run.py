@@ -189,7 +189,7 @@ def test_per_task_folds_run(tmp_path, flag):
 
 
 def test_a_config_error_exits_2_in_one_line_and_leaves_a_valid_submission(tmp_path):
-    proc = arcfold(tmp_path, "model=hf", "tracking=off")  # model.path not given
+    proc = arcfold(tmp_path, "model=hf", "data=arc_agi_2_eval", "tracking=off")  # model.path not given
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = only([ln for ln in proc.stderr.splitlines() if ln.startswith("arcfold: error:")])
     assert "model.path" in line
