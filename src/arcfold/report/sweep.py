@@ -29,6 +29,7 @@ TABLE_METRICS = (
     ("oracle", "oracle", 3),
     ("selection_accuracy", "selection acc.", 3),
     ("answer_nll", "answer NLL", 4),
+    ("answer_nll_base", "answer NLL, no TTT", 4),  # the base model alone (inference.base_nll=true; else -)
     ("seconds_total", "seconds", 1),
 )
 MIN_TASKS = 10  # fewer paired tasks than this: the interval is shown but no better/worse verdict is given
