@@ -31,7 +31,7 @@ sweep: install
 	$(PY) -m arcfold -m hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) folds=1,2 lora.rank=4,8 data.limit=2 \
 		train.epochs=1
 
-# Pretrain the shipped tiny model again (about 100 minutes on 2 CPU cores; its card: src/arcfold/shipped/README.md).
+# Pretrain the shipped tiny model again (about 100 minutes on one CPU thread; its card: src/arcfold/shipped/README.md).
 SHIPPED := src/arcfold/shipped
 pretrain: install
 	$(PY) -m arcfold experiment=pretrain pretrain.out=$(SHIPPED)
