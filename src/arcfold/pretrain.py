@@ -92,7 +92,7 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker) -> dict[str, float]:
             row["heldout_nll"],
             100 * row["heldout_solved"],
         )
-        save(model, out, cfg, curve)
+        save(model, out, curve)
 
     def on_step(step: int, steps: int, loss: float) -> None:
         window.append(loss)
@@ -131,7 +131,7 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker) -> dict[str, float]:
     return summary
 
 
-def save(model: torch.nn.Module, out: Path, cfg: Any, curve: list[dict[str, float]]) -> None:
+def save(model: torch.nn.Module, out: Path, curve: list[dict[str, float]]) -> None:
     """The model directory (config.json + safetensors, fp32) and its learning curve so far."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # type: ignore[operator]
