@@ -130,7 +130,7 @@ def test_the_default_config_passes_the_check(model_dir):
 
 def test_the_cpu_demo_experiment_sizes_the_default_run_and_groups_mean_what_they_say():
     demo = compose_with([])
-    assert (demo.model.kind, demo.data.name, demo.data.count, demo.train.lr) == ("tiny", "synthetic", 8, 1e-3)
+    assert (demo.model.kind, demo.data.name, demo.data.count, demo.train.lr) == ("tiny", "synthetic", 8, 1e-4)
     assert Path(demo.model.path) == Path(arcfold.__file__).parent / "shipped"  # the shipped model, wherever installed
     # The real data is one override away: the demo's sizing keeps it to the 8 smallest tasks.
     real_data = compose_with(["data=arc_agi_2_eval"])
