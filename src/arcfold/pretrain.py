@@ -25,7 +25,8 @@ import torch
 
 from arcfold.data import GridCodec, Task
 from arcfold.data.synthetic import generate
-from arcfold.engine.logits import head_logits, hidden_states
+from arcfold.engine.generate import eval_mode
+from arcfold.engine.logits import column_logps, hidden_states
 from arcfold.engine.model import load_model
 from arcfold.engine.train import train_fold
 from arcfold.pipeline import Tracker, load_tasks
@@ -34,29 +35,26 @@ from arcfold.report.plots import learning_curve
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def heldout_scores(model: torch.nn.Module, codec: GridCodec, tasks: Sequence[Task]) -> dict[str, float]:
     """Per-token NLL of each task's first test output given its demonstrations, and the share of tasks whose
     output is, at every token under teacher forcing, the argmax among the grid tokens (codec.output_tokens, all
     that greedy decoding may pick): exactly the tasks greedy decoding solves."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    allowed = torch.tensor(codec.output_tokens, device=device)
+    allowed = codec.output_tokens
+    column = {token: i for i, token in enumerate(allowed)}  # an answer holds grid tokens only
     nll, solved, by_family = [], [], defaultdict(list)
-    for task in tasks:
-        test = task.test[0]
-        assert test.output is not None
-        answer = codec.encode_answer(test.output)
-        ids = codec.encode_prompt(task.train, test.input, reserve=len(answer)).ids + answer
-        hidden = hidden_states(model, torch.tensor([ids], device=device), None, keep=len(answer) + 1)[0, :-1]
-        logps = torch.log_softmax(head_logits(model, hidden), dim=-1)
-        target = torch.tensor(answer, device=device)
-        nll.append(-logps.gather(-1, target[:, None]).mean().item())
-        picked = allowed[logps.index_select(-1, allowed).argmax(-1)]  # as engine.generate: grid tokens only
-        solved.append(float(bool((picked == target).all())))
-        by_family[task.id.split("-")[0]].append(solved[-1])
-    model.train(was_training)
+    with eval_mode(model):
+        for task in tasks:
+            test = task.test[0]
+            assert test.output is not None
+            answer = codec.encode_answer(test.output)
+            ids = codec.encode_prompt(task.train, test.input, reserve=len(answer)).ids + answer
+            hidden = hidden_states(model, torch.tensor([ids], device=device), None, keep=len(answer) + 1)[0, :-1]
+            logps = column_logps(model, hidden, torch.tensor(allowed, device=device))  # full softmax, grid columns
+            target = torch.tensor([column[t] for t in answer], device=device)
+            nll.append(-logps.gather(-1, target[:, None]).mean().item())
+            solved.append(float(bool((logps.argmax(-1) == target).all())))  # as engine.generate: grid tokens only
+            by_family[task.id.split("-")[0]].append(solved[-1])
     scores = {"heldout_nll": sum(nll) / len(nll), "heldout_solved": sum(solved) / len(solved)}
     scores.update({f"heldout_solved/{f}": sum(v) / len(v) for f, v in sorted(by_family.items())})
     return scores

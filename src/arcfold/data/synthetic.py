@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from arcfold.data.errors import ArcDataError
-from arcfold.data.tasks import Pair, Task
+from arcfold.data.tasks import Pair, Task, same_grid
 
 Grid = np.ndarray
 Rng = np.random.Generator
@@ -91,7 +91,7 @@ def _identity(rng: Rng, low: int, high: int) -> tuple[Rule, Callable[[Rng], Grid
 
 
 def _fit_identity(pairs: Sequence[Pair]) -> Rule | None:
-    return Rule("identity", lambda g: g.copy()) if all(_same(p.input, p.output) for p in pairs) else None
+    return Rule("identity", lambda g: g.copy()) if all(same_grid(p.input, p.output) for p in pairs) else None
 
 
 def _colour_rule(table: dict[int, int]) -> Rule:
@@ -134,7 +134,9 @@ def _geometry(rng: Rng, low: int, high: int) -> tuple[Rule, Callable[[Rng], Grid
 
 def _fit_geometry(pairs: Sequence[Pair]) -> Rule | None:
     for name, fn in GEOMETRY.items():
-        if all(_same(fn(p.input), p.output) for p in pairs) and not all(_same(p.input, p.output) for p in pairs):
+        if all(same_grid(fn(p.input), p.output) for p in pairs) and not all(
+            same_grid(p.input, p.output) for p in pairs
+        ):
             return Rule(f"geometry:{name}", fn)
     return None
 
@@ -151,7 +153,7 @@ def _upscale(rng: Rng, low: int, high: int) -> tuple[Rule, Callable[[Rng], Grid]
 def _fit_upscale(pairs: Sequence[Pair]) -> Rule | None:
     for k in range(2, 6):
         rule = _upscale_rule(k)
-        if all(_same(rule.apply(p.input), p.output) for p in pairs):
+        if all(same_grid(rule.apply(p.input), p.output) for p in pairs):
             return rule
     return None
 
@@ -168,7 +170,7 @@ def _tile(rng: Rng, low: int, high: int) -> tuple[Rule, Callable[[Rng], Grid]]:
 def _fit_tile(pairs: Sequence[Pair]) -> Rule | None:
     for reps in [(r, c) for r in range(1, 5) for c in range(1, 5) if r * c > 1]:
         rule = _tile_rule(reps)
-        if all(_same(rule.apply(p.input), p.output) for p in pairs):
+        if all(same_grid(rule.apply(p.input), p.output) for p in pairs):
             return rule
     return None
 
@@ -198,8 +200,8 @@ def _crop(rng: Rng, low: int, high: int) -> tuple[Rule, Callable[[Rng], Grid]]:
 
 def _fit_crop(pairs: Sequence[Pair]) -> Rule | None:
     rule = Rule("crop", _bounding_box)
-    ok = all(_same(rule.apply(p.input), p.output) for p in pairs)
-    return rule if ok and not all(_same(p.input, p.output) for p in pairs) else None
+    ok = all(same_grid(rule.apply(p.input), p.output) for p in pairs)
+    return rule if ok and not all(same_grid(p.input, p.output) for p in pairs) else None
 
 
 FAMILIES: dict[str, Family] = {
@@ -213,10 +215,6 @@ FAMILIES: dict[str, Family] = {
         Family("crop", _crop, _fit_crop),
     )
 }
-
-
-def _same(a: Grid, b: Grid | None) -> bool:
-    return b is not None and a.shape == b.shape and bool((a == b).all())
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -256,7 +254,7 @@ def _draw_task(family: str, rng: Rng, sides: Sequence[int]) -> tuple[tuple[Pair,
         grid = draw(rng)
         out = np.ascontiguousarray(rule.apply(grid), dtype=np.int8)
         key = grid.tobytes() + bytes(grid.shape)
-        if key in seen or (family != "identity" and _same(grid, out)):
+        if key in seen or (family != "identity" and same_grid(grid, out)):
             continue
         seen.add(key)
         pairs.append(Pair(grid, out))
