@@ -20,9 +20,11 @@ from accelerate import Accelerator
 from hydra import compose, initialize_config_module
 
 from arcfold import pipeline
-from arcfold.config import check, register
+from arcfold.checks import check
+from arcfold.config import register
 from arcfold.engine import model as model_module
-from arcfold.tracking import RunTracker, config_params
+from arcfold.run.tracker import NullTracker
+from arcfold.track.tracker import RunTracker, config_params
 
 
 class ModelClock:
@@ -84,8 +86,10 @@ def main(overrides: list[str]) -> None:
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
         wall_start = time.perf_counter()
-        tracker = RunTracker(
-            cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs, run_name="bench_run"
+        tracker = (
+            RunTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.outputs, run_name="bench_run")
+            if cfg.tracking.enabled
+            else NullTracker()
         )
         tracker.log_params(config_params(cfg))
         setup = time.perf_counter() - wall_start

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parent = json.loads((args.sweep_dir / "mlflow_parent.json").read_text())
     link = MlflowClient(tracking_uri=parent["uri"]).get_run(parent["run_id"]).data.tags.get("arcfold.ui_link")
     if not link:
-        raise SystemExit("the sweep's parent run has no arcfold.ui_link tag: run python -m arcfold.compare on it")
+        raise SystemExit("the sweep's parent run has no arcfold.ui_link tag: run python -m arcfold.cli.compare on it")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

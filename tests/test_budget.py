@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from arcfold.budget import FoldWork, Planner, Step, degraded, total_seconds
-from arcfold.config import BudgetConfig, ConfigError, InferenceConfig, check_budget
+from arcfold.checks import ConfigError, check_budget
+from arcfold.config import BudgetConfig, InferenceConfig
+from arcfold.run.budget import FoldWork, Planner, Step, degraded, total_seconds
 
 
 def planner(seconds=None, margin=0.0, work=((100.0, 50.0), (300.0, 150.0)), workers=1, **kw) -> Planner:

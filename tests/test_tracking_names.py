@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from arcfold.tracking import job_name, swept_keys
+from arcfold.track.sweep import job_name, swept_keys
 
 
 def test_swept_keys_are_those_with_more_than_one_value_the_command_line_winning():

@@ -21,7 +21,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from arcfold import pipeline
-from arcfold.config import check, register
+from arcfold.checks import check
+from arcfold.config import register
 
 register()
 # Four folds of one task each, long enough in training (8 epochs: 64 steps) to be killed in the middle.

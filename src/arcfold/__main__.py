@@ -18,7 +18,8 @@ from hydra.errors import ConfigCompositionException, HydraException, OverridePar
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from arcfold.config import ConfigError, check, register
+from arcfold.checks import ConfigError, check
+from arcfold.config import register
 from arcfold.data import ArcDataError
 
 log = logging.getLogger("arcfold")
@@ -42,10 +43,12 @@ def available_cores() -> int:
 @hydra.main(version_base="1.3", config_path="pkg://arcfold.conf", config_name="config")
 def run_app(cfg: DictConfig) -> float | None:
     from arcfold import pipeline
-    from arcfold.checkpoint import resumed_config
-    from arcfold.failures import Interrupted, free_memory, interrupts, outcome
-    from arcfold.progress import summary_table
-    from arcfold.tracking import RunTracker, config_params, end_parent, job_name, read_parent
+    from arcfold.run.checkpoint import resumed_config
+    from arcfold.run.failures import Interrupted, free_memory, interrupts, outcome
+    from arcfold.run.progress import summary_table
+    from arcfold.run.tracker import NullTracker, Tracker
+    from arcfold.track.sweep import end_parent, job_name, read_parent
+    from arcfold.track.tracker import RunTracker, config_params
 
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
@@ -72,25 +75,30 @@ def run_app(cfg: DictConfig) -> float | None:
             cfg.model.kind,
         )
     parent = read_parent(hc.sweep.dir) if sweeping else None
-    tracker = RunTracker(
-        cfg.tracking.enabled,
-        cfg.tracking.uri,
-        cfg.tracking.experiment,
-        cfg.outputs,
-        run_name=cfg.tracking.run_name
-        or (job_name(list(hc.overrides.task), parent["swept"]) if parent else " ".join(hc.overrides.task) or "default"),
-        parent_run_id=parent["run_id"] if parent else None,
-        tags={
-            "sweep_id": sweep_id,
-            "run_dir": str(run_dir),
-            "overrides": " ".join(hc.overrides.task),
-            "experiment": str(hc.runtime.choices.get("experiment")),
-            "torch_threads": str(threads or "default"),
-        },
-        run_dir=run_dir,
-        system_metrics=cfg.tracking.system_metrics,
-        system_metrics_interval=cfg.tracking.system_metrics_interval,
-    )
+    tracker: Tracker = NullTracker()
+    if cfg.tracking.enabled:
+        tracker = RunTracker(
+            cfg.tracking.uri,
+            cfg.tracking.experiment,
+            cfg.outputs,
+            run_name=cfg.tracking.run_name
+            or (
+                job_name(list(hc.overrides.task), parent["swept"])
+                if parent
+                else " ".join(hc.overrides.task) or "default"
+            ),
+            parent_run_id=parent["run_id"] if parent else None,
+            tags={
+                "sweep_id": sweep_id,
+                "run_dir": str(run_dir),
+                "overrides": " ".join(hc.overrides.task),
+                "experiment": str(hc.runtime.choices.get("experiment")),
+                "torch_threads": str(threads or "default"),
+            },
+            run_dir=run_dir,
+            system_metrics=cfg.tracking.system_metrics,
+            system_metrics_interval=cfg.tracking.system_metrics_interval,
+        )
     status, tags, exit_code = "FAILED", {"arcfold.outcome": "error"}, 0
     try:
         with interrupts():  # SIGINT / SIGTERM: the pipeline unwinds, writing what exists

@@ -1,9 +1,9 @@
 """One arcfold run, start to end: load, split into folds, train an adapter per fold, predict, score, report.
 
 Read this file to see the whole run; each step's details live in the module it calls. Every test input's
-outcome lands in the checkpoint (arcfold.checkpoint) and the submission as it is made, so a killed run resumes
-where it stopped; the budget (arcfold.budget) caps training and cuts inference to meet a deadline; a failure
-stops the run or, under on_error=skip, costs only its task or fold and is recorded (arcfold.failures).
+outcome lands in the checkpoint (arcfold.run.checkpoint) and the submission as it is made, so a killed run resumes
+where it stopped; the budget (arcfold.run.budget) caps training and cuts inference to meet a deadline; a failure
+stops the run or, under on_error=skip, costs only its task or fold and is recorded (arcfold.run.failures).
 """
 
 from __future__ import annotations
@@ -15,39 +15,22 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, cast
+from typing import Any, Iterator, Sequence
 
-from arcfold.budget import FoldWork, Planner, input_units, total_seconds, train_units
-from arcfold.checkpoint import Checkpoint, FoldOutcome, InputRecord
-from arcfold.data import ArcDataError, Task, load_dataset, make_folds, select
-from arcfold.data.codec import train_tokens
-from arcfold.data.folds import Strategy
-from arcfold.data.synthetic import generate, write_kaggle
-from arcfold.execute import Done, Executor, Lost, Ready
-from arcfold.failures import describe, skips
-from arcfold.progress import Progress
-from arcfold.results import FoldRow, RunResults
-from arcfold.worker import FoldJob, Ledger
+from arcfold.data import ArcDataError, Task
+from arcfold.data.folds import split
+from arcfold.data.sources import load_tasks
+from arcfold.data.synthetic import write_kaggle
+from arcfold.orchestrate.executor import Done, Executor, Lost, Ready
+from arcfold.run.budget import FoldWork, Planner, input_units, total_seconds, train_units
+from arcfold.run.checkpoint import Checkpoint, FoldOutcome, InputRecord
+from arcfold.run.failures import describe, skips
+from arcfold.run.ledger import FoldJob, Ledger
+from arcfold.run.progress import Progress
+from arcfold.run.results import FoldRow, RunResults
+from arcfold.run.tracker import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
-
-
-class Tracker(Protocol):
-    """Where a run reports (MLflow in practice; see arcfold.tracking). The pipeline never imports MLflow."""
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_series(self, key: str, values: Sequence[float], first_step: int = 0) -> None: ...
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-
-
-class NoTracker:
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_series(self, key: str, values: Sequence[float], first_step: int = 0) -> None: ...
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
 @dataclass
@@ -79,40 +62,9 @@ class Timings:
             )
 
 
-def load_tasks(data: Any) -> tuple[list[Task], list[Task]]:
-    """(the tasks this run predicts, every task of the source). The submission covers the latter."""
-    source = data.challenges or data.path or data.name
-    if data.name == "synthetic":  # generated (arcfold.data.synthetic): the same tasks for the same seed
-        everything = generate(list(data.families), data.count, data.seed, list(data.sides))
-    else:
-        everything = load_dataset(
-            data.name, challenges=data.challenges, solutions=data.solutions, path=data.path, on_invalid=data.on_invalid
-        )
-    chosen = select(everything, ids=list(data.task_ids) or None, limit=data.limit, order=data.order, source=source)
-    if len(chosen) < len(everything):
-        log.warning(
-            "running %d of the %d tasks of %s (data.limit / data.task_ids); the others get placeholders",
-            len(chosen),
-            len(everything),
-            source,
-        )
-    return chosen, everything
-
-
-def split(tasks: Sequence[Task], folds: Any, strategy: str, seed: int) -> list[list[Task]]:
-    """`folds` is an int k or "per_task"."""
-    if str(folds) == "per_task":
-        return make_folds(tasks, None, "per_task")
-    try:
-        k = int(folds)
-    except (TypeError, ValueError):
-        raise ArcDataError(f"folds must be an integer or per_task, got {folds!r}", field="folds") from None
-    return make_folds(tasks, k, cast(Strategy, strategy), seed, cost=lambda t: train_tokens(t.train))
-
-
 @dataclass
 class Session:
-    """What the run keeps while its folds run elsewhere (arcfold.execute): its results, checkpoint and budget."""
+    """What the run keeps while its folds run elsewhere (arcfold.orchestrate): its results, checkpoint and budget."""
 
     cfg: Any
     results: RunResults
@@ -127,7 +79,7 @@ class Session:
 
 def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
     start = time.perf_counter()  # the budget counts from here: the margin covers the process's start-up
-    tracker = tracker or NoTracker()
+    tracker = tracker or NullTracker()
     run_dir = Path(run_dir)
     clock = Timings()
 

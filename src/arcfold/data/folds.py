@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, cast
 
 import numpy as np
 
@@ -76,3 +76,14 @@ def _even_split(items: list[Task], k: int) -> list[list[Task]]:
         parts.append(items[start:end])
         start = end
     return parts
+
+
+def split(tasks: Sequence[Task], folds: Any, strategy: str, seed: int) -> list[list[Task]]:
+    """The run's folds from its `folds` value: an int k (cut by `strategy`), or "per_task"."""
+    if str(folds) == "per_task":
+        return make_folds(tasks, None, "per_task")
+    try:
+        k = int(folds)
+    except (TypeError, ValueError):
+        raise ArcDataError(f"folds must be an integer or per_task, got {folds!r}", field="folds") from None
+    return make_folds(tasks, k, cast(Strategy, strategy), seed)

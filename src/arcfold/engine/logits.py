@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from arcfold.config import LOSS_KERNELS, ConfigError
+from arcfold.checks import ConfigError
+from arcfold.config import LOSS_KERNELS
 from arcfold.data.codec import IGNORE
 
 if TYPE_CHECKING:

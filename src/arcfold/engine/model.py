@@ -19,7 +19,8 @@ import torch
 import transformers
 import yaml
 
-from arcfold.config import ConfigError, ModelConfig
+from arcfold.checks import ConfigError
+from arcfold.config import ModelConfig
 from arcfold.data.codec import GridCodec
 from arcfold.data.errors import ArcDataError
 from arcfold.engine.vocab import check_shrinkable, kept_token_ids, remap_codec, shrink_model, shrink_tokenizer

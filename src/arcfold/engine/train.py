@@ -24,7 +24,8 @@ import transformers
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from arcfold.config import CHOICES, ConfigError, TrainConfig
+from arcfold.checks import ConfigError
+from arcfold.config import CHOICES, TrainConfig
 from arcfold.data.augment import ColourMode, epoch_plan
 from arcfold.data.codec import IGNORE, Encoded, GridCodec
 from arcfold.data.tasks import Task

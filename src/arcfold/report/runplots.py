@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 from arcfold.data.submission import grid_equal
 from arcfold.report import plots
-from arcfold.results import RunResults
+from arcfold.run.results import RunResults
 
 log = logging.getLogger(__name__)
 

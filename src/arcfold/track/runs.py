@@ -1,37 +1,30 @@
-"""`python -m arcfold.compare TARGET... [--baseline B] [--out DIR]`: an honest comparison of runs from MLflow.
-
-TARGET is a sweep directory (its mlflow_parent.json names the store and the parent run), a parent run id (its
-child runs), one or more run ids, or an MLflow filter (`"params.lora.rank = '8'"`, searched in --experiment).
-The runs are grouped into configurations (the swept params, seeds aside); the report gives each configuration's
-mean +- sd over seeds, the paired bootstrap interval of its difference to the baseline over tasks, and the
-per-task solved matrix, as report.md, compare.json and PNG plots in --out. With a parent run, they are logged to
-it, and it carries the sweep's summary: the best configuration's params and score, the jobs and the failures.
-
-    python -m arcfold.compare outputs/sweeps/2026-11-27_10-00-00
-    python -m arcfold.compare 3f2a... --baseline lora.rank=8 --tracking-uri http://127.0.0.1:5000
+"""Runs read back from MLflow: which runs a target names (a sweep dir, a parent, run ids, a filter), their params,
+metrics and per-task results, and a comparison of them logged onto the sweep's parent run.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 import math
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from arcfold.report.comparison import Comparison, RunRecord, compare, write_report
 from arcfold.report.stats import mean_sd
-from arcfold.report.sweep import Comparison, RunRecord, compare, markdown_table, table_rows, write_report
-from arcfold.tracking import PARENT_FILE, sweep_view_link, tracking_uri
+from arcfold.track.links import sweep_view_link
+from arcfold.track.sweep import PARENT_FILE
+from arcfold.track.tracker import tracking_uri
 
 log = logging.getLogger(__name__)
+
+
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -66,7 +59,7 @@ def resolve(targets: Sequence[str], uri: str | None, experiment: str) -> Source:
     if len(targets) == 1 and Path(targets[0]).is_dir():
         sweep_dir = Path(targets[0])
         if not (sweep_dir / PARENT_FILE).exists():
-            raise SystemExit(f"arcfold.compare: {sweep_dir} has no {PARENT_FILE}: not a tracked sweep directory")
+            raise SystemExit(f"arcfold.cli.compare: {sweep_dir} has no {PARENT_FILE}: not a tracked sweep directory")
         parent = json.loads((sweep_dir / PARENT_FILE).read_text())
         uri = uri or parent["uri"]
         return Source(uri, children(MlflowClient(tracking_uri=uri), parent["run_id"]), parent["run_id"], sweep_dir)
@@ -78,7 +71,7 @@ def resolve(targets: Sequence[str], uri: str | None, experiment: str) -> Source:
         return Source(uri, kids, ids[0]) if kids else Source(uri, ids)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise SystemExit(f"arcfold.compare: no experiment {experiment!r} in {uri}")
+        raise SystemExit(f"arcfold.cli.compare: no experiment {experiment!r} in {uri}")
     runs = _all_runs(client, [exp.experiment_id], " ".join(targets))
     return Source(uri, [r.info.run_id for r in runs if r.data.tags.get("arcfold.role") != "sweep"])
 
@@ -202,69 +195,3 @@ def log_to_parent(
     link = sweep_view_link(source.uri, pid, c.swept, [c.repeat_key] if c.repeat_key else [], ui_url)
     client.set_tag(pid, "arcfold.ui_link", link)
     return link
-
-
-def default_out(source: Source) -> Path:
-    if source.sweep_dir is not None:
-        return source.sweep_dir / "compare"
-    name = source.parent_id or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    return Path("outputs") / "compare" / name
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m arcfold.compare",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("target", nargs="+", help="a sweep dir, a parent run id, run ids, or an MLflow filter")
-    p.add_argument(
-        "--baseline",
-        help="the configuration to compare against, e.g. 'lora.rank=8' (default: the first), or one of its run ids",
-    )
-    p.add_argument(
-        "--out",
-        help="where report.md, compare.json and the plots go (default: <sweep dir>/compare, "
-        "else outputs/compare/<parent id or time>)",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        help="the MLflow store (default: the sweep's, else $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)",
-    )
-    p.add_argument("--experiment", default="arcfold", help="where a filter searches (default: arcfold)")
-    p.add_argument("--level", type=float, default=0.95, help="the intervals' confidence level (default 0.95)")
-    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples (default 10000)")
-    p.add_argument(
-        "--ui-url",
-        help="the MLflow UI's address for the printed link (default: the tracking URI if "
-        "it is http(s), else http://127.0.0.1:5000 as `make ui` serves it)",
-    )
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    source = resolve(args.target, args.tracking_uri, args.experiment)
-    if not source.run_ids:
-        print(f"arcfold.compare: no runs match {' '.join(args.target)!r} in {source.uri}", file=sys.stderr)
-        return 2
-    try:
-        comparison, files, link = summarise(
-            source, args.out or default_out(source), args.baseline, args.level, args.n_boot, args.ui_url
-        )
-    except ValueError as err:  # e.g. a baseline that matches no configuration
-        print(f"arcfold.compare: {err}", file=sys.stderr)
-        return 2
-    if comparison is None:
-        print("arcfold.compare: none of the runs logged params (all refused before starting)", file=sys.stderr)
-        return 2
-    print(markdown_table(table_rows(comparison)))
-    print(f"\nreport: {files['report']}")
-    if link:
-        print(f"MLflow runs table: {link}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
-"""Score a Kaggle submission.json with the leaderboard metric: `python -m arcfold.score` (or `arcfold-score`).
+"""Score a Kaggle submission.json with the leaderboard metric: `python -m arcfold.cli.score` (or `arcfold-score`).
 
-    python -m arcfold.score submission.json --data arc_agi_2_eval
-    python -m arcfold.score submission.json --challenges c.json --solutions s.json
-    python -m arcfold.score submission.json --solutions s.json          # ids and outputs: the solutions alone
-    python -m arcfold.score submission.json --data path/to/task_dir      # one JSON per task, outputs inline
+    python -m arcfold.cli.score submission.json --data arc_agi_2_eval
+    python -m arcfold.cli.score submission.json --challenges c.json --solutions s.json
+    python -m arcfold.cli.score submission.json --solutions s.json          # ids and outputs: the solutions alone
+    python -m arcfold.cli.score submission.json --data path/to/task_dir      # one JSON per task, outputs inline
     ... --json      one JSON object (score_tasks, score_pairs, n_tasks, n_pairs, solved, solved_pairs,
                     solved_task_ids, per_task, per_pair, missing_task_ids, data)
     ... --subset    score only the tasks the submission holds (e.g. a run with data.limit)
@@ -33,7 +33,7 @@ EXIT_DATA_ERROR = 2
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m arcfold.score", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m arcfold.cli.score", description=__doc__.splitlines()[0])
     parser.add_argument("submission", help="the submission.json to score")
     parser.add_argument(
         "--data",

@@ -1,5 +1,5 @@
 """A sweep's comparison from plain run records: configurations over seeds, paired intervals against a baseline,
-the per-task solved matrix, and the Markdown report with its plots. MLflow stays outside (arcfold.compare reads
+the per-task solved matrix, and the Markdown report with its plots. MLflow stays outside (arcfold.cli.compare reads
 the runs); this module sees only RunRecords.
 
 A configuration is the set of runs that agree on every swept param except the seeds (SEED_KEYS), so a sweep

@@ -208,7 +208,8 @@ def resumed_config(cfg: Any, overrides: Sequence[str]) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from arcfold.config import ConfigError, RunConfig
+    from arcfold.checks import ConfigError
+    from arcfold.config import RunConfig
 
     path = Path(cfg.resume) / ".hydra" / "config.yaml"
     if not path.is_file():

@@ -16,10 +16,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from arcfold.checkpoint import FoldOutcome, InputRecord
 from arcfold.data import Task, build_submission, write_submission
 from arcfold.data.submission import Score, grid_equal, score_submission, write_json_atomic
 from arcfold.engine.candidates import TestPrediction
+from arcfold.run.checkpoint import FoldOutcome, InputRecord
 
 # Per-fold figures summarised per run as fold_<key>_mean and fold_<key>_min.
 FOLD_SUMMARY = ("final_loss", "train_seconds", "inference_seconds", "peak_memory_mb", "score", "oracle", "answer_nll")

@@ -95,7 +95,7 @@ class Planner:
     work: list[FoldWork]  # per fold, what is left (a finished fold: zeros)
     start: float  # the run's start
     full_views: int  # generation views per test input before any cut
-    workers: int = 1  # folds running at once (arcfold.execute): the work left is shared among them
+    workers: int = 1  # folds running at once (arcfold.orchestrate): the work left is shared among them
     level: int = 0
     train_seconds: float = 0.0  # measured so far ...
     train_done: float = 0.0  # ... and the units they covered

@@ -1,5 +1,5 @@
 """Folds on Ray actors: the same FoldWorker as a local worker process, one actor per GPU, each keeping its base
-model across folds, fed by arcfold.execute's queue.
+model across folds, fed by arcfold.orchestrate.executor's queue.
 
     python -m arcfold executor=ray executor.address=auto devices=64 folds=per_task   # a running cluster
     python -m arcfold executor=ray devices=2                                         # a local Ray instance
@@ -15,10 +15,12 @@ import logging
 import os
 from typing import Any, Callable
 
-from arcfold.checkpoint import FoldOutcome
-from arcfold.config import ConfigError, refuse
-from arcfold.execute import Event, gpu_count, threads_per_worker
-from arcfold.worker import FoldJob, FoldWorker, Ledger, WorkerInfo, on_this_clock
+from arcfold.checks import ConfigError, refuse
+from arcfold.orchestrate.devices import gpu_count, threads_per_worker
+from arcfold.orchestrate.pools import Event
+from arcfold.run.checkpoint import FoldOutcome
+from arcfold.run.ledger import FoldJob, Ledger, on_this_clock
+from arcfold.run.worker import FoldWorker, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class FoldActor:
 
 
 class RayActors:
-    """The Pool of arcfold.execute on Ray: `devices` actors (auto: one per GPU of the cluster, else one)."""
+    """The Pool of arcfold.orchestrate.pools on Ray: `devices` actors (auto: one per GPU of the cluster, else one)."""
 
     def __init__(self, executor: Any, devices: Any, factory: Callable[..., FoldWorker]):
         try:

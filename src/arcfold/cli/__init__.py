@@ -1,0 +1,1 @@
+"""Command-line tools beside `python -m arcfold`: compare (runs from MLflow) and score (a submission)."""

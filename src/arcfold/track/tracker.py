@@ -1,0 +1,205 @@
+"""MLflow tracking: one MLflow run per Hydra job (RunTracker), the store it writes to, and the config as params.
+
+The store defaults to sqlite:///<outputs>/mlflow.db with artifacts under <outputs>/mlartifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping, Sequence, cast
+
+from omegaconf import DictConfig, OmegaConf
+
+from arcfold.data.submission import write_json_atomic
+from arcfold.track.links import run_link
+
+log = logging.getLogger(__name__)
+
+
+RUN_FILE = "mlflow_run.json"  # in a run dir: its MLflow run, which a resume of that dir continues
+
+
+def tracking_uri(uri: str | None, outputs: str | Path) -> str:
+    """The store to use: the config's uri, else $MLFLOW_TRACKING_URI, else a SQLite file under outputs/."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(outputs).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def ensure_experiment(uri: str, name: str, outputs: str | Path) -> str:
+    """Create the store (migrations) and the experiment if needed; return the experiment id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:"):  # keep artifacts beside the database, not in ./mlruns of whatever cwd
+        artifacts = (Path(outputs).resolve() / "mlartifacts" / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except Exception:  # another process created it between our lookup and create
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"lora": {"rank": 32}} -> {"lora.rank": 32}; lists become their JSON text."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(list(value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunTracker:
+    """The MLflow run of one Hydra job (arcfold.run.tracker.NullTracker stands in when tracking is off)."""
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        experiment: str = "arcfold",
+        outputs: str | Path = "outputs",
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        run_dir: str | Path | None = None,
+        system_metrics: bool = False,
+        system_metrics_interval: float = 10.0,
+    ):
+        """With run_dir, the run's id and store are remembered there (RUN_FILE); a tracker made for a run dir
+        that already names its MLflow run (a resume) continues that run instead of creating another. With
+        system_metrics, MLflow samples CPU, memory (and GPU) every system_metrics_interval seconds."""
+        self.resumed = False
+        self.monitor: Any = None
+        from mlflow.tracking import MlflowClient
+
+        previous = read_run_file(run_dir) if run_dir else None
+        self.uri = previous["uri"] if previous else tracking_uri(uri, outputs)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        if previous:
+            self.run_id: str = previous["run_id"]
+            self.resumed = True
+            self.client.update_run(self.run_id, status="RUNNING")
+            run = self.client.get_run(self.run_id)
+            self.experiment_id = run.info.experiment_id
+            times = int(run.data.tags.get("arcfold.resumed", "0")) + 1
+            self.client.set_tag(self.run_id, "arcfold.resumed", str(times))
+            log.info("MLflow run %s in %s, resumed", self.run_id, self.uri)
+        else:
+            self.experiment_id = ensure_experiment(self.uri, experiment, outputs)
+            all_tags = {"git_commit": git_commit(), "hostname": socket.gethostname(), **(tags or {})}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id  # how MLflow nests a run under its parent
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+            if run_dir:
+                write_json_atomic(Path(run_dir) / RUN_FILE, {"run_id": self.run_id, "uri": self.uri})
+            log.info("MLflow run %s in %s", self.run_id, self.uri)
+        if system_metrics:  # MLflow's sampler thread: system/cpu_utilization_percentage, memory, GPU, ...
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=system_metrics_interval,
+                resume_logging=self.resumed,
+                tracking_uri=self.uri,
+            )
+            self.monitor.start()
+
+    def link(self, ui_url: str | None = None) -> str | None:
+        """Where the run's page is in the MLflow UI."""
+        return run_link(self.uri, self.experiment_id, self.run_id, ui_url)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        values = {k: str(v)[:6000] for k, v in params.items()}
+        if self.resumed:  # MLflow refuses a param logged again with another value: a resume's changes become a tag
+            logged = self.client.get_run(self.run_id).data.params
+            changed = {k: v for k, v in values.items() if k in logged and logged[k] != v}
+            if changed:
+                self.client.set_tag(
+                    self.run_id,
+                    "arcfold.resume_changed",
+                    ", ".join(f"{k}: {logged[k]} -> {v}" for k, v in changed.items())[:5000],
+                )
+            values = {k: v for k, v in values.items() if k not in logged}
+        items = [Param(k, v) for k, v in values.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_series(self, key: str, values: Sequence[float], first_step: int = 0) -> None:
+        """One metric's history in batches (a per-step loss), steps first_step, first_step + 1, ..."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if Path(path).exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()  # before the status changes: the sampler stops on a terminated run
+        self.set_tags(tags or {})
+        self.client.set_terminated(self.run_id, status)
+
+
+def read_run_file(run_dir: str | Path) -> dict[str, str] | None:
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def config_params(cfg: DictConfig) -> dict[str, Any]:
+    """The flattened config as MLflow params: one param per setting (derived counts such as n_folds are metrics)."""
+    return flatten(cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True)))  # a DictConfig's is a dict
