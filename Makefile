@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Parallel sweep jobs (hydra-joblib-launcher); each job gets cores / JOBS torch threads.
 JOBS ?= 2
 
-.PHONY: install run test sweep lint lock wheelhouse ui clean gpu-check pretrain testbed real-tasks
+.PHONY: install run test test-fast sweep lint lock wheelhouse ui clean gpu-check pretrain testbed real-tasks
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The suite without the slow tests (subprocess runs, Ray, an MLflow server, the shipped model): under 2 minutes.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 sweep: install
 	$(PY) -m arcfold -m hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) folds=1,2 lora.rank=4,8 data.limit=2 \

@@ -245,6 +245,7 @@ def cli_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProc
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,names",
     [
@@ -266,6 +267,7 @@ def test_the_entry_point_refuses_in_one_line_with_exit_2_and_no_traceback(cli_ru
         assert part in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_a_real_model_under_the_cpu_demo_is_warned_about(cli_runs):
     _, proc = cli_runs["model_path"]  # model=hf with the default experiment
     assert "experiment=cpu_demo sizes the run for the shipped tiny model" in proc.stdout + proc.stderr
@@ -273,6 +275,7 @@ def test_a_real_model_under_the_cpu_demo_is_warned_about(cli_runs):
     assert "experiment=cpu_demo" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_a_refused_config_still_leaves_a_valid_submission(cli_runs):
     folder, _ = cli_runs["range"]
     (run_dir,) = (folder / "outputs" / "runs").iterdir()

@@ -10,6 +10,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # pip builds and installs the wheel, then python -m arcfold runs from it
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -89,6 +89,7 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Pretrained:
     return Pretrained(run_dir / "model", root / "outputs", proc)
 
 
+@pytest.mark.slow
 def test_pretraining_leaves_weights_card_curve_and_summary_and_the_held_out_nll_falls(pretrained):
     out = pretrained.out
     assert {"config.json", "model.safetensors", "README.md", "curve.csv", "summary.json"} <= {
@@ -115,6 +116,7 @@ def test_pretraining_leaves_weights_card_curve_and_summary_and_the_held_out_nll_
     assert f"| 40 | {last['minutes']:.1f} | {last['train_loss']:.3f} | {last['heldout_nll']:.3f} |" in card
 
 
+@pytest.mark.slow
 def test_the_pretraining_is_an_mlflow_run_with_the_learning_curve(pretrained):
     from mlflow.tracking import MlflowClient
 
@@ -132,6 +134,7 @@ def test_the_pretraining_is_an_mlflow_run_with_the_learning_curve(pretrained):
     assert {"README.md", "curve.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow
 def test_model_path_loads_the_saved_weights_in_their_own_shape(pretrained):
     # The default shape (hidden 64, ...) is ignored: a pretrained directory brings its own.
     loaded = load_model(ModelConfig(kind="tiny", path=str(pretrained.out), device="cpu"))
@@ -213,6 +216,7 @@ def test_a_model_path_that_is_not_a_pretrained_tiny_model_is_refused_naming_it(t
     assert refused.value.key == "model.path" and str(empty) in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_synthetic_run_writes_its_tasks_as_kaggle_files_that_read_back_equal(tmp_path):
     from hydra import compose, initialize_config_module
 

@@ -170,6 +170,7 @@ def test_a_budget_far_below_need_ends_in_time_with_a_valid_submission_and_says_w
 # ------------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_mlflow_run(
     tmp_path, reference, monkeypatch
 ):
@@ -373,6 +374,7 @@ def test_after_an_out_of_memory_error_memory_is_freed_and_the_next_fold_succeeds
 # ------------------------------------------------------------------------------------------------- signals
 
 
+@pytest.mark.slow
 def test_sigterm_writes_what_exists_marks_the_mlflow_run_killed_and_exits_143(tmp_path):
     proc = arcfold_process(tmp_path, *RESUMABLE)
     try:

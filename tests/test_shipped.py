@@ -22,6 +22,7 @@ from arcfold.config import register
 from arcfold.data import load_kaggle
 
 register()
+pytestmark = pytest.mark.slow  # the shipped model, TTT on 12 tasks
 
 # Held-out tasks: the testbed's families and sides from a seed neither pretraining (0) nor the testbed (2000) uses.
 HELD_OUT = ["data.seed=3000", "data.count=12"]

@@ -50,6 +50,7 @@ def test_parallel_jobs_split_the_cores(launcher, cores, threads):
     assert job_threads(launcher, cores) == threads
 
 
+@pytest.mark.slow
 def test_a_four_job_parallel_sweep_loses_no_run_param_or_metric(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(arcfold_pkg.__file__).parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)

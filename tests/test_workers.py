@@ -73,6 +73,7 @@ def one_process(tmp_path_factory) -> dict:
     return outcome_of(run_dir)
 
 
+@pytest.mark.slow
 def test_two_worker_processes_run_every_fold_once_and_give_what_one_process_gives(tmp_path, one_process):
     run_dir = run(tmp_path, "devices=2")
     folds = table(run_dir / "folds.csv")
@@ -87,6 +88,7 @@ def test_two_worker_processes_run_every_fold_once_and_give_what_one_process_give
     assert checkpointed == [f"fold_{f}.json" for f in range(4)]  # the parent persisted every outcome
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_fold_leaves_a_complete_run_with_that_fold_run_again(tmp_path, one_process):
     status = tmp_path / "run" / "workers.csv"
     killed: dict = {}
@@ -119,6 +121,7 @@ def test_a_worker_killed_mid_fold_leaves_a_complete_run_with_that_fold_run_again
     assert outcome_of(run_dir) == one_process  # nothing lost, nothing different
 
 
+@pytest.mark.slow
 def test_ray_actors_run_a_four_fold_run(tmp_path, one_process):
     pytest.importorskip("ray")
     run_dir = run(tmp_path, "executor=ray", "devices=2")
@@ -132,6 +135,7 @@ def test_ray_actors_run_a_four_fold_run(tmp_path, one_process):
     assert not ray.is_initialized()  # the run's local Ray instance is shut down
 
 
+@pytest.mark.slow
 def test_a_submitit_local_sweep_lands_under_one_mlflow_parent(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(pipeline.__file__).parents[1])}

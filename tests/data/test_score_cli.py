@@ -11,6 +11,8 @@ import pytest
 
 from arcfold.data import Task, build_submission
 
+pytestmark = pytest.mark.slow  # every test runs python -m arcfold.cli.score
+
 
 def run_score(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -117,6 +117,7 @@ def test_a_task_is_a_function_of_family_seed_and_index():
         assert len({t.train for t in alike}) == len(alike), family
 
 
+@pytest.mark.slow
 def test_kaggle_files_read_back_equal_and_the_cli_writes_the_same_in_a_fresh_process(tmp_path):
     tasks = generate(["identity", "geometry", "crop", "colour_map"], 9, seed=11, sides=[3, 5])
     challenges, solutions = write_kaggle(tasks, tmp_path / "lib")
@@ -189,6 +190,7 @@ def test_bad_specs_are_refused_naming_the_field(families, count, sides, seed, fi
     assert err.value.field == field and len(str(err.value).splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_bad_spec_in_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(arcfold_pkg.__file__).parents[1])}
     done = subprocess.run(

@@ -219,6 +219,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_mixed_precision_applies_to_every_fold_and_is_undone_after():
     # In a subprocess: accelerate's mixed-precision setting is process-wide and cannot change once set.
     result = subprocess.run([sys.executable, "-c", _BF16_FOLDS], capture_output=True, text=True, timeout=120)

@@ -159,6 +159,7 @@ def tracking_server(tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_compare_reads_a_sweep_from_a_tracking_server(tmp_path, tracking_server, capsys):
     parent_id, solved = log_sweep(tracking_server, tmp_path)
     check_compare(tracking_server, parent_id, solved, tmp_path / "report", capsys)
