@@ -260,7 +260,6 @@ class RunConfig:
     repeats: int = 1  # with -m: N runs of each configuration, seed=0..N-1 (hydra.sweeper.params in config.yaml)
     outputs: str = "outputs"  # root of runs, sweeps and the default MLflow store
     save_adapters: str = "none"  # none | last (the last fold's adapter) | all (every fold's)
-    run_dir: Optional[str] = None  # set from Hydra's output dir at run time
     stage: str = "run"  # run (TTT: train, predict, score) | pretrain (a tiny model from scratch: arcfold.pretrain)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -271,7 +270,8 @@ def session_dir(resume: Optional[str], outputs: str, stamp: str) -> str:
 
 
 def register() -> None:
-    """Register the schemas: the root as `base_config`, each group's as `base_<group>`."""
+    """Register the root schema as `base_config` (the head of conf/config.yaml's defaults list, which types every
+    key of every group below it) and the resolvers the YAML files use."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
@@ -281,17 +281,4 @@ def register() -> None:
     OmegaConf.register_new_resolver("seed_plus", lambda seed, offset: int(seed) + int(offset), replace=True)
     # ${arcfold_package:shipped}: a folder inside the installed package (the shipped model), wherever it lives.
     OmegaConf.register_new_resolver("arcfold_package", lambda name: str(Path(__file__).parent / name), replace=True)
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=RunConfig)
-    for group, node in [
-        ("data", DataConfig),
-        ("model", ModelConfig),
-        ("format", FormatConfig),
-        ("split", SplitConfig),
-        ("lora", LoraConfig),
-        ("train", TrainConfig),
-        ("inference", InferenceConfig),
-        ("tracking", TrackingConfig),
-        ("executor", ExecutorConfig),
-    ]:
-        cs.store(group=group, name=f"base_{group}", node=node)
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
