@@ -22,8 +22,9 @@ from hydra import compose, initialize_config_module
 from arcfold import pipeline
 from arcfold.checks import check
 from arcfold.config import register
-from arcfold.engine import model as model_module
+from arcfold.engine.model import load_model
 from arcfold.run.tracker import NullTracker
+from arcfold.run.worker import Engine
 from arcfold.track.tracker import RunTracker, config_params
 
 
@@ -59,16 +60,13 @@ def main(overrides: list[str]) -> None:
 
     # Time every forward of the model's backbone and of its head (engine.logits runs them apart; training,
     # generation and scoring all go through them).
-    original_load = model_module.load_model
-
     def timed_load(*args, **kwargs):
-        loaded = original_load(*args, **kwargs)
+        loaded = load_model(*args, **kwargs)
         for part in (loaded.model.get_decoder(), loaded.model.get_output_embeddings()):
             part.register_forward_pre_hook(clock.pre)
             part.register_forward_hook(clock.post)
         return loaded
 
-    model_module.load_model = timed_load
     original_backward = Accelerator.backward
 
     def timed_backward(self, loss, **kwargs):
@@ -93,7 +91,7 @@ def main(overrides: list[str]) -> None:
         )
         tracker.log_params(config_params(cfg))
         setup = time.perf_counter() - wall_start
-        result = pipeline.run(cfg, run_dir, tracker)
+        result = pipeline.run(cfg, run_dir, tracker, engine=Engine(load_model=timed_load))
         tracker.finish()
         wall = time.perf_counter() - wall_start
 

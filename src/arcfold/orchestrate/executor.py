@@ -25,10 +25,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from arcfold.orchestrate.devices import resolve_devices, threads_per_worker
 from arcfold.orchestrate.pools import InProcess, Pool, Processes
-from arcfold.run.checkpoint import FoldOutcome
 from arcfold.run.ledger import FoldJob, Ledger
+from arcfold.run.records import FoldReport
 from arcfold.run.results import write_csv
-from arcfold.run.worker import FoldWorker
+from arcfold.run.worker import Engine, FoldWorker
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,13 @@ class Ready:
 
 @dataclass
 class Done:
+    """A fold its worker finished, with the queue's view of it."""
+
     job: FoldJob
-    outcome: FoldOutcome
+    report: FoldReport
+    worker: int
+    attempt: int  # 1, or 2 when a first worker died during it
+    round_trip: float  # dispatch to report, on the run's clock
 
 
 @dataclass
@@ -83,14 +88,14 @@ class Executor:
     """A run's workers, from `executor` and `devices`; a context manager (leaving it stops the workers). What the
     folds report as they go is applied to `ledger`, the run's (see arcfold.run.ledger)."""
 
-    def __init__(self, cfg: Any, run_dir: str | Path, ledger: Ledger):
+    def __init__(self, cfg: Any, run_dir: str | Path, ledger: Ledger, engine: Engine):
         from omegaconf import OmegaConf
 
         self.ledger = ledger
         self.status = Path(run_dir) / "workers.csv"
         self.workers: dict[int, WorkerRow] = {}
         plain = OmegaConf.to_container(cfg, resolve=True)  # crosses process boundaries; no resolver needed there
-        worker = functools.partial(FoldWorker, plain, str(run_dir), progress=False)
+        worker = functools.partial(FoldWorker, plain, str(run_dir), engine, progress=False)
         if cfg.executor.name == "ray":
             from arcfold.orchestrate.ray_actors import RayActors
 
@@ -102,7 +107,7 @@ class Executor:
             device = self.devices[0]
             self.pool = InProcess(
                 functools.partial(
-                    FoldWorker, plain, str(run_dir), device=None if device == cfg.model.device else device
+                    FoldWorker, plain, str(run_dir), engine, device=None if device == cfg.model.device else device
                 ),
                 ledger,
                 cfg.executor.threads,
@@ -167,7 +172,7 @@ class Executor:
                     row.folds += 1
                     row.state = "idle"
                     dispatch()
-                    yield Done(job, account(payload, w, now - sent, tries[job.fold] + 1))
+                    yield Done(job, payload, w, tries[job.fold] + 1, now - sent)
                 elif kind == "died":
                     row.state = f"died ({payload})"
                     row.idle_seconds = idle(row, now)
@@ -200,20 +205,3 @@ class Executor:
 
 def idle(row: WorkerRow, now: float) -> float:
     return 0.0 if row.ready is None else max(0.0, now - row.ready - row.busy_seconds)
-
-
-def account(outcome: FoldOutcome, worker: int, round_trip: float, attempt: int) -> FoldOutcome:
-    """Add the queue's view to a fold's row: which worker, which try, and the per-fold overhead (adapter reset,
-    training set-up, and the messaging: the round trip less the worker's own time)."""
-    row = outcome.row
-    queue = max(0.0, round_trip - row.get("worker_seconds", round_trip))
-    overhead = row.get("reset_seconds", 0.0) + row.get("setup_seconds", 0.0) + queue
-    row.update(
-        worker=worker,
-        attempt=attempt,
-        fold_seconds=round_trip,
-        queue_seconds=queue,
-        overhead_seconds=overhead,
-        overhead_share=overhead / round_trip if round_trip else 0.0,
-    )
-    return outcome

@@ -18,8 +18,8 @@ from typing import Any, Callable
 from arcfold.checks import ConfigError, refuse
 from arcfold.orchestrate.devices import gpu_count, threads_per_worker
 from arcfold.orchestrate.pools import Event
-from arcfold.run.checkpoint import FoldOutcome
 from arcfold.run.ledger import FoldJob, Ledger, on_this_clock
+from arcfold.run.records import FoldReport
 from arcfold.run.worker import FoldWorker, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,9 @@ class FoldActor:
         self.worker = self.factory(device="cuda:0" if ray.get_gpu_ids() else "cpu")
         return self.worker.info
 
-    def run(self, job: FoldJob) -> tuple[list[tuple[str, tuple]], FoldOutcome]:
-        """The fold's outcome, and its reports (test inputs, budget measurements) for the run's ledger: an
-        actor hands them back with the outcome, so an actor killed mid-fold leaves none of them."""
+    def run(self, job: FoldJob) -> tuple[list[tuple[str, tuple]], FoldReport]:
+        """The fold's report, and its reports (test inputs, budget measurements) for the run's ledger: an
+        actor hands them back with the fold's report, so an actor killed mid-fold leaves none of them."""
         assert self.worker is not None
         reports: list[tuple[str, tuple]] = []
         outcome = self.worker(on_this_clock(job), Ledger(job.planner, send=lambda *report: reports.append(report)))

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from arcfold.data.augment import view_count
 from arcfold.data.codec import train_tokens
 from arcfold.data.tasks import Task
 
@@ -38,7 +39,7 @@ def total_seconds(budget: Any) -> float | None:
 
 def train_units(tasks: Sequence[Task], epochs: int) -> float:
     """Training tokens a fold will give: 8 D8 views per epoch of each task's demonstrations."""
-    return float(sum(train_tokens(t.train) for t in tasks) * 8 * max(1, epochs))
+    return float(sum(train_tokens(t.train) for t in tasks) * view_count(max(1, epochs)))
 
 
 def input_units(task: Task, index: int, views: int) -> float:

@@ -18,108 +18,18 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from arcfold.data.errors import ArcDataError
 from arcfold.data.submission import write_json_atomic
 from arcfold.data.tasks import Task
-from arcfold.engine.candidates import Candidate, TestPrediction
+from arcfold.run.records import FoldOutcome, InputRecord, TrainingRecord, plain
 
 log = logging.getLogger(__name__)
 
 RESUMABLE = ("resume", "budget", "on_error", "tracking", "devices", "executor")  # what a resumed session may set anew
-
-
-@dataclass
-class InputRecord:
-    """One test input's outcome."""
-
-    task: str
-    index: int
-    fold: int
-    prediction: TestPrediction | None = None  # None: placeholders
-    nll: float | None = None
-    base_nll: float | None = None
-    cut: str = ""  # budget cuts applied, e.g. "views,min_prob" or "views,min_prob,greedy,placeholders"
-    error: str = ""  # the failure that cost this input its prediction (or its fold's adapter)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "prediction": prediction_to_json(self.prediction) if self.prediction else None}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> InputRecord:
-        pred = d.get("prediction")
-        return cls(**{**d, "prediction": prediction_from_json(pred) if pred else None})
-
-
-@dataclass
-class TrainingRecord:
-    """How a fold's training ended: its stats, or why there is no trained adapter."""
-
-    stats: dict[str, Any] | None  # FoldTrainStats as a dict (None: not trained)
-    error: str = ""  # training failed (on_error=skip): the fold predicts with the base model, or not at all
-    cut: str = ""  # the budget skipped or shortened training
-
-
-@dataclass
-class FoldOutcome:
-    """A finished fold: its folds.csv row, every test input's record and the budget's cuts in it."""
-
-    fold: int
-    row: dict[str, Any]
-    inputs: list[InputRecord]
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "fold": self.fold,
-            "row": {k: plain(v) for k, v in self.row.items()},
-            "inputs": [r.to_json() for r in self.inputs],
-            "events": self.events,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> FoldOutcome:
-        return cls(d["fold"], d["row"], [InputRecord.from_json(r) for r in d["inputs"]], d.get("events", []))
-
-
-def plain(v: Any) -> Any:
-    """numpy scalars as Python numbers, for JSON."""
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def prediction_to_json(p: TestPrediction) -> dict[str, Any]:
-    return {
-        "task_id": p.task_id,
-        "test_index": p.test_index,
-        "candidates": [{"grid": c.grid.tolist(), "gen_logps": c.gen_logps, "scores": c.scores} for c in p.candidates],
-        "attempts": [np.asarray(g).tolist() for g in p.attempts],
-        "rankings": p.rankings,
-        "stats": {k: plain(v) for k, v in p.stats.items()},
-    }
-
-
-def prediction_from_json(d: dict[str, Any]) -> TestPrediction:
-    return TestPrediction(
-        d["task_id"],
-        d["test_index"],
-        [Candidate(_grid(c["grid"]), _by_view(c["gen_logps"]), _by_view(c["scores"])) for c in d["candidates"]],
-        [_grid(g) for g in d["attempts"]],
-        d["rankings"],
-        d["stats"],
-    )
-
-
-def _grid(g: list[list[int]]) -> np.ndarray:
-    return np.asarray(g, dtype=np.int8)  # the dtype candidates.merge stores
-
-
-def _by_view(m: dict[str, float]) -> dict[int, float]:
-    return {int(k): float(v) for k, v in m.items()}  # JSON object keys are strings
 
 
 def _read(path: Path) -> Any:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from arcfold.data import Task
 from arcfold.data.codec import train_tokens
 from arcfold.run.budget import FoldPlan, Planner, Step
-from arcfold.run.checkpoint import Checkpoint, InputRecord, TrainingRecord
+from arcfold.run.checkpoint import Checkpoint
+from arcfold.run.records import InputRecord, TrainingRecord
 from arcfold.run.results import RunResults
 
 
@@ -54,12 +54,13 @@ class Ledger:
         planner: Planner | None,
         store: Checkpoint | None = None,
         results: RunResults | None = None,
-        run_dir: Path | None = None,
         send: Callable[[str, tuple], None] | None = None,
         on_input: Callable[[InputRecord], None] | None = None,
+        on_span: Callable[[int, str, str, float], None] | None = None,
     ):
-        self.planner, self.store, self.results, self.run_dir, self.send = planner, store, results, run_dir, send
+        self.planner, self.store, self.results, self.send = planner, store, results, send
         self.on_input = on_input  # the run's progress: called for each test input that lands
+        self.on_span = on_span  # the run's timeline: (fold, phase, device, seconds) as each phase of a fold ends
 
     def report(self, name: str, *args: Any) -> None:
         self.apply(name, args)
@@ -67,7 +68,7 @@ class Ledger:
             self.send(name, args)
 
     def apply(self, name: str, args: tuple) -> None:
-        """One report: planner measurements and cuts, a training record, a test input's record."""
+        """One report: planner measurements and cuts, a training record, a test input's record, a phase's span."""
         if name == "input" and self.results is not None and self.store is not None:
             (rec,) = args
             self.results.add_input(rec)
@@ -84,6 +85,8 @@ class Ledger:
             events, level = args
             self.planner.events += [e for e in events if e not in self.planner.events]
             self.planner.level = max(self.planner.level, level)
+        elif name == "span" and self.on_span is not None:
+            self.on_span(*args)
         elif name in ("observe_train", "skip_train", "observe_input", "record") and self.planner is not None:
             getattr(self.planner, name)(*args)
 

@@ -19,28 +19,10 @@ import numpy as np
 from arcfold.data import Task, build_submission, write_submission
 from arcfold.data.submission import Score, grid_equal, score_submission, write_json_atomic
 from arcfold.engine.candidates import TestPrediction
-from arcfold.run.checkpoint import FoldOutcome, InputRecord
+from arcfold.run.records import FoldOutcome, FoldRow, InputRecord
 
 # Per-fold figures summarised per run as fold_<key>_mean and fold_<key>_min.
 FOLD_SUMMARY = ("final_loss", "train_seconds", "inference_seconds", "peak_memory_mb", "score", "oracle", "answer_nll")
-
-
-@dataclass
-class FoldRow:
-    fold: int
-    tasks: int
-    train_tokens: int
-    steps: int
-    train_seconds: float
-    inference_seconds: float
-    peak_memory_mb: float
-    final_loss: float
-    tokens_per_second: float
-    planned_steps: int = 0  # above steps when the budget stopped training early
-    train_cut: str = ""  # the budget skipped or shortened training
-    error: str = ""  # training failed (on_error=skip): the fold's tasks got the base model's answers or placeholders
-    projected_seconds: float = math.nan  # the run's projected total at the fold's start (nan: not measured yet)
-    budget_cuts: str = ""  # what the budget cut in this fold, where and why
 
 
 @dataclass
@@ -55,7 +37,7 @@ class RunResults:
     cuts: dict[tuple[str, int], str] = field(default_factory=dict)  # test input -> the budget's cuts for it
     events: list[dict[str, Any]] = field(default_factory=list)  # the budget's cuts: where, what, why
     recorded: set[tuple[str, int]] = field(default_factory=set)  # test inputs done (predicted, failed or cut)
-    folds: list[dict[str, Any]] = field(default_factory=list)  # FoldRow + metrics(fold tasks), one per fold
+    folds: list[FoldRow] = field(default_factory=list)  # one per finished fold
     losses: dict[int, list[float]] = field(default_factory=dict)  # fold -> training loss per optimiser step
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, set at the end
     timeline: list[dict[str, Any]] = field(default_factory=list)  # phase spans (pipeline.Timings), set at the end
@@ -96,7 +78,7 @@ class RunResults:
         for rec in outcome.inputs:
             self.add_input(rec)
         self.folds.append(outcome.row)
-        self.events += outcome.events
+        self.events += [e for e in outcome.events if e not in self.events]
 
     def write_submission(self, path: Path) -> Path:
         return write_submission(path, self.submission_tasks, self.attempts())
@@ -164,7 +146,8 @@ class RunResults:
         show only the last fold's value in tables)."""
         out: dict[str, float] = {}
         for key in FOLD_SUMMARY:
-            values = [float(r[key]) for r in self.folds if key in r and math.isfinite(float(r[key]))]
+            lines = [r.values() for r in self.folds]
+            values = [float(v[key]) for v in lines if key in v and math.isfinite(float(v[key]))]
             if values:
                 out[f"fold_{key}_mean"], out[f"fold_{key}_min"] = float(np.mean(values)), min(values)
         return out
@@ -204,7 +187,7 @@ class RunResults:
     def write_tables(self, run_dir: Path) -> dict[str, Path]:
         paths = {
             "tasks": write_csv(run_dir / "tasks.csv", self.task_rows()),
-            "folds": write_csv(run_dir / "folds.csv", sorted(self.folds, key=lambda r: r["fold"])),
+            "folds": write_csv(run_dir / "folds.csv", [r.values() for r in sorted(self.folds, key=lambda r: r.fold)]),
         }
         return paths
 

@@ -15,22 +15,43 @@ import copy
 import functools
 import gc
 import logging
-import math
 import os
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
+from omegaconf import OmegaConf
 
 from arcfold.data import ArcDataError, Task, make_views
+from arcfold.data.augment import view_count
+from arcfold.engine.lora import AdapterReset, attach_lora, load_adapter_weights, save_adapter, trainable_parameters
+from arcfold.engine.model import load_model
+from arcfold.engine.predict import predict_task
+from arcfold.engine.scoring import answer_nll
+from arcfold.engine.train import make_accelerator, train_fold
 from arcfold.run.budget import FoldPlan, Step, degraded, input_units
-from arcfold.run.checkpoint import FoldOutcome, InputRecord, TrainingRecord
 from arcfold.run.failures import describe, free_memory, skips
 from arcfold.run.ledger import FoldJob, Ledger
-from arcfold.run.results import FoldRow
+from arcfold.run.records import FoldReport, InputRecord, TrainingRecord
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The engine's functions a fold worker calls (arcfold.engine's, unless others are handed in): a benchmark that
+    times them or a test that injects a fault passes its own instead of patching modules."""
+
+    load_model: Callable[..., Any] = load_model
+    train_fold: Callable[..., Any] = train_fold
+    predict_task: Callable[..., Any] = predict_task
+    answer_nll: Callable[..., float] = answer_nll
+
+
+ENGINE = Engine()  # arcfold.engine's own functions: what every run uses
 
 
 @dataclass
@@ -47,22 +68,13 @@ class FoldWorker:
     """The base model, loaded once on `device` (None: model.device), with a LoRA whose initial weights every
     fold starts from. `cfg` is the run's config as a plain mapping (it crosses process boundaries)."""
 
-    def __init__(self, cfg: Any, run_dir: str | Path, device: str | None = None, progress: bool = True):
-        import torch
-        from omegaconf import OmegaConf
-
-        # Looked up at call time, not import time: benchmarks and tests wrap these functions.
-        from arcfold.engine import model as model_module
-        from arcfold.engine.lora import AdapterReset, attach_lora, trainable_parameters
-        from arcfold.engine.train import make_accelerator
-
+    def __init__(self, cfg: Any, run_dir: str | Path, engine: Engine, device: str | None = None, progress: bool = True):
         start = time.perf_counter()
         self.cfg = OmegaConf.create(cfg)
         if device is not None:
             self.cfg.model.device = device
-        self.run_dir = Path(run_dir)
-        self.progress = progress
-        loaded = model_module.load_model(
+        self.run_dir, self.engine, self.progress = Path(run_dir), engine, progress
+        loaded = engine.load_model(
             self.cfg.model,
             self.cfg.format.name,
             max_len={"train.max_len": self.cfg.train.max_len, "inference.max_len": self.cfg.inference.max_len},
@@ -88,16 +100,15 @@ class FoldWorker:
         """Hand what the worker held back to the collector (a process that goes on after this worker)."""
         gc.unfreeze()
 
-    def __call__(self, job: FoldJob, ledger: Ledger) -> FoldOutcome:
-        """Train (or restore) the fold's adapter, predict its unfinished test inputs; the fold's outcome. A failure
+    def __call__(self, job: FoldJob, ledger: Ledger) -> FoldReport:
+        """Train (or restore) the fold's adapter, predict its unfinished test inputs; the fold's report. A failure
         stops the run, or under on_error=skip costs only its task or its fold's adapter (recorded)."""
-        from arcfold.engine.lora import save_adapter
-
         start = time.perf_counter()
         f, fold, plan = job.fold, job.tasks, job.plan or FoldPlan(None, None, None)
         self.fresh_adapter.reset(self.model)
         reset = time.perf_counter() - start
         training, setup = self.train(job, ledger, plan)
+        ledger.report("span", f, "train", self.info.device, time.perf_counter() - start - reset)
         # A failed training (skipped) leaves the base model, or placeholders without train_fallback.
         inherited = (
             f"{training.error} ({'base model answers' if self.cfg.train_fallback else 'placeholders'})"
@@ -109,54 +120,35 @@ class FoldWorker:
         for task in fold:
             self.predict_one(f, task, ledger, plan, inherited, records)
         inference = time.perf_counter() - predicted
+        ledger.report("span", f, "inference", self.info.device, inference)
         if job.save_adapter and training.stats is not None:
             try:  # after the predictions: a full disk costs the adapter, not the fold's answers
                 save_adapter(self.model, self.run_dir / "adapters" / f"fold_{f}", self.dtype)
             except OSError as err:
                 log.error("fold %d: adapter not saved: %s", f, err)
-        stats = training.stats or {}
-        events = [e for e in ledger.planner.events if e["fold"] == f] if ledger.planner else []
-        row = {
-            **vars(
-                FoldRow(
-                    f,
-                    len(fold),
-                    stats.get("tokens", 0),
-                    stats.get("steps", 0),
-                    stats.get("seconds", 0.0),
-                    inference,
-                    stats.get("peak_memory_bytes", 0) / 2**20,
-                    stats.get("final_loss", math.nan),
-                    stats.get("tokens_per_second", 0.0),
-                    stats.get("planned_steps", 0),
-                    training.cut,
-                    training.error,
-                    math.nan if plan.projected_total is None else plan.projected_total,
-                    "; ".join(f"{e['at']}: {e['cut']} ({e['why']})" for e in events),
-                )
-            ),
-            # Per-fold overhead: the adapter reset, and training's time outside its optimiser loop (samples,
-            # optimiser, schedule, accelerate's prepare and release); the queue adds its messaging.
-            "reset_seconds": reset,
-            "setup_seconds": setup,
-            "worker_seconds": time.perf_counter() - start,
-        }
-        return FoldOutcome(f, row, records, events)
+        return FoldReport(
+            fold=f,
+            tasks=len(fold),
+            training=training,
+            inference_seconds=inference,
+            projected_seconds=plan.projected_total,
+            reset_seconds=reset,
+            setup_seconds=setup,
+            worker_seconds=time.perf_counter() - start,
+            inputs=records,
+            events=[e for e in ledger.planner.events if e["fold"] == f] if ledger.planner else [],
+        )
 
     def train(self, job: FoldJob, ledger: Ledger, plan: FoldPlan) -> tuple[TrainingRecord, float]:
         """The fold's adapter: restored from the checkpoint, trained (within the budget's cap), or, when training
         fails under on_error=skip or the budget leaves it no time, the base model (the reset adapter); and the
         seconds training spent outside its optimiser loop."""
-        import torch
-
-        from arcfold.engine.lora import load_adapter_weights, save_adapter
-        from arcfold.engine.train import train_fold
-
         f, fold, setup = job.fold, job.tasks, 0.0
         if job.training is not None:  # trained by an earlier session
             if job.training.stats is not None:
                 load_adapter_weights(self.model, job.adapter_dir)
             log.info("fold %d: adapter from an earlier session", f)
+            ledger.report("training", f, job.training)
             return job.training, setup
         if plan.train_seconds is not None and plan.train_seconds <= 0:
             ledger.report("skip_train", f)
@@ -166,7 +158,7 @@ class FoldWorker:
             log.info("fold %d: training on %d tasks", f, len(fold))
             start = time.perf_counter()
             try:
-                stats = train_fold(
+                stats = self.engine.train_fold(
                     self.model,
                     self.codec,
                     fold,
@@ -224,7 +216,7 @@ class FoldWorker:
         for i in range(len(task.test)):
             if i in finished:
                 continue
-            full_views = 8 * self.cfg.inference.n
+            full_views = view_count(self.cfg.inference.n)
             units = input_units(task, i, full_views)
             step = (
                 ledger.next_input(f, plan, units, f"task {task.id} test {i}")
@@ -256,9 +248,6 @@ class FoldWorker:
 
     def predict_input(self, task: Task, i: int, step: Step, full_views: int) -> tuple[Any, float | None, float | None]:
         """Test input i's prediction under the budget's step, and the true output's NLL (with and without TTT)."""
-        from arcfold.engine.predict import predict_task
-        from arcfold.engine.scoring import answer_nll
-
         inference = self.cfg.inference
         settings, n_views = degraded(step, self.cfg.budget, inference, full_views)
         if settings:
@@ -267,12 +256,12 @@ class FoldWorker:
                 *parents, name = key.split(".")
                 setattr(functools.reduce(getattr, parents, inference), name, value)
         views = make_views(task, inference.n, inference.seed, inference.colours, inference.shuffle_demos)[:n_views]
-        pred = predict_task(self.model, self.codec, task, inference, views=views, indices=[i])[0]
+        pred = self.engine.predict_task(self.model, self.codec, task, inference, views=views, indices=[i])[0]
         nll = base_nll = None
         if task.has_solutions:
             nll_views = make_views(task, 1, inference.scoring.seed, inference.scoring.colours)
-            nll = answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
+            nll = self.engine.answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
             if inference.base_nll:
                 with self.model.disable_adapter():
-                    base_nll = answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
+                    base_nll = self.engine.answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
         return pred, nll, base_nll
