@@ -79,7 +79,6 @@ def test_balanced_never_leaves_a_fold_empty_even_with_zero_costs(eval_tasks: lis
         (0, "random", "folds: got 0"),
         (121, "random", "folds: got 121; allowed: an integer from 1 to the 120 tasks"),
         (None, "balanced", "folds: got None"),
-        (2, "stratified", "split.strategy"),
     ],
 )
 def test_bad_fold_settings_name_the_field(eval_tasks: list[Task], k: int | None, strategy: str, field: str) -> None:
