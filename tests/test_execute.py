@@ -77,6 +77,7 @@ def started(tmp_path: Path) -> list[tuple[int, int]]:
     return [(int(fold), int(pid)) for fold, pid, _ in sorted(lines, key=lambda x: float(x[2]))]
 
 
+@pytest.mark.slow
 def test_every_fold_runs_once_the_costliest_first_on_whichever_worker_is_free(tmp_path, jobs):
     handed_out: list[int] = []
     with executor(tmp_path, 2) as ex:
@@ -96,6 +97,7 @@ def test_every_fold_runs_once_the_costliest_first_on_whichever_worker_is_free(tm
     assert sorted(ex.ledger.planner.trained) == list(range(len(jobs)))  # reports reached the run's ledger
 
 
+@pytest.mark.slow
 def test_a_dead_workers_fold_runs_again_on_another_worker_and_a_fresh_worker_takes_its_place(tmp_path, jobs):
     costliest = max(jobs, key=lambda j: j.cost).fold
     with executor(tmp_path, 2, kill=(costliest,)) as ex:
@@ -112,6 +114,7 @@ def test_a_dead_workers_fold_runs_again_on_another_worker_and_a_fresh_worker_tak
     assert len(rows) == 3  # a fresh worker was started on the dead one's device
 
 
+@pytest.mark.slow
 def test_a_fold_that_kills_every_worker_is_lost_after_two_tries_and_the_rest_finish(tmp_path, jobs):
     with executor(tmp_path, 2, kill=(1,), always=True) as ex:
         events = list(ex.run(jobs))

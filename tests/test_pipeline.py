@@ -86,6 +86,7 @@ class RecordingTracker(NullTracker):
         self.metrics.update(metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,expected", [("none", []), ("last", ["fold_1"]), ("all", ["fold_0", "fold_1"])])
 def test_save_adapters_writes_no_the_last_or_every_adapter_after_the_folds_predictions_in_the_model_dtype(
     tmp_path, mode, expected

