@@ -47,7 +47,8 @@ def run_app(cfg: DictConfig) -> float | None:
     from arcfold.run.failures import Interrupted, free_memory, interrupts, outcome
     from arcfold.run.progress import summary_table
     from arcfold.run.tracker import NullTracker, Tracker
-    from arcfold.track.sweep import end_parent, job_name, read_parent
+    from arcfold.track.runs import read_parent
+    from arcfold.track.sweep import end_parent, job_name
     from arcfold.track.tracker import RunTracker, config_params
 
     hc = HydraConfig.get()
@@ -68,12 +69,6 @@ def run_app(cfg: DictConfig) -> float | None:
         import torch
 
         torch.set_num_threads(threads)
-    if hc.runtime.choices.get("experiment") == "cpu_demo" and cfg.model.kind != "tiny":
-        log.warning(
-            "experiment=cpu_demo sizes the run for the shipped tiny model (data.limit, train=shipped's lr); "
-            "for %s pick experiment=none or another experiment",
-            cfg.model.kind,
-        )
     parent = read_parent(hc.sweep.dir) if sweeping else None
     tracker: Tracker = NullTracker()
     if cfg.tracking.enabled:

@@ -19,10 +19,11 @@ from typing import Any, Sequence
 from arcfold.report.comparison import Comparison, RunRecord, compare, write_report
 from arcfold.report.stats import mean_sd
 from arcfold.track.links import sweep_view_link
-from arcfold.track.sweep import PARENT_FILE
 from arcfold.track.tracker import tracking_uri
 
 log = logging.getLogger(__name__)
+
+PARENT_FILE = "mlflow_parent.json"  # in a sweep dir: the sweep's parent run, written before its jobs start
 
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -44,6 +45,13 @@ def _all_runs(client: Any, experiment_ids: list[str], filter_string: str) -> lis
         token = page.token
         if not token:
             return runs
+
+
+def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
+    """The sweep's parent run (run_id, uri, swept keys), written by SweepCallback before the jobs started (None
+    outside a sweep)."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def children(client: Any, parent_id: str) -> list[str]:

@@ -14,19 +14,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from arcfold.report.comparison import markdown_table, table_rows
+from arcfold.track.runs import PARENT_FILE, Source, children, read_parent, summarise
 from arcfold.track.tracker import RunTracker
 
 log = logging.getLogger(__name__)
-
-
-PARENT_FILE = "mlflow_parent.json"
-
-
-def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
-    """The sweep's parent run (run_id, uri, swept keys), written by SweepCallback before the jobs started (None
-    outside a sweep)."""
-    path = Path(sweep_dir) / PARENT_FILE
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _key(override: str) -> str:
@@ -83,9 +75,6 @@ class SweepCallback(Callback):
         if parent is None:
             return
         from mlflow.tracking import MlflowClient
-
-        from arcfold.report.comparison import markdown_table, table_rows
-        from arcfold.track.runs import Source, children, summarise
 
         client = MlflowClient(tracking_uri=parent["uri"])
         try:  # the jobs' results are safe in MLflow whatever happens here: a failed summary must not hide them
