@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from arcfold.data.codec import GridCodec
-from arcfold.engine.generate import Completion, GenStats, model_device
+from arcfold.engine.generate import Completion, GenStats, eval_mode, model_device
 from arcfold.engine.logits import column_logps, hidden_states
 
 NLL_TOLERANCE = 1e-6  # nats; far above float64 accumulation error, far below any meaningful gap
@@ -120,44 +120,39 @@ def dfs(
         kept.sort(reverse=explore == "unlikely")  # (nll, token): ties broken by token id, deterministically
         return kept
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            path_cache = _PathCache(model, codec, stats, DynamicCache() if cache is None else cache)
-            guess_dists = path_cache.prefill(prompt, guess)
-            # Frames: [depth, children (nll, token), next child, on the guess path]; `path` is the top frame's node.
-            stack: list[list] = [[0, children(guess_dists[0], 0.0), 0, bool(guess)]]
-            path: list[int] = []
-            while stack:
-                if deadline is not None and time.perf_counter() > deadline:
-                    stats.timed_out = True
-                    break
-                if max_candidates is not None and len(found) >= max_candidates:
-                    stats.capped = True
-                    break
-                frame = stack[-1]
-                depth, kids, i, on_guess = frame
-                if i == len(kids):
-                    stack.pop()
-                    if depth:
-                        path.pop()
-                    continue
-                frame[2] = i + 1
-                nll, tok = kids[i]
-                if tok == eos:
-                    found.append(Completion(path + [eos], -nll))
-                    continue
-                if depth + 2 > max_new_tokens:  # no room left for the eos after this token
-                    continue
-                path.append(tok)
-                child_on_guess = on_guess and depth < len(guess) and guess[depth] == tok
-                # Along the guess the distribution is already known from the prefill: no forward at all.
-                dist = guess_dists[depth + 1] if child_on_guess else path_cache.extend(path)
-                stack.append([depth + 1, children(dist, nll), 0, child_on_guess])
-            path_cache.back_to_prompt()
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        path_cache = _PathCache(model, codec, stats, DynamicCache() if cache is None else cache)
+        guess_dists = path_cache.prefill(prompt, guess)
+        # Frames: [depth, children (nll, token), next child, on the guess path]; `path` is the top frame's node.
+        stack: list[list] = [[0, children(guess_dists[0], 0.0), 0, bool(guess)]]
+        path: list[int] = []
+        while stack:
+            if deadline is not None and time.perf_counter() > deadline:
+                stats.timed_out = True
+                break
+            if max_candidates is not None and len(found) >= max_candidates:
+                stats.capped = True
+                break
+            frame = stack[-1]
+            depth, kids, i, on_guess = frame
+            if i == len(kids):
+                stack.pop()
+                if depth:
+                    path.pop()
+                continue
+            frame[2] = i + 1
+            nll, tok = kids[i]
+            if tok == eos:
+                found.append(Completion(path + [eos], -nll))
+                continue
+            if depth + 2 > max_new_tokens:  # no room left for the eos after this token
+                continue
+            path.append(tok)
+            child_on_guess = on_guess and depth < len(guess) and guess[depth] == tok
+            # Along the guess the distribution is already known from the prefill: no forward at all.
+            dist = guess_dists[depth + 1] if child_on_guess else path_cache.extend(path)
+            stack.append([depth + 1, children(dist, nll), 0, child_on_guess])
+        path_cache.back_to_prompt()
     found.sort(key=lambda c: (-c.logp, c.ids))
     stats.seconds = time.perf_counter() - start
     return found, stats

@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from arcfold.data.codec import GridCodec
-from arcfold.engine.logits import head_logits, hidden_states
+from arcfold.engine.logits import head_logits, hidden_states, picked_logps
 
 Pick = Callable[[torch.Tensor], torch.Tensor]  # (rows, output-token logits) -> chosen column per row
 
@@ -110,8 +110,7 @@ def _decode_batch(
     next_pos = positions[:, -1:] + 1
     for step in range(max_new_tokens):
         choice = allowed[pick(logits.index_select(-1, allowed))]  # head_logits are fp32 whatever the model's dtype
-        # log p of the chosen token under the full softmax: a gather and a logsumexp, not a whole log-softmax.
-        chosen_logp = (logits.gather(-1, choice[:, None])[:, 0] - torch.logsumexp(logits, -1)).double().tolist()
+        chosen_logp = picked_logps(logits, choice).tolist()  # under the full softmax (module docstring)
         tokens = choice.tolist()
         keep = []
         for row, (tok, lp) in enumerate(zip(tokens, chosen_logp)):
@@ -151,20 +150,15 @@ def _run(
     stats = GenStats()
     out: list[Completion] = [Completion([], 0.0) for _ in rows]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for first in range(0, len(order), max(1, batch_size)):
-                if deadline is not None and time.perf_counter() > deadline:
-                    stats.timed_out = True  # the rest stay empty (invalid) completions
-                    break
-                batch = order[first : first + batch_size]
-                done = _decode_batch(model, [rows[i] for i in batch], codec, max_new_tokens, pick, deadline, stats)
-                for i, completion in zip(batch, done):
-                    out[i] = completion
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        for first in range(0, len(order), max(1, batch_size)):
+            if deadline is not None and time.perf_counter() > deadline:
+                stats.timed_out = True  # the rest stay empty (invalid) completions
+                break
+            batch = order[first : first + batch_size]
+            done = _decode_batch(model, [rows[i] for i in batch], codec, max_new_tokens, pick, deadline, stats)
+            for i, completion in zip(batch, done):
+                out[i] = completion
     stats.seconds = time.perf_counter() - start
     return out, stats
 

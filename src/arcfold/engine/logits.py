@@ -6,7 +6,8 @@ scoring, the true-output NLL, the DFS and greedy/sampling steps) needs a handful
 engine runs the model's backbone (`hidden_states`), picks the positions it reads, and applies the head to those
 alone, in chunks of at most CHUNK_BYTES of fp32 logits, log-softmax in fp32 per chunk.
 
-`hidden_states` is the only place the engine runs a model; everything downstream of the backbone is here.
+`hidden_states` is the only place the engine runs a model; everything downstream of the backbone is here, and so is
+every log-probability the engine reads (`picked_logps`, `token_logps`, `column_logps`, `causal_lm_loss`).
 """
 
 from __future__ import annotations
@@ -85,14 +86,19 @@ def _chunk_rows(model: torch.nn.Module) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
+def picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i]) under the full softmax of logits[i], for fp32 logits (N, V) and targets (N,): a gather and
+    a logsumexp, never a whole log-softmax; float64 (N,)."""
+    return (logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).double()
+
+
 def token_logps(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets[i]) under the full softmax at hidden[i], for hidden (N, H) and targets (N,); float64 (N,)."""
     out = torch.empty(len(targets), dtype=torch.float64, device=hidden.device)
     step = _chunk_rows(model)
     for start in range(0, len(targets), step):
         logits = head_logits(model, hidden[start : start + step])
-        picked = logits.gather(-1, targets[start : start + step, None])[:, 0]
-        out[start : start + step] = picked - torch.logsumexp(logits, dim=-1)
+        out[start : start + step] = picked_logps(logits, targets[start : start + step])
     return out
 
 
@@ -166,5 +172,6 @@ __all__ = [
     "column_logps",
     "head_logits",
     "hidden_states",
+    "picked_logps",
     "token_logps",
 ]
