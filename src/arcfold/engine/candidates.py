@@ -1,16 +1,25 @@
-"""What prediction produces: candidate grids for one test input, and how they are ranked into two attempts.
+"""What prediction produces and how it is ranked: candidate grids for one test input, and their ranking into two
+attempts.
 
-Generation (greedy, sampling, DFS) fills `gen_logps`; augmentation scoring fills `scores`; a ranking picks
-the attempts. Every ranking works on the same candidates, so one run can compare them all.
+Generation (greedy, sampling, DFS) fills `gen_logps` (`merge` adds a grid found in a view, or the view's vote to a
+grid found before); augmentation scoring (engine.scoring) fills `scores`; an aggregate turns them into one number
+per candidate and `rank` orders the candidates by it. Every ranking works on the same candidates, so one run can
+compare them all.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
+from arcfold.config import CHOICES
 from arcfold.data.tasks import same_grid
+
+AGGREGATES = CHOICES["inference.scoring.aggregate"]
+GEN_BONUS = 3.0  # the 2024 submission's bonus: each generating view adds (gen log p + 3)
 
 
 @dataclass
@@ -49,6 +58,52 @@ def merge(candidates: list[Candidate], grid: np.ndarray, view: int, logp: float,
         candidates.append(Candidate(np.asarray(grid, dtype=np.int8), {view: logp}))
 
 
-def rank_by_votes(candidates: list[Candidate]) -> list[int]:
-    """The default without augmentation scoring: most votes first, then the higher mean log p."""
-    return sorted(range(len(candidates)), key=lambda i: (-candidates[i].votes, -candidates[i].mean_gen_logp, i))
+def _mean_prob(values: np.ndarray, _: Candidate) -> float:
+    top = values.max()
+    return float(top + math.log(np.exp(values - top).mean())) if np.isfinite(top) else float(top)
+
+
+# The score-based aggregates: (the candidate's per-view scores, the candidate) -> one number, higher is better.
+_BY_SCORES: dict[str, Callable[[np.ndarray, Candidate], float]] = {
+    "sum_logp": lambda values, _: float(values.sum()),
+    "sum_logp_bonus": lambda values, c: float(values.sum() + sum(lp + GEN_BONUS for lp in c.gen_logps.values())),
+    "mean_prob": _mean_prob,
+    "max": lambda values, _: float(values.max()),
+    "min": lambda values, _: float(values.min()),
+}
+
+
+def aggregate(candidate: Candidate, name: str) -> float:
+    """One number per candidate, higher is better; `name` is one of AGGREGATES (checked with the config).
+
+    sum_logp: sum of the per-view scores (product of the views' probabilities). sum_logp_bonus: sum_logp plus
+    (gen log p + 3) per generating view. mean_prob: the mean probability over views, returned as its LOG
+    (log-mean-exp: same order, but no underflow to 0 for long answers). max / min: best / worst view. votes: the
+    number of generating views. A score-based aggregate of a candidate without scores raises ValueError: it
+    would compare an empty sum with real ones; rank by "votes" when nothing was scored."""
+    if name == "votes":
+        return float(candidate.votes)
+    if not candidate.scores:
+        raise ValueError(f"aggregate {name!r} needs scores: run score_candidates first (or rank by 'votes')")
+    return _BY_SCORES[name](np.fromiter(candidate.scores.values(), dtype=np.float64), candidate)
+
+
+def rank(candidates: list[Candidate], name: str) -> list[int]:
+    """Candidate indices, best first by aggregate `name`; ties go to more votes, then the higher mean gen log p,
+    then the index. rank(candidates, "votes") is the ranking without augmentation scoring.
+
+    Score-based aggregates need every candidate scored under the same views (else ValueError): sums over
+    different view sets are not comparable."""
+    if name != "votes" and candidates:
+        view_sets = {frozenset(c.scores) for c in candidates}
+        if len(view_sets) > 1:
+            raise ValueError(
+                f"aggregate {name!r}: candidates were scored under different views; score them all with the same views"
+            )
+    values = [aggregate(c, name) for c in candidates]
+    return sorted(
+        range(len(candidates)), key=lambda i: (-values[i], -candidates[i].votes, -candidates[i].mean_gen_logp, i)
+    )
+
+
+__all__ = ["AGGREGATES", "GEN_BONUS", "Candidate", "TestPrediction", "aggregate", "merge", "rank"]

@@ -28,16 +28,17 @@ from arcfold.data.augment import ColourMode, Transform, make_views, task_rng
 from arcfold.data.codec import MAX_OUTPUT_TOKENS, Encoded, GridCodec
 from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
-from arcfold.engine.candidates import Candidate, TestPrediction, merge, rank_by_votes
+from arcfold.engine.candidates import AGGREGATES, Candidate, TestPrediction, merge, rank
 from arcfold.engine.dfs import dfs
 from arcfold.engine.generate import Completion, GenStats, eval_mode, greedy, sample
+from arcfold.engine.scoring import score_candidates
 
 if TYPE_CHECKING:
     from transformers.cache_utils import CacheLayerMixin
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = CHOICES["inference.strategy"]
+STRATEGIES = CHOICES["inference.strategy"]  # what predict_test runs; arcfold.checks refuses any other
 
 
 def answer_budget(max_len: int) -> int:
@@ -164,7 +165,7 @@ class _TestRun:
                 break
             guess = None
             if self.candidates:
-                best = self.candidates[rank_by_votes(self.candidates)[0]]
+                best = self.candidates[rank(self.candidates, "votes")[0]]
                 guess = self.codec.encode_answer(view.grid(best.grid))
             cache = DynamicCache() if v in to_keep else None
             found, stats = dfs(
@@ -188,12 +189,10 @@ class _TestRun:
 def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, float]]:
     """Every ranking we can compute, the one that picks the attempts, and scoring stats."""
     cfg, candidates = run.cfg, run.candidates
-    rankings = {"votes": rank_by_votes(candidates)}
+    rankings = {"votes": rank(candidates, "votes")}
     stats = {"scoring_seconds": 0.0, "scoring_tokens": 0.0}
     if cfg.scoring.views <= 0 or not candidates:
         return rankings, rankings["votes"], stats
-    from arcfold.engine import scoring  # imported here: generation alone must not depend on it
-
     if cfg.scoring.views_from == "generation":
         chosen = run.prompts[: cfg.scoring.views]
         views: list[Transform] = [view for _, view, _ in chosen]
@@ -209,7 +208,7 @@ def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, flo
         )[: cfg.scoring.views]
         prompts, kept = None, {}
     stats.update(
-        scoring.score_candidates(
+        score_candidates(
             run.model,
             run.codec,
             run.task,
@@ -222,11 +221,8 @@ def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, flo
             kept=kept,
         )
     )
-    for name in scoring.AGGREGATES:
-        rankings[name] = scoring.rank(candidates, name)
-    rankings["votes"] = rank_by_votes(candidates)  # the shared definition, whatever scoring calls votes
-    if cfg.scoring.aggregate not in rankings:
-        raise ValueError(f"unknown scoring.aggregate {cfg.scoring.aggregate!r}; choose one of {sorted(rankings)}")
+    for name in AGGREGATES:
+        rankings[name] = rank(candidates, name)
     return rankings, rankings[cfg.scoring.aggregate], stats
 
 
@@ -272,9 +268,8 @@ def predict_task(
     """One TestPrediction per test input (or per one of `indices`), attempts (at most two) in the task's frame.
 
     views defaults to make_views(task, cfg.n, cfg.seed, ...) = 8 * n views, the identity first. The model runs
-    in eval mode under torch.inference_mode (its train/eval mode is restored afterwards); a PeftModel works."""
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"unknown inference strategy {cfg.strategy!r}; choose one of {STRATEGIES}")
+    in eval mode under torch.inference_mode (its train/eval mode is restored afterwards); a PeftModel works.
+    cfg's choices (strategy, scoring.aggregate) are the checked config's (arcfold.checks)."""
     if views is None:
         views = make_views(task, cfg.n, cfg.seed, cast(ColourMode, cfg.colours), cfg.shuffle_demos)
     with eval_mode(model):

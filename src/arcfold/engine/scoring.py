@@ -2,7 +2,8 @@
 
 Every unique candidate is re-scored under m augmented views of its task: the view's prompt followed by the
 view's image of the candidate, one forward pass, summing the log-probabilities of the candidate's tokens. The
-aggregates then turn the per-view scores (and the generation log-probs) into one number to rank by.
+aggregates of engine.candidates then turn the per-view scores (and the generation log-probs) into one number to
+rank by.
 
 Two scoring paths give the same numbers: `reuse_prefix=True` runs each view's prompt once and scores every
 candidate from its KV cache; `reuse_prefix=False` runs each prompt + candidate from scratch (the baseline).
@@ -15,7 +16,6 @@ does not run its prompt at all.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from arcfold.config import CHOICES
 from arcfold.data.augment import Transform
 from arcfold.data.codec import GridCodec
 from arcfold.data.tasks import Task
-from arcfold.engine.candidates import Candidate
+from arcfold.engine.candidates import AGGREGATES, Candidate  # AGGREGATES: read here by tests/test_checks.py
 from arcfold.engine.generate import eval_mode, model_device
 from arcfold.engine.logits import base_model, hidden_states, token_logps
 
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.cache_utils import CacheLayerMixin
 
-AGGREGATES = CHOICES["inference.scoring.aggregate"]
-GEN_BONUS = 3.0  # the 2024 submission's bonus: each generating view adds (gen log p + 3)
 _PAD = 0  # filler id after a short answer: causal attention keeps it from touching the real tokens
 _PACKABLE_ATTENTION = ("sdpa", "eager")  # they take a prepared 4D mask as is (flash kernels take none)
 _PACK_ROW_TOKENS: int | None = None  # tests: cap on one row's packed tokens (None: see `_score_packed`)
@@ -462,51 +459,4 @@ def answer_nll(
     return float(np.mean([-lp / len(a) for lp, (_, a) in zip(logps, pairs)]))
 
 
-# ------------------------------------------------------------------------------------------ aggregation
-
-
-def aggregate(candidate: Candidate, name: str) -> float:
-    """One number per candidate, higher is better.
-
-    sum_logp: sum of the per-view scores (product of the views' probabilities). sum_logp_bonus: sum_logp plus
-    (gen log p + 3) per generating view. mean_prob: the mean probability over views, returned as its LOG
-    (log-mean-exp: same order, but no underflow to 0 for long answers). max / min: best / worst view. votes: the
-    number of generating views. A score-based aggregate of a candidate without scores raises ValueError: it
-    would compare an empty sum with real ones; rank by "votes" when nothing was scored."""
-    if name not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {name!r}; choose one of {AGGREGATES}")
-    if name == "votes":
-        return float(candidate.votes)
-    if not candidate.scores:
-        raise ValueError(f"aggregate {name!r} needs scores: run score_candidates first (or rank by 'votes')")
-    values = np.fromiter(candidate.scores.values(), dtype=np.float64)
-    if name == "sum_logp":
-        return float(values.sum())
-    if name == "sum_logp_bonus":
-        return float(values.sum() + sum(lp + GEN_BONUS for lp in candidate.gen_logps.values()))
-    if name == "mean_prob":
-        top = values.max()
-        return float(top + math.log(np.exp(values - top).mean())) if np.isfinite(top) else float(top)
-    return float(values.max() if name == "max" else values.min())
-
-
-def rank(candidates: list[Candidate], name: str) -> list[int]:
-    """Candidate indices, best first; ties go to more votes, then the higher mean gen log p, then the index.
-
-    Score-based aggregates need every candidate scored under the same views (else ValueError): sums over
-    different view sets are not comparable."""
-    if name not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {name!r}; choose one of {AGGREGATES}")
-    if name != "votes" and candidates:
-        view_sets = {frozenset(c.scores) for c in candidates}
-        if len(view_sets) > 1:
-            raise ValueError(
-                f"aggregate {name!r}: candidates were scored under different views; score them all with the same views"
-            )
-    values = [aggregate(c, name) for c in candidates]
-    return sorted(
-        range(len(candidates)), key=lambda i: (-values[i], -candidates[i].votes, -candidates[i].mean_gen_logp, i)
-    )
-
-
-__all__ = ["AGGREGATES", "score_candidates", "aggregate", "rank", "answer_nll", "teacher_forced_logp"]
+__all__ = ["AGGREGATES", "score_candidates", "answer_nll", "teacher_forced_logp"]

@@ -1,0 +1,89 @@
+"""Candidates and their ranking (engine.candidates): merging generated grids, the aggregates, the orderings."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from arcfold.engine.candidates import AGGREGATES, GEN_BONUS, Candidate, aggregate, merge, rank
+
+SCORE_BASED = tuple(a for a in AGGREGATES if a != "votes")
+
+
+def random_candidates(rng: np.random.Generator, n: int, views: int = 6) -> list[Candidate]:
+    cands = []
+    for i in range(n):
+        gen = {int(v): float(-rng.exponential(2)) for v in rng.choice(8, size=rng.integers(0, 4), replace=False)}
+        scores = {v: float(-rng.exponential(20)) for v in range(views)}
+        cands.append(Candidate(np.full((1, 1), i % 10, dtype=np.int8), gen, scores))
+    return cands
+
+
+def test_merge_counts_one_vote_per_view_and_keeps_the_best_logp():
+    grid = np.array([[1, 2], [3, 4]], dtype=np.int8)
+    cands: list[Candidate] = []
+    merge(cands, grid, 0, -2.0)
+    merge(cands, grid.copy(), 0, -1.0)  # the same grid again in view 0: its better log p
+    merge(cands, grid.copy(), 3, -5.0)
+    merge(cands, grid.T, 1, -0.5, cap=1)  # a new grid past the cap: dropped
+    merge(cands, grid.copy(), 4, -3.0, cap=1)  # a known grid still gains the view's vote
+    assert len(cands) == 1 and cands[0].grid.dtype == np.int8
+    assert cands[0].gen_logps == {0: -1.0, 3: -5.0, 4: -3.0} and cands[0].votes == 3
+    assert cands[0].mean_gen_logp == pytest.approx(-3.0)
+
+
+def test_aggregates_and_ranks():
+    assert GEN_BONUS == 3.0
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        cands = random_candidates(rng, 7)
+        for c in cands:
+            assert aggregate(c, "sum_logp") == pytest.approx(sum(c.scores.values()))
+            assert aggregate(c, "max") == max(c.scores.values()) and aggregate(c, "min") == min(c.scores.values())
+            bonus = sum(lp + 3 for lp in c.gen_logps.values())  # GEN_BONUS: the 2024 submission's 3
+            assert aggregate(c, "sum_logp_bonus") == pytest.approx(aggregate(c, "sum_logp") + bonus)
+            mean_prob = np.mean(np.exp(list(c.scores.values())))
+            if mean_prob > 0:
+                assert math.exp(aggregate(c, "mean_prob")) == pytest.approx(mean_prob, rel=1e-9)
+            assert aggregate(c, "votes") == c.votes
+        for name in AGGREGATES:
+            assert sorted(rank(cands, name)) == list(range(7))
+        # Votes: most votes first, then the higher mean gen log p, then the index.
+        by_votes = sorted(range(7), key=lambda i: (-cands[i].votes, -cands[i].mean_gen_logp, i))
+        assert rank(cands, "votes") == by_votes
+
+        # A candidate best under every view (and with the most, best votes, for the bonus) wins every score.
+        best = int(rng.integers(7))
+        cands[best].scores = {v: max(c.scores[v] for c in cands) + 0.5 for v in cands[best].scores}
+        cands[best].gen_logps = {v: -0.01 for v in range(8)}
+        for name in SCORE_BASED:
+            assert rank(cands, name)[0] == best, (trial, name)
+
+
+def test_rank_ties_and_underflow():
+    one = np.zeros((1, 1), dtype=np.int8)
+    # Equal scores: more votes first, then the better mean gen log p, then the index.
+    tied = [
+        Candidate(one, {0: -1.0}, {0: -5.0}),
+        Candidate(one, {0: -2.0, 1: -2.0}, {0: -5.0}),
+        Candidate(one, {0: -0.5}, {0: -5.0}),
+        Candidate(one, {}, {0: -5.0}),
+    ]
+    assert rank(tied, "sum_logp") == [1, 2, 0, 3]
+    # Long answers: exp(log p) underflows to 0 for both, yet mean_prob still orders them.
+    far = [Candidate(one, {}, {0: -2001.0, 1: -2001.0}), Candidate(one, {}, {0: -2000.0, 1: -2002.0})]
+    assert rank(far, "mean_prob") == [1, 0]
+    assert rank(far, "sum_logp") == [0, 1]  # equal sums: the index decides
+
+
+def test_missing_or_mismatched_scores_raise():
+    one = np.zeros((1, 1), dtype=np.int8)
+    unscored = [Candidate(one, {0: -1.0}), Candidate(one, {1: -2.0, 2: -1.0})]
+    assert rank(unscored, "votes") == [1, 0]
+    with pytest.raises(ValueError, match="score_candidates"):
+        rank(unscored, "sum_logp")
+    with pytest.raises(ValueError, match="different views"):
+        rank([Candidate(one, {}, {0: -1.0}), Candidate(one, {}, {1: -1.0})], "sum_logp")
+    assert rank([], "sum_logp") == []
