@@ -15,7 +15,7 @@ is, not how it is run: the report prints what was done.
 
 Scoring is timed on the same candidates under the same m views (the first m generation views, as the runner
 scores by default), padded with the tasks' demonstration grids up to --scoring-candidates candidates per test
-input, three ways (engine.scoring): every candidate from scratch (prompt + answer), reusing each view's prompt
+input, three ways (engine.teacher_forcing): every candidate from scratch (prompt + answer), reusing each view's prompt
 cache computed once by scoring itself, and reusing the prompt caches the DFS leaves behind (what the runner
 does after a DFS: the prompts then run once per view for generation and scoring together).
 """
@@ -223,33 +223,30 @@ def scoring_views(model, codec, tasks, args) -> dict:
 
 
 def run_scoring(model, codec, tasks, pools, views, args, mode: str) -> tuple[Row, list[list[float]]]:
-    from arcfold.engine import scoring
+    """The candidates' teacher-forced scores under each test input's views (engine.teacher_forcing, as
+    score_candidates calls it), answers encoded beforehand: only the model's work is timed."""
+    from arcfold.engine.teacher_forcing import answer_logps
 
     row = Row(f"scoring m={args.scoring_views}, {SCORING_MODES[mode]}")
-    by_id = {t.id: t for t in tasks}
     scores = []
     sync(args.device)
     for (task_id, i), cands in pools.items():
-        fresh = [Candidate(c.grid, dict(c.gen_logps)) for c in cands]
         view_list, prompts, kept = views[(task_id, i)]
-        stats = scoring.score_candidates(
+        answers = [[codec.encode_answer(view.grid(c.grid)) for c in cands] for view in view_list]
+        start = time.perf_counter()
+        logps, tokens = answer_logps(
             model,
-            codec,
-            by_id[task_id],
-            i,
-            fresh,
-            view_list,
-            max_len=args.max_len,
-            batch_size=args.batch_size,
-            reuse_prefix=mode != "scratch",
-            prompts=prompts,
+            prompts,
+            answers,
+            args.batch_size,
             kept=kept if mode == "dfs" else None,
+            reuse_prompts=mode != "scratch",
         )
-        row.seconds += stats["scoring_seconds"]
-        row.tokens += stats["scoring_tokens"]
-        row.candidates += len(fresh)
-        scores.append([s for c in fresh for s in c.scores.values()])
-    sync(args.device)
+        sync(args.device)
+        row.seconds += time.perf_counter() - start
+        row.tokens += tokens
+        row.candidates += len(cands)
+        scores.append([logps[v][c] for c in range(len(cands)) for v in range(len(view_list))])
     return row, scores
 
 

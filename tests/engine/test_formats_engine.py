@@ -16,7 +16,7 @@ from arcfold.config import ModelConfig
 from arcfold.data import ArcDataError, Task
 from arcfold.engine.dfs import dfs
 from arcfold.engine.model import load_model
-from arcfold.engine.scoring import teacher_forced_logp
+from arcfold.engine.teacher_forcing import answer_logps
 
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjklmnpqrstuvwxyz"
 # Digits merge ("00", "000"), as in conftest's hf fixture; "+/-=O" is several tokens; the chat markers special.
@@ -117,7 +117,7 @@ def test_dfs_and_scoring_work_in_the_format(format_model_dir: Path, small_tasks:
     assert np.array_equal(codec.decode(found[0].ids), test.output)  # stops at the format's end token
     assert all(c.ids[-1] == codec.eos_id for c in found)
     answers = [c.ids for c in found] + [codec.encode_answer(task.train[0].output)]
-    scored = teacher_forced_logp(model, prompt, answers)
+    (scored,), _ = answer_logps(model, [prompt], [answers])
     for answer, logp in zip(answers, scored):
         assert logp == pytest.approx(independent_logp(model, prompt, answer), abs=1e-4)
     for completion, logp in zip(found, scored):

@@ -20,7 +20,7 @@ from arcfold.data.codec import IGNORE
 from arcfold.engine.dfs import dfs
 from arcfold.engine.logits import causal_lm_loss, column_logps, head_logits, hidden_states, token_logps
 from arcfold.engine.lora import attach_lora
-from arcfold.engine.scoring import teacher_forced_logp
+from arcfold.engine.teacher_forcing import answer_logps
 from arcfold.engine.train import build_samples, collate, length_grouped_batches, random_batches
 
 VOCAB = 600
@@ -176,7 +176,7 @@ def test_scoring_and_dfs_read_the_head_in_chunks(small_tasks):
     found, _ = dfs(model, prompt, codec, min_prob=1e-30, max_new_tokens=len(guess), guess=guess, max_candidates=1)
     assert found and max(seen) <= CHUNK_ROWS and sum(seen) >= len(guess)
     seen.clear()
-    scores = teacher_forced_logp(model, prompt, [found[0].ids, guess], reuse_prefix=False)
+    (scores,), _ = answer_logps(model, [prompt], [[found[0].ids, guess]], reuse_prompts=False)
     assert max(seen) <= CHUNK_ROWS
     assert scores[0] == pytest.approx(found[0].logp, abs=1e-4)
 
