@@ -171,7 +171,8 @@ def test_the_code_uses_the_same_lists_as_the_check():
 
 
 def test_option_files_state_only_what_differs_from_the_schema():
-    """An option states what it is about; restating a default would silently undo an experiment's value."""
+    """An option states what it is about; a schema default it restates must say why on its line or the line above
+    (model/hf.yaml lists the real-model switches that way, each with its comment), never silently."""
     from arcfold import config as C
 
     schemas = {
@@ -189,18 +190,38 @@ def test_option_files_state_only_what_differs_from_the_schema():
         for k, v in node.items():
             yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
+    def commented(lines: list[str], key: str) -> bool:
+        """The line that sets `key` (its last part) has a comment, or the line above it is one."""
+        leaf = key.rsplit(".", 1)[-1]
+        for i, line in enumerate(lines):
+            if line.strip().startswith(f"{leaf}:"):
+                return "#" in line or (i > 0 and lines[i - 1].strip().startswith("#"))
+        return False
+
     conf = Path(__file__).resolve().parents[1] / "conf"
-    restated = []
+    restated, documented = [], []
     for group, schema in schemas.items():
         default = OmegaConf.structured(schema)
         for path in sorted((conf / group).glob("*.yaml")):
             data = OmegaConf.to_container(OmegaConf.load(path)) or {}
-            restated += [
-                f"{path.name}: {k}"
-                for k, v in leaves(data)
-                if f"{group}.{k}" not in identity and OmegaConf.select(default, k) == v
-            ]
+            lines = path.read_text().splitlines()
+            for k, v in leaves(data):
+                if f"{group}.{k}" not in identity and OmegaConf.select(default, k) == v:
+                    (documented if commented(lines, k) else restated).append(f"{path.name}: {k}")
     assert not restated
+    assert documented == [
+        f"hf.yaml: {k}"
+        for k in (
+            "dtype",
+            "attn_implementation",
+            "device",
+            "trust_remote_code",
+            "quantization",
+            "device_map",
+            "shrink_vocab",
+            "shrink_vocab_save",
+        )
+    ]
 
 
 # ----------------------------------------------------------------- through the entry point, as a user runs it
@@ -265,14 +286,6 @@ def test_the_entry_point_refuses_in_one_line_with_exit_2_and_no_traceback(cli_ru
     assert len(lines) == 1, proc.stderr[-2000:]
     for part in names:
         assert part in lines[0], lines[0]
-
-
-@pytest.mark.slow
-def test_a_real_model_under_the_cpu_demo_is_warned_about(cli_runs):
-    _, proc = cli_runs["model_path"]  # model=hf with the default experiment
-    assert "experiment=cpu_demo sizes the run for the shipped tiny model" in proc.stdout + proc.stderr
-    _, proc = cli_runs["range"]
-    assert "experiment=cpu_demo" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

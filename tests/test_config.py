@@ -129,9 +129,21 @@ def test_the_default_config_passes_the_check(model_dir):
     check(compose_with(["inference=dfs", "inference.scoring.views=16", "inference.scoring.views_from=fresh"]))
 
 
-def test_the_cpu_demo_experiment_sizes_the_default_run_and_groups_mean_what_they_say():
+def test_the_defaults_list_is_the_cpu_demo_and_groups_mean_what_they_say():
+    with initialize_config_module("arcfold.conf", version_base="1.3"):
+        demo_hydra = compose("config", return_hydra_config=True).hydra
+    choices = demo_hydra.runtime.choices
+    assert (choices.data, choices.model, choices.train, choices.inference) == ("synthetic", "shipped", "shipped", "dfs")
+    assert choices.experiment is None and choices.variant is None  # a plain run is the defaults list alone
     demo = compose_with([])
-    assert (demo.model.kind, demo.data.name, demo.data.count, demo.train.lr) == ("tiny", "synthetic", 8, 1e-4)
+    assert (demo.model.kind, demo.data.name, demo.data.count, demo.train.lr, demo.train.epochs) == (
+        "tiny",
+        "synthetic",
+        8,
+        1e-4,
+        4,
+    )
+    assert (demo.folds, demo.data.sides, demo.data.limit, demo.data.order) == ("per_task", [3, 6], 8, "size")
     assert Path(demo.model.path) == Path(arcfold.__file__).parent / "shipped"  # the shipped model, wherever installed
     # The real data is one override away: the demo's sizing keeps it to the 8 smallest tasks.
     real_data = compose_with(["data=arc_agi_2_eval"])
@@ -143,16 +155,33 @@ def test_the_cpu_demo_experiment_sizes_the_default_run_and_groups_mean_what_they
         "arc_agi_2_eval",
         3e-3,
     )
-    # The model option no longer sizes the run: a chosen train option keeps its own schedule under the demo.
+    assert (smoke.folds, smoke.inference.strategy, smoke.data.limit, smoke.data.order) == (2, "greedy", 8, "size")
+    # A chosen train option keeps its own schedule, under the defaults and under an experiment.
     arc25 = compose_with(["model=tiny", "train=arc25"])
     assert (arc25.train.lr, arc25.train.epochs) == (2e-4, 10)
+    assert compose_with(["experiment=smoke", "train=arc25"]).train.lr == 2e-4
     assert compose_with(["train=default"]).train.lr == 1e-4
-    # Without the preset: the schema's defaults, every task.
-    real = compose_with(["experiment=none", "model=hf", "model.path=/models/m"])
-    assert (real.data.limit, real.data.order, real.train.lr, real.model.kind) == (None, "id", 1e-4, "hf")
-    # Command-line values still win over what the experiment sets.
-    assert compose_with(["data.limit=null", "train.lr=0.01"]).data.limit is None
+    # A real model on every task: the groups and values the demo picked, each set back by name.
+    real = compose_with(["model=hf", "model.path=/models/m", "train=default", "data=arc_agi_2_eval", "data.limit=null"])
+    assert (real.data.limit, real.train.lr, real.train.epochs, real.model.kind) == (None, 1e-4, 1, "hf")
+    # Command-line values still win over what an experiment sets.
+    assert compose_with(["experiment=smoke", "data.limit=null", "folds=4"]).data.limit is None
+    assert compose_with(["experiment=smoke", "train.lr=0.01"]).train.lr == 0.01
     assert compose_with(["train.lr=0.01"]).train.lr == 0.01
+
+
+def test_the_other_experiments_undo_the_demo_sizing():
+    testbed = compose_with(["experiment=testbed"])
+    assert (testbed.data.count, testbed.data.seed, testbed.data.limit, testbed.data.order) == (24, 2000, None, "id")
+    pretrain = compose_with(["experiment=pretrain"])
+    assert (pretrain.data.count, pretrain.data.limit, pretrain.data.order, pretrain.train.epochs) == (
+        16000,
+        None,
+        "id",
+        1,
+    )
+    kaggle = compose_with(["experiment=kaggle", "model.path=/m"])
+    assert (kaggle.folds, kaggle.inference.strategy, kaggle.train.epochs, kaggle.data.limit) == (2, "greedy", 1, None)
 
 
 def test_the_real_model_keys_compose_and_pass_the_check(model_dir):
