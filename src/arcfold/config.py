@@ -67,7 +67,8 @@ DEGRADE_STEPS = ("views", "min_prob", "greedy", "placeholders")  # budget.degrad
 
 @dataclass
 class DataConfig:
-    name: str = "arc_agi_2_eval"  # arc_agi_2_eval | arc_agi_2_train | arc_agi_1_eval | arc_agi_1_train | kaggle | dir
+    # arc_agi_2_eval | arc_agi_2_train | arc_agi_1_eval | arc_agi_1_train | kaggle | dir | synthetic (generated)
+    name: str = "arc_agi_2_eval"
     challenges: Optional[str] = None  # kaggle: the *_challenges.json
     solutions: Optional[str] = None  # kaggle: the *_solutions.json (optional: without it, predict only)
     path: Optional[str] = None  # dir: a folder of one-task-per-file JSONs
@@ -100,7 +101,8 @@ class ModelConfig:
     device_map: Optional[str] = None  # None: all on model.device | auto | "{model: 0, lm_head: 1}" (a string)
     shrink_vocab: bool = False  # keep only the format's tokens and the special tokens (embedding + head rows)
     shrink_vocab_save: Optional[str] = None  # with shrink_vocab: also save the shrunk model + tokenizer here
-    # The tiny model's shape (Llama-style). Ignored for hf.
+    # The tiny model's shape (Llama-style) when it starts from random weights; ignored for hf and for a tiny model
+    # loaded from `path` (its saved config has its shape).
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
