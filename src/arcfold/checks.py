@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from arcfold.config import CHOICES, DEGRADE_STEPS
+from arcfold.data.augment import view_count
 
 
 class ConfigError(ValueError):
@@ -117,11 +118,11 @@ def check(cfg: Any) -> None:
         if unknown or not cfg.data.families:
             raise refuse("data.families", list(cfg.data.families), "a non-empty list of " + " | ".join(FAMILIES))
     scoring = cfg.inference.scoring
-    if scoring.views_from == "generation" and scoring.views > 8 * cfg.inference.n:
+    if scoring.views_from == "generation" and scoring.views > view_count(cfg.inference.n):
         raise refuse(
             "inference.scoring.views",
             scoring.views,
-            f"at most the {8 * cfg.inference.n} generation views (8 * inference.n); raise inference.n "
+            f"at most the {view_count(cfg.inference.n)} generation views (8 * inference.n); raise inference.n "
             "or set inference.scoring.views_from=fresh",
         )
     if cfg.model.kind == "tiny" and not cfg.model.path and cfg.model.hidden_size % cfg.model.num_heads:

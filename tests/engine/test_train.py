@@ -12,7 +12,6 @@ import torch
 import transformers
 
 import arcfold.engine.train as train_module
-from arcfold.checks import ConfigError
 from arcfold.data.codec import IGNORE
 from arcfold.engine.lora import AdapterReset, attach_lora
 from arcfold.engine.model import load_model
@@ -183,11 +182,6 @@ def test_reset_between_folds_restores_adapter_and_never_reloads_base(
     assert {id(p) for p in base_now} == {id(p) for p, _, _ in base.values()}  # the very same tensors
     for name, (param, ptr, value) in base.items():
         assert param.data_ptr() == ptr and torch.equal(param, value), name  # and LoRA left them alone
-
-
-def test_unknown_mixed_precision_is_a_config_error(train_cfg):
-    with pytest.raises(ConfigError, match="train.mixed_precision"):
-        make_accelerator(dataclasses.replace(train_cfg, mixed_precision="fp8"), torch.device("cpu"))
 
 
 _BF16_FOLDS = """
