@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from arcfold.data.errors import ArcDataError
+from arcfold.data.ids import check_ids
 from arcfold.data.tasks import Pair, Task, same_grid
 
 Grid = np.ndarray
@@ -270,7 +271,9 @@ def _draw_task(family: str, rng: Rng, sides: Sequence[int]) -> tuple[tuple[Pair,
 def generate(families: Sequence[str], count: int, seed: int, sides: Sequence[int] = (3, 7)) -> list[Task]:
     """`count` tasks, the families taken in turn (equal shares), task i from its own stream (seed, i)."""
     check_spec(families, count, sides, seed)
-    return [generate_task(families[i % len(families)], seed, i, sides)[0] for i in range(count)]
+    tasks = [generate_task(families[i % len(families)], seed, i, sides)[0] for i in range(count)]
+    check_ids((t.id for t in tasks), file="data=synthetic")  # the rule every loader checks the ids it reads by
+    return tasks
 
 
 def fit(task: Task) -> Rule | None:

