@@ -72,7 +72,7 @@ lock:
 # arcfold's own wheel and the locked runtime dependencies for Kaggle's Python and platform (manylinux x86_64).
 # Torch is left out: Kaggle's image has its CUDA build. Dev tools (tests, lint) are left out too.
 KAGGLE_PYTHON ?= 3.11
-KAGGLE_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+KAGGLE_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
 WHEELHOUSE ?= wheelhouse
 DEV_ONLY := ruff|mypy|mypy-extensions|librt|ast-serialize|pathspec|pytest|iniconfig|pluggy|ray|msgpack|jsonschema|jsonschema-specifications|referencing|rpds-py
 SDIST_ONLY := antlr4-python3-runtime

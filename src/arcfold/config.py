@@ -30,7 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_invalid": ("raise", "skip"),
     "model.kind": ("tiny", "hf"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
-    "model.quantization": ("none", "8bit", "4bit"),  # bitsandbytes, CUDA only
+    "model.quantization": ("none", "8bit", "4bit"),  # bitsandbytes (CUDA, and the CPU for tests)
     "format.name": ("plain", "architects", "chat"),  # prompt formats (data.formats)
     "split.strategy": ("random", "balanced", "per_task"),
     # transformers schedulers that need no argument beyond warmup and total steps
@@ -97,7 +97,7 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = False
     # hf only:
-    quantization: str = "none"  # none | 8bit | 4bit (bitsandbytes, CUDA only: pip install '.[gpu]'; QLoRA)
+    quantization: str = "none"  # none | 8bit | 4bit (bitsandbytes: QLoRA; on a GPU, and on a CPU slowly)
     device_map: Optional[str] = None  # None: all on model.device | auto | "{model: 0, lm_head: 1}" (a string)
     shrink_vocab: bool = False  # keep only the format's tokens and the special tokens (embedding + head rows)
     shrink_vocab_save: Optional[str] = None  # with shrink_vocab: also save the shrunk model + tokenizer here

@@ -137,12 +137,14 @@ def test_quantization_without_bitsandbytes_is_refused_before_loading(tmp_path, h
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_quantization_on_a_cpu_is_refused_before_loading(tmp_path, hf_model_dir, monkeypatch, bits):
-    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))  # as if installed
+def test_quantization_on_a_device_without_a_backend_is_refused(tmp_path, hf_model_dir, monkeypatch, bits):
+    fake = types.ModuleType("bitsandbytes")  # an install whose backends leave out the CPU
+    fake.__dict__.update(__version__="0.0-test", supported_torch_devices={"cuda"})
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
     path = _dir_without_weights(tmp_path, hf_model_dir)
     with pytest.raises(ConfigError, match="model.quantization") as err:
         load_model(ModelConfig(kind="hf", path=path, device="cpu", quantization=bits))
-    assert "CUDA" in str(err.value) and "cpu" in str(err.value) and "\n" not in str(err.value)
+    assert "no backend for cpu" in str(err.value) and "cuda" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="model.quantization"):  # the tiny model has nothing to quantize
         load_model(ModelConfig(kind="tiny", device="cpu", quantization=bits))
 

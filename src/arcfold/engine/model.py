@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, cast
 
-import peft
 import safetensors
 import torch
 import transformers
@@ -23,6 +22,8 @@ from arcfold.checks import ConfigError
 from arcfold.config import ModelConfig
 from arcfold.data.codec import GridCodec
 from arcfold.data.errors import ArcDataError
+from arcfold.engine.kbit import prepare as prepare_kbit
+from arcfold.engine.kbit import quantization_config
 from arcfold.engine.vocab import check_shrinkable, kept_token_ids, remap_codec, shrink_model, shrink_tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def load_model(cfg: ModelConfig, fmt: str = "plain", max_len: Mapping[str, int] 
     comes before any weight is read."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    quantization = _quantization_config(cfg, device, dtype)
+    quantization = quantization_config(cfg, device, dtype)
     if cfg.kind == "tiny":
         if cfg.shrink_vocab:
             raise ConfigError(
@@ -124,27 +125,6 @@ def check_context(
                 f"{f' ({file})' if file else ''}; lower {key}",
                 key=key,
             )
-
-
-def _quantization_config(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype
-) -> transformers.BitsAndBytesConfig | None:
-    if cfg.quantization == "none":
-        return None
-    field = "model.quantization"
-    if cfg.kind != "hf":
-        raise ConfigError(f"{cfg.quantization} quantizes a pretrained model: needs model.kind=hf", key=field)
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"{cfg.quantization} needs bitsandbytes: pip install '.[gpu]'", key=field) from None
-    if device.type != "cuda":
-        raise ConfigError(f"{cfg.quantization} (bitsandbytes) needs a CUDA device; model.device is {device}", key=field)
-    if cfg.quantization == "8bit":
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-    )
 
 
 def _device_map(spec: str | None, device: torch.device) -> Any:
@@ -281,9 +261,8 @@ def _hf_model(
         if cfg.shrink_vocab_save:
             model.save_pretrained(cfg.shrink_vocab_save)
             log.info("shrunk model and tokenizer saved to %s", cfg.shrink_vocab_save)
-    if quantization is not None:
-        # QLoRA's preparation (norms and unquantized layers in fp32, base frozen); checkpointing is train's switch.
-        peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if quantization is not None:  # QLoRA's preparation: the base frozen, its unquantised weights in `dtype`
+        prepare_kbit(model)
     return model, codec, tokenizer
 
 
