@@ -216,6 +216,7 @@ def test_option_files_state_only_what_differs_from_the_schema():
             "attn_implementation",
             "device",
             "trust_remote_code",
+            "allow_pickle",
             "quantization",
             "device_map",
             "shrink_vocab",

@@ -95,7 +95,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' choice)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # true runs the model folder's own Python code (auto_map): only code you trust
+    # Weights load from safetensors only; true also loads pickle weights (pytorch_model.bin, *.pt) from a model
+    # directory that has no safetensors: unpickling can run code, so only for files you trust.
+    allow_pickle: bool = False
     # hf only:
     quantization: str = "none"  # none | 8bit | 4bit (bitsandbytes: QLoRA; on a GPU, and on a CPU slowly)
     device_map: Optional[str] = None  # None: all on model.device | auto | "{model: 0, lm_head: 1}" (a string)

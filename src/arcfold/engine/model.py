@@ -7,6 +7,7 @@ Bad settings raise ConfigError and bad model files ArcDataError, each naming the
 from __future__ import annotations
 
 import logging
+import pickle
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from arcfold.data.codec import GridCodec
 from arcfold.data.errors import ArcDataError
 from arcfold.engine.kbit import prepare as prepare_kbit
 from arcfold.engine.kbit import quantization_config
+from arcfold.engine.modelfiles import check_json_files, weights_to_load
 from arcfold.engine.vocab import check_shrinkable, kept_token_ids, remap_codec, shrink_model, shrink_tokenizer
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,7 @@ def _pretrained_tiny(
     path = Path(str(cfg.path)).expanduser()
     if not (path / "config.json").is_file():
         raise ArcDataError("no config.json: not a model directory that stage=pretrain saved", file=str(path))
+    check_json_files(path)
     with _one_line_errors(path):
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "vocab_size", None) != codec.vocab_size:
@@ -191,9 +194,11 @@ def _pretrained_tiny(
             field="model.path",
         )
     check_context(config.max_position_embeddings, "max_position_embeddings", max_len, file=str(path / "config.json"))
+    use_safetensors = weights_to_load(path, cfg.allow_pickle)  # safetensors, or refused (model.allow_pickle)
     with _one_line_errors(path):
         return transformers.AutoModelForCausalLM.from_pretrained(
             path,
+            use_safetensors=use_safetensors,
             dtype=dtype,
             device_map={"": device},
             attn_implementation=cfg.attn_implementation,
@@ -217,6 +222,7 @@ def _hf_model(
     if not (path / "config.json").is_file():
         raise ArcDataError("no config.json: not a Hugging Face model directory", file=str(path), field="model.path")
     device_map = _device_map(cfg.device_map, device)
+    check_json_files(path)  # config and tokenizer files: one that does not parse is named
     with _one_line_errors(path):
         config = transformers.AutoConfig.from_pretrained(
             path, trust_remote_code=cfg.trust_remote_code, local_files_only=True
@@ -236,11 +242,13 @@ def _hf_model(
         check_shrinkable(tokenizer, str(path))
         with _directory(cfg.shrink_vocab_save) as directory:
             tokenizer = shrink_tokenizer(tokenizer, keep, config, directory)
+    use_safetensors = weights_to_load(path, cfg.allow_pickle)  # safetensors, or refused (model.allow_pickle)
     with _one_line_errors(path):
         # Straight onto the device(s) in the final dtype (or quantized): never a full fp32 copy on the CPU first.
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
+            use_safetensors=use_safetensors,
             dtype=dtype,
             device_map=device_map,
             quantization_config=quantization,
@@ -271,7 +279,7 @@ def _one_line_errors(path: Path) -> Iterator[None]:
     """HF errors span many lines: fold them into one ArcDataError, cut short."""
     try:
         yield
-    except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
+    except (OSError, ValueError, KeyError, safetensors.SafetensorError, pickle.UnpicklingError) as err:
         if isinstance(err, ArcDataError):
             raise
         detail = " ".join(str(err).split())[:300] or type(err).__name__
