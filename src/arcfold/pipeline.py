@@ -81,7 +81,7 @@ def run(cfg: Any, run_dir: Path, tracker: Tracker | None = None, engine: Engine 
             write_kaggle(everything, run_dir / "data")
         folds = split(tasks, cfg.folds, cfg.split.strategy, cfg.split.seed)
         results = RunResults(tasks, everything)
-        store = Checkpoint(run_dir, folds, resume=bool(cfg.resume))
+        store = Checkpoint(run_dir, folds, resume=bool(cfg.resume), config=cfg)
         done = store.restore(results, len(folds))  # what an earlier session of this run finished
         results.write_submission(run_dir / "submission.json")  # valid from the first second: all placeholders
         work = [

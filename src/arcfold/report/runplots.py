@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from arcfold.data.ids import task_path
 from arcfold.data.submission import grid_equal
 from arcfold.report import plots
 from arcfold.run.results import RunResults
@@ -32,7 +33,7 @@ def write_run_plots(results: RunResults, spans: Sequence[dict[str, Any]], out: P
     """The run's PNGs in `out`; a plot that fails costs that plot only (the run's results are already on disk)."""
     written: list[Path] = []
 
-    def draw(name: str, plot: Callable[..., Path], *args: Any) -> None:
+    def draw(name: str | Path, plot: Callable[..., Path], *args: Any) -> None:
         try:
             written.append(plot(*args, path=out / name))
         except Exception as err:  # matplotlib trouble must not fail a finished run
@@ -42,7 +43,7 @@ def write_run_plots(results: RunResults, spans: Sequence[dict[str, Any]], out: P
     draw("timeline.png", plots.phase_timeline, spans)
     for status, task, i in chosen_inputs(results, render_tasks):
         draw(
-            f"tasks/{status}_{task.id}_{i}.png",
+            task_path("tasks", task.id, f"_{i}.png", prefix=f"{status}_"),  # tasks/solved_<id>_<i>.png
             plots.task_rendering,
             f"{task.id} test {i}",
             task.test[i].input,
