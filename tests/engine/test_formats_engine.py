@@ -131,6 +131,7 @@ def test_load_model_refuses_a_format_the_model_cannot_write(make_tiny_cfg, hf_cf
         assert caught.value.field == "format" and "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_run_writes_the_configured_format(format_model_dir: Path, tmp_path: Path) -> None:
     """pipeline.run hands format.name to load_model: one small task end to end in the chat format."""
     from hydra import compose, initialize_config_module
