@@ -95,6 +95,7 @@ def check_compare(uri: str, parent_id: str, solved: dict[str, dict[str, list[boo
     assert state["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "lora.rank"}]
 
 
+@pytest.mark.slow
 def test_compare_reads_a_sweep_from_a_sqlite_store_and_summarises_it_on_the_parent(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent_id, solved = log_sweep(uri, tmp_path)
