@@ -62,6 +62,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.weight_decay": (lambda v: _num(v) and v >= 0, "a number >= 0"),
     "train.max_grad_norm": (lambda v: _num(v) and v >= 0, "a number >= 0 (0: no clipping)"),
     "train.max_len": (lambda v: _int(v) and v >= 16, "an integer >= 16"),
+    "train.gradient_checkpointing": (
+        lambda v: v == "auto" or isinstance(v, bool),
+        "auto (on for model.kind=hf, off for the tiny model), true or false",
+    ),
     "inference.n": (lambda v: _int(v) and v >= 1, "an integer >= 1 (8 * n views)"),
     "inference.min_prob": (lambda v: _num(v) and 0 < v <= 1, "a probability in (0, 1]"),
     "inference.temperature": (lambda v: _num(v) and v > 0, "a number > 0"),

@@ -153,7 +153,9 @@ class TrainConfig:
     colours: str = "all"  # colour augmentation: all | keep_zero | none
     shuffle_demos: bool = True
     mixed_precision: str = "auto"  # auto (bf16 where supported) | no | bf16 | fp16
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: memory for time
+    # Recompute activations in the backward pass (memory for ~30% more time): true | false | auto (on for model.kind=hf,
+    # off for the tiny model; decided by the fold worker, logged). Out of memory, a fold retries with it on.
+    gradient_checkpointing: Any = "auto"
     group_by_length: bool = True  # batches of similar length (little padding); false: random batches
     loss_kernel: str = "torch"  # torch (chunked head, any device) | liger (fused linear cross-entropy, CUDA)
     seed: int = 0

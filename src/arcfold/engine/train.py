@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Sequence, cast
+from typing import Any, Callable, Sequence, cast
 
 import accelerate
 import torch
@@ -121,6 +121,24 @@ def make_accelerator(cfg: TrainConfig, device: torch.device) -> accelerate.Accel
     )
 
 
+def use_checkpointing(setting: Any, kind: str) -> bool:
+    """train.gradient_checkpointing: true or false as set; auto: on for a Hugging Face model (model.kind=hf: a real
+    model's activations at 8k tokens outgrow a card), off for the tiny model (nothing to save, only time to lose)."""
+    return kind == "hf" if setting == "auto" else bool(setting)
+
+
+def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Gradient checkpointing on (non-reentrant: each layer recomputed in the backward pass) or off."""
+    base = base_model(model)
+    # transformers 5.2x names the flag is_activation_checkpointing (the old name warns); earlier versions, the old
+    name = next((n for n in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(type(base), n)), "")
+    current = bool(getattr(base, name)) if name else False
+    if on and not current:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif not on and current:
+        base.gradient_checkpointing_disable()
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -163,8 +181,9 @@ def train_fold(
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     steps = math.ceil(len(batches) / cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * steps)
-    if cfg.gradient_checkpointing:  # recompute each layer in the backward pass: activations of one layer at a time
-        base_model(peft_model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Recompute each layer in the backward pass (activations of one layer at a time): true, or off. The run resolves
+    # auto from model.kind first (use_checkpointing); a caller that passes auto here gets the tiny model's off.
+    set_checkpointing(peft_model, cfg.gradient_checkpointing is True)
     # Fork the RNG so seeding dropout here leaves the caller's random stream alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -282,5 +301,7 @@ __all__ = [
     "length_grouped_batches",
     "make_accelerator",
     "random_batches",
+    "set_checkpointing",
     "train_fold",
+    "use_checkpointing",
 ]

@@ -1,4 +1,5 @@
-"""Failures that are seen: the on_error policy, freeing memory after an error, signals, and how a run ends.
+"""Failures that are seen: the on_error policy, an out-of-memory retry's settings, freeing memory after an error,
+signals, and how a run ends.
 
 on_error=auto skips for data=kaggle and fails elsewhere. A submission must land whatever happens (a crashed or
 timed-out one scores nothing, a placeholder answer only loses that task); an experiment must not: a fold that
@@ -32,6 +33,24 @@ def describe(err: BaseException) -> str:
     """One line for the tables: the error's type and the first line of its message."""
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError (an accelerator's allocator ran out), recognised without importing torch."""
+    return any(c.__name__ == "OutOfMemoryError" for c in type(err).__mro__)
+
+
+def memory_retry(train: Any) -> dict[str, Any]:
+    """The training settings a fold retries with after running out of memory: gradient checkpointing on, and the
+    micro-batch cut to its largest divisor at most half of it, grad_accum raised so that the effective batch
+    (batch_size x grad_accum) stays. Empty when neither can change (checkpointing on, a micro-batch of 1)."""
+    batch, settings = train.batch_size, dict[str, Any]()
+    if train.gradient_checkpointing is not True:
+        settings["gradient_checkpointing"] = True
+    smaller = max((d for d in range(1, batch // 2 + 1) if batch % d == 0), default=batch)
+    if smaller < batch:
+        settings.update(batch_size=smaller, grad_accum=train.grad_accum * (batch // smaller))
+    return settings
 
 
 def free_memory() -> None:

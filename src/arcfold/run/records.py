@@ -43,6 +43,7 @@ class TrainingRecord:
     stats: dict[str, Any] | None  # FoldTrainStats as a dict (None: not trained)
     error: str = ""  # training failed (on_error=skip): the fold predicts with the base model, or not at all
     cut: str = ""  # the budget skipped or shortened training
+    retried: str = ""  # the first try ran out of memory: what the second changed (its stats are the second's)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class FoldRow:
     planned_steps: int = 0  # above steps when the budget stopped training early
     train_cut: str = ""  # the budget skipped or shortened training
     error: str = ""  # training failed (on_error=skip): the fold's tasks got the base model's answers or placeholders
+    retried: str = ""  # training ran out of memory and was retried: the settings the retry changed
     projected_seconds: float = math.nan  # the run's projected total at the fold's start (nan: not measured yet)
     budget_cuts: str = ""  # what the budget cut in this fold, where and why
     # Per-fold overhead: the adapter reset, and training's time outside its optimiser loop (samples, optimiser,
@@ -104,6 +106,7 @@ class FoldRow:
             planned_steps=stats.get("planned_steps", 0),
             train_cut=report.training.cut,
             error=report.training.error,
+            retried=report.training.retried,
             projected_seconds=math.nan if report.projected_seconds is None else report.projected_seconds,
             budget_cuts=describe_cuts(report.events),
             reset_seconds=report.reset_seconds,

@@ -31,9 +31,9 @@ from arcfold.engine.lora import AdapterReset, attach_lora, load_adapter_weights,
 from arcfold.engine.model import load_model
 from arcfold.engine.predict import predict_task
 from arcfold.engine.scoring import answer_nll
-from arcfold.engine.train import make_accelerator, train_fold
+from arcfold.engine.train import make_accelerator, train_fold, use_checkpointing
 from arcfold.run.budget import FoldPlan, Step, degraded, input_units
-from arcfold.run.failures import describe, free_memory, skips
+from arcfold.run.failures import describe, free_memory, memory_retry, out_of_memory, skips
 from arcfold.run.ledger import FoldJob, Ledger
 from arcfold.run.records import FoldReport, InputRecord, TrainingRecord
 
@@ -83,6 +83,16 @@ class FoldWorker:
         self.model = attach_lora(loaded.model, self.cfg.lora)
         self.fresh_adapter = AdapterReset(self.model)  # each fold starts from these weights; never a base reload
         self.accelerator = make_accelerator(self.cfg.train, loaded.device)
+        self.retried = ""  # what the current fold's out-of-memory retry changed (see fit)
+        # train.gradient_checkpointing=auto is decided here, once: on for a Hugging Face model, off for the tiny one.
+        setting = self.cfg.train.gradient_checkpointing
+        self.cfg.train.gradient_checkpointing = use_checkpointing(setting, self.cfg.model.kind)
+        log.info(
+            "gradient checkpointing %s (train.gradient_checkpointing=%s, model.kind=%s)",
+            "on" if self.cfg.train.gradient_checkpointing else "off",
+            setting,
+            self.cfg.model.kind,
+        )
         # The model and the libraries live as long as the worker: freeze them out of the cyclic collector, so the
         # full collection after each fold (accelerate's free_memory) scans the fold's objects only (0.4 s -> ms).
         gc.collect()
@@ -158,19 +168,12 @@ class FoldWorker:
             log.info("fold %d: training on %d tasks", f, len(fold))
             start = time.perf_counter()
             try:
-                stats = self.engine.train_fold(
-                    self.model,
-                    self.codec,
-                    fold,
-                    self.cfg.train,
-                    self.accelerator,
-                    progress=self.progress,
-                    max_seconds=plan.train_seconds,
-                )
-            except Exception as err:  # out of memory, say: under on_error=skip it costs this fold's adapter only
+                stats = self.fit(f, fold, plan.train_seconds)
+            except Exception as err:  # out of memory twice, say: under on_error=skip it costs this fold's adapter
                 if not skips(self.cfg):
                     raise
-                record = TrainingRecord(None, error=f"fold {f} training: {describe(err)}")
+                after = f" (after an out-of-memory retry with {self.retried})" if self.retried else ""
+                record = TrainingRecord(None, error=f"fold {f} training: {describe(err)}{after}", retried=self.retried)
                 log.error(
                     "%s; its tasks get %s\n%s",
                     record.error,
@@ -179,7 +182,7 @@ class FoldWorker:
                 )
             else:
                 setup = time.perf_counter() - start - stats.seconds
-                record = TrainingRecord(vars(stats))
+                record = TrainingRecord(vars(stats), retried=self.retried)
                 ledger.report(
                     "observe_train",
                     f,
@@ -204,6 +207,40 @@ class FoldWorker:
             save_adapter(self.model, job.adapter_dir, torch.float32)
         ledger.report("training", f, record)
         return record, setup
+
+    def fit(self, f: int, tasks: list[Task], max_seconds: float | None) -> Any:
+        """The fold's training (engine.train_fold). One that runs out of memory (torch.OutOfMemoryError) is retried
+        once, from the fresh adapter, with gradient checkpointing on and a smaller micro-batch at the same effective
+        batch (run.failures.memory_retry), in the time its share has left; self.retried says what changed."""
+        start, self.retried = time.perf_counter(), ""
+        try:
+            return self.train_with(tasks, self.cfg.train, max_seconds)
+        except Exception as err:
+            settings = memory_retry(self.cfg.train) if out_of_memory(err) else {}
+            if not settings:
+                raise
+            first = describe(err)
+        # Past the except block, the failed step's frames (and the tensors they hold) are gone: free them for good.
+        free_memory()
+        self.retried = ", ".join(f"train.{key}={value}" for key, value in settings.items())
+        log.warning("fold %d ran out of memory (%s); retrying once with %s", f, first, self.retried)
+        self.fresh_adapter.reset(self.model)
+        train = copy.deepcopy(self.cfg.train)
+        for key, value in settings.items():
+            setattr(train, key, value)
+        left = None if max_seconds is None else max(0.0, max_seconds - (time.perf_counter() - start))
+        return self.train_with(tasks, train, left)
+
+    def train_with(self, tasks: list[Task], train: Any, max_seconds: float | None) -> Any:
+        """engine.train_fold with these training settings (the accelerator's accumulation follows grad_accum)."""
+        accumulation = self.accelerator.gradient_accumulation_steps
+        self.accelerator.gradient_accumulation_steps = train.grad_accum
+        try:
+            return self.engine.train_fold(
+                self.model, self.codec, tasks, train, self.accelerator, progress=self.progress, max_seconds=max_seconds
+            )
+        finally:
+            self.accelerator.gradient_accumulation_steps = accumulation
 
     def predict_one(
         self, f: int, task: Task, ledger: Ledger, plan: FoldPlan, inherited: str, records: list[InputRecord]
