@@ -125,22 +125,29 @@ def test_a_fold_that_kills_every_worker_is_lost_after_two_tries_and_the_rest_fin
 
 
 @pytest.mark.parametrize(
-    "spec,model_device,device_map,gpus,expected",
+    "spec,model_device,device_map,share,gpus,expected",
     [
-        ("auto", "auto", None, 0, ["cpu"]),
-        ("auto", "auto", None, 3, ["cuda:0", "cuda:1", "cuda:2"]),
-        ("auto", "cuda:1", None, 3, ["cuda:1"]),  # a chosen device: that one
-        ("auto", "auto", "auto", 3, ["auto"]),  # one model spread over the GPUs: one worker
-        (2, "auto", None, 0, ["cpu", "cpu"]),
-        (2, "auto", None, 4, ["cuda:0", "cuda:1"]),
-        (2, "cpu", None, 4, ["cpu", "cpu"]),
-        ([0, 2], "auto", None, 4, ["cuda:0", "cuda:2"]),
-        (["cuda:3", "cpu"], "auto", None, 4, ["cuda:3", "cpu"]),
+        ("auto", "auto", None, False, 0, ["cpu"]),
+        ("auto", "auto", None, False, 3, ["cuda:0", "cuda:1", "cuda:2"]),
+        ("auto", "cuda", None, False, 2, ["cuda:0", "cuda:1"]),  # every card, whatever model.device says ...
+        ("auto", "cuda:1", None, False, 3, ["cuda:0", "cuda:1", "cuda:2"]),
+        ("auto", "cpu", None, False, 3, ["cpu"]),  # ... but the CPU when it names the CPU
+        ("auto", "cuda", None, False, 0, ["cuda"]),  # no card: the load refuses cuda in its own words
+        ("auto", "auto", "auto", False, 3, ["auto"]),  # one model spread over the GPUs: one worker
+        (2, "auto", None, False, 0, ["cpu", "cpu"]),
+        (2, "auto", None, False, 4, ["cuda:0", "cuda:1"]),
+        (2, "cpu", None, False, 4, ["cpu", "cpu"]),
+        ([0, 2], "auto", None, False, 4, ["cuda:0", "cuda:2"]),
+        ([2], "auto", None, False, 4, ["cuda:2"]),  # one named card (in this process, selected before the load)
+        (["cuda:3", "cpu"], "auto", None, False, 4, ["cuda:3", "cpu"]),
+        (["cpu", "cpu"], "auto", None, False, 0, ["cpu", "cpu"]),  # CPU workers split the cores: no card shared
+        ([0, 0], "auto", None, True, 1, ["cuda:0", "cuda:0"]),  # two workers on one card, asked for
+        ([0, 0, 1, 1], "cuda", None, True, 2, ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]),
     ],
 )
-def test_devices_resolve_to_one_worker_each(monkeypatch, spec, model_device, device_map, gpus, expected):
+def test_devices_resolve_to_one_worker_each(monkeypatch, spec, model_device, device_map, share, gpus, expected):
     monkeypatch.setattr(devices, "gpu_count", lambda: gpus)
-    assert resolve_devices(spec, model_device, device_map) == expected
+    assert resolve_devices(spec, model_device, device_map, share=share) == expected
 
 
 @pytest.mark.parametrize(
@@ -151,6 +158,8 @@ def test_devices_resolve_to_one_worker_each(monkeypatch, spec, model_device, dev
         (["tpu"], 2, "'tpu' is none"),
         (0, 2, "got 0"),
         ([], 2, "got []"),
+        ([0, 0], 2, "cuda:0 is listed 2 times); set executor.share_devices=true for several workers"),
+        ([1, "cuda:1", 0], 2, "cuda:1 is listed 2 times"),
     ],
 )
 def test_devices_that_do_not_exist_are_refused_in_one_line(monkeypatch, spec, gpus, problem):
@@ -158,6 +167,32 @@ def test_devices_that_do_not_exist_are_refused_in_one_line(monkeypatch, spec, gp
     with pytest.raises(ConfigError) as err:
         resolve_devices(spec)
     assert err.value.key == "devices" and problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_single_named_card_is_selected_before_the_model_loads(tmp_path, monkeypatch):
+    """devices=[2] on a 4-card box: one worker in this process, whose card becomes the current CUDA device before
+    the model loads (the load here is a tiny model on the CPU: no card is needed to see the order)."""
+    from arcfold.config import ModelConfig
+    from arcfold.engine.model import load_model
+    from arcfold.run.worker import Engine
+
+    monkeypatch.setattr(devices, "gpu_count", lambda: 4)
+    calls: list[tuple[str, str]] = []
+
+    def load(cfg, *args, **kwargs):
+        calls.append(("load", cfg.device))
+        return load_model(ModelConfig(kind="tiny", device="cpu", hidden_size=16, num_layers=1, num_heads=2))
+
+    engine = Engine(select_device=lambda spec: calls.append(("select", spec)), load_model=load)
+    register()
+    with initialize_config_module("arcfold.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "devices=[2]", "tracking=off"])
+    check(cfg)
+    executor = Executor(cfg, tmp_path, Ledger(None), engine)
+    assert executor.devices == ["cuda:2"] and type(executor.pool) is InProcess
+    executor.pool.start(0)
+    executor.pool.close(wait=True)
+    assert calls == [("select", "cuda:2"), ("load", "cuda:2")]
 
 
 def test_workers_split_the_cores(monkeypatch):

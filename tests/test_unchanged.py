@@ -45,6 +45,8 @@ REMOVED_PARAMS = ("run_dir",)
 # Defaults changed on purpose since the recording (issue 18), as (recorded, now). Only the param's text changes: on
 # the tiny model the new default does what the old one did (auto = no gradient checkpointing for model.kind=tiny).
 CHANGED_PARAMS = {"train.gradient_checkpointing": ("False", "auto")}
+# Keys added on purpose since the recording (issue 18), with their default: a new param each, nothing else.
+NEW_PARAMS = {"executor.share_devices": "False"}
 
 
 def run_arcfold(args: list[str], root: Path) -> None:
@@ -115,6 +117,8 @@ def test_the_rebuild_changed_no_output(case, tmp_path):
         for key, (old, new) in CHANGED_PARAMS.items():
             assert run["params"].get(key) == new, (key, run["params"].get(key))
             run["params"][key] = old
+        for key, default in NEW_PARAMS.items():
+            assert run["params"].pop(key, None) == default, key
     assert len(now) == (4 if case == "sweep" else 1)
     diffs = same(recorded, now)
     assert not diffs, "\n".join(diffs[:40])

@@ -215,6 +215,9 @@ class ExecutorConfig:
     name: str = "local"  # local (this process; a worker process per device when devices > 1) | ray (Ray actors)
     address: Optional[str] = None  # ray: None (a local Ray instance) | auto (`ray start`'s cluster) | ray://HOST:PORT
     threads: Optional[int] = None  # torch threads per worker (None: the cores, or $OMP_NUM_THREADS, split evenly)
+    # true: a card may appear more than once in `devices` ([0,0,1,1]: two workers per card, each with its own model),
+    # to keep a card busy during the DFS; false: a repeated card is refused
+    share_devices: bool = False
 
 
 @dataclass

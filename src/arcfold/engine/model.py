@@ -68,6 +68,18 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def select_device(spec: str) -> None:
+    """Make a named card (cuda:N) the current CUDA device before anything loads on it: bitsandbytes quantises and
+    accelerate places a k-bit model on the current device, whatever the device map says. Nothing for another
+    spec (auto, cpu, cuda) or a card that is not there (resolve_device refuses it, in its own words)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        return
+    if device.type == "cuda" and device.index is not None and device.index < torch.cuda.device_count():
+        torch.cuda.set_device(device)
+
+
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """ "auto" -> bf16 on a GPU that supports it, else fp32 (fp16 weights train badly without care)."""
     if spec == "auto":
@@ -297,4 +309,4 @@ def _directory(path: str | None) -> Iterator[str]:
             yield tmp
 
 
-__all__ = ["LoadedModel", "check_context", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["LoadedModel", "check_context", "load_model", "resolve_device", "resolve_dtype", "select_device"]

@@ -1,20 +1,38 @@
-"""Which devices a run's workers get (`devices`), and how many CPU threads each may take."""
+"""Which devices a run's workers get (`devices`), and how many CPU threads each may take.
+
+    devices=auto     every visible CUDA device, one worker each, whatever model.device names (cuda, cuda:1, auto);
+                     no GPU, model.device=cpu, or model.device_map set (one model over the GPUs): this process alone
+    devices=N        the first N GPUs; with no GPU (or model.device=cpu), N worker processes that split the cores
+    devices=[0,2]    these GPUs (entries may also read cuda:N or cpu)
+    devices=[0,0,1,1] with executor.share_devices=true: two workers on each card (each its own copy of the model),
+                     a way to keep a card busy while one worker's DFS waits on the host; refused without it
+
+A single card (devices=[2]) runs in this process, made the current CUDA device before the model loads (the fold
+worker's Engine.select_device), so bitsandbytes and accelerate place the model on it.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from typing import Any, Sequence
 
 from arcfold.checks import refuse
 
 
-def resolve_devices(spec: Any, model_device: str = "auto", device_map: str | None = None) -> list[str]:
-    """The devices of a run's workers, one worker each, from `devices` (see the module docstring)."""
+def resolve_devices(
+    spec: Any, model_device: str = "auto", device_map: str | None = None, share: bool = False
+) -> list[str]:
+    """The devices of a run's workers, one worker each, from `devices` (see the module docstring). `share`
+    (executor.share_devices) lets a card appear more than once in a list."""
     if spec == "auto":
-        if model_device != "auto" or device_map is not None:  # a chosen device, or one model over the GPUs
+        if device_map is not None:  # one model spread over the GPUs: one worker, placed by the device map
             return [model_device]
-        return [f"cuda:{i}" for i in range(gpu_count())] or ["cpu"]
+        gpus = 0 if model_device == "cpu" else gpu_count()
+        if gpus:
+            return [f"cuda:{i}" for i in range(gpus)]
+        return ["cpu"] if model_device in ("auto", "cpu") else [model_device]  # cuda without one: load refuses
     if isinstance(spec, int) and not isinstance(spec, bool) and spec >= 1:
         gpus = 0 if model_device == "cpu" else gpu_count()
         if not gpus:
@@ -31,6 +49,14 @@ def resolve_devices(spec: Any, model_device: str = "auto", device_map: str | Non
         missing = [n for n in names if n != "cpu" and int(n.split(":")[1]) >= gpus]
         if missing:
             raise refuse("devices", list(spec), f"the {gpus} visible GPUs ({missing[0]} is not one)")
+        twice = [n for n, count in Counter(names).items() if n != "cpu" and count > 1]
+        if twice and not share:
+            raise refuse(
+                "devices",
+                list(spec),
+                f"each GPU once ({twice[0]} is listed {names.count(twice[0])} times); set executor.share_devices=true "
+                "for several workers on one card",
+            )
         return names
     raise refuse("devices", spec, "auto, an integer >= 1 or a list of GPU indices (cuda:N, cpu)")
 

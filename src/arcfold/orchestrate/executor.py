@@ -1,9 +1,11 @@
 """The fold queue: a run's workers, from `executor` and `devices`, handed folds as they come free, the costliest
 first, with each outcome yielded as it lands (the caller alone writes files).
 
-    devices=auto     every visible GPU, one worker each; on a CPU (or with model.device_map set) this process alone
+    devices=auto     every visible GPU, one worker each (whatever model.device names); on a CPU, with
+                     model.device=cpu or with model.device_map set, this process alone
     devices=N        the first N GPUs; on a CPU, N worker processes that split the cores (devices=2: a thread each)
-    devices=[0,2]    these GPUs (entries may also read cuda:N or cpu)
+    devices=[0,2]    these GPUs (entries may also read cuda:N or cpu); a card twice only with
+                     executor.share_devices=true (arcfold.orchestrate.devices)
     executor=ray     the same workers as Ray actors, one GPU each (arcfold.orchestrate.ray_actors)
 
 Each worker loads the base model once and runs fold after fold (arcfold.run.worker). A worker that dies (killed,
@@ -102,7 +104,9 @@ class Executor:
             self.pool: Pool = RayActors(cfg.executor, cfg.devices, worker)
             self.devices = self.pool.devices
             return
-        self.devices = resolve_devices(cfg.devices, cfg.model.device, cfg.model.device_map)
+        self.devices = resolve_devices(
+            cfg.devices, cfg.model.device, cfg.model.device_map, share=cfg.executor.share_devices
+        )
         if len(self.devices) == 1:  # a worker process would only add its start-up
             device = self.devices[0]
             self.pool = InProcess(

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from arcfold.data import ArcDataError, Task, make_views
 from arcfold.data.augment import view_count
 from arcfold.engine.lora import AdapterReset, attach_lora, load_adapter_weights, save_adapter, trainable_parameters
-from arcfold.engine.model import load_model
+from arcfold.engine.model import load_model, select_device
 from arcfold.engine.predict import predict_task
 from arcfold.engine.scoring import answer_nll
 from arcfold.engine.train import make_accelerator, train_fold, use_checkpointing
@@ -45,6 +45,7 @@ class Engine:
     """The engine's functions a fold worker calls (arcfold.engine's, unless others are handed in): a benchmark that
     times them or a test that injects a fault passes its own instead of patching modules."""
 
+    select_device: Callable[[str], None] = select_device  # before load_model: a named card becomes the current one
     load_model: Callable[..., Any] = load_model
     train_fold: Callable[..., Any] = train_fold
     predict_task: Callable[..., Any] = predict_task
@@ -74,6 +75,7 @@ class FoldWorker:
         if device is not None:
             self.cfg.model.device = device
         self.run_dir, self.engine, self.progress = Path(run_dir), engine, progress
+        engine.select_device(self.cfg.model.device)
         loaded = engine.load_model(
             self.cfg.model,
             self.cfg.format.name,
