@@ -6,7 +6,7 @@ import pytest
 
 from arcfold.checks import ConfigError, check_budget
 from arcfold.config import BudgetConfig, InferenceConfig
-from arcfold.run.budget import FoldWork, Planner, Step, degraded, total_seconds
+from arcfold.run.budget import FoldWork, Planner, Step, degraded, margin_seconds, total_seconds
 
 
 def planner(seconds=None, margin=0.0, work=((100.0, 50.0), (300.0, 150.0)), workers=1, **kw) -> Planner:
@@ -118,6 +118,41 @@ def test_bad_budgets_are_refused_naming_the_key(values, key):
 def test_a_good_budget_passes():
     check_budget(BudgetConfig(hours=11.5, margin_seconds=1800, degrade=["greedy", "placeholders"]))
     assert planner(seconds=100.0, margin=20.0).write_by == 80.0  # the deadline minus the margin
+
+
+@pytest.mark.parametrize(
+    "values,margin",
+    [
+        ({"seconds": 40}, 4.0),  # refused before: the default margin was 60 s
+        ({"seconds": 300}, 30.0),
+        ({"seconds": 600}, 60.0),
+        ({"hours": 11}, 60.0),
+        ({"hours": 11, "margin_seconds": 1800}, 1800.0),  # explicit: as given
+        ({"seconds": 40, "margin_seconds": 0}, 0.0),
+        ({}, 0.0),  # no deadline, no margin
+    ],
+)
+def test_the_default_margin_scales_with_the_budget(values, margin):
+    budget = BudgetConfig(**values)
+    check_budget(budget)
+    assert budget.margin_seconds == values.get("margin_seconds") and margin_seconds(budget) == margin
+    if values:
+        assert Planner(budget, [FoldWork(1.0, 1.0)], start=0.0, full_views=8).write_by == total_seconds(budget) - margin
+
+
+def test_a_short_budget_and_the_kaggle_presets_margin_compose_and_pass():
+    from hydra import compose, initialize_config_module
+
+    from arcfold.checks import check
+    from arcfold.config import register
+
+    register()
+    with initialize_config_module("arcfold.conf", version_base="1.3"):
+        short = compose("config", overrides=["budget.seconds=40"])
+        kaggle = compose("config", overrides=["experiment=kaggle", "data.challenges=/nope", "model.path=/nope"])
+    check(short)
+    assert short.budget.margin_seconds is None and margin_seconds(short.budget) == 4.0
+    assert kaggle.budget.margin_seconds == 1800 and margin_seconds(kaggle.budget) == 1800.0
 
 
 def test_with_workers_a_fold_gets_their_share_of_the_work_left_and_the_projection_divides():

@@ -192,8 +192,9 @@ def check_budget(budget: Any) -> None:
     if unknown or len(set(steps)) != len(steps) or steps[-1:] != ["placeholders"]:
         raise refuse("budget.degrade", steps, f"distinct steps of {', '.join(DEGRADE_STEPS)}, ending with placeholders")
     total = (budget.hours or 0) * 3600 + (budget.seconds or 0)
-    if not 0 <= budget.margin_seconds < (total or float("inf")):
-        raise refuse("budget.margin_seconds", budget.margin_seconds, f">= 0 and below the budget ({total:g} s)")
+    margin = budget.margin_seconds  # None: 10% of the budget, at most 60 s (run.budget.margin_seconds)
+    if margin is not None and not 0 <= margin < (total or float("inf")):
+        raise refuse("budget.margin_seconds", margin, f"null (auto) or >= 0 and below the budget ({total:g} s)")
     if budget.views < 1:
         raise refuse("budget.views", budget.views, "an integer >= 1")
     if not 0 < budget.min_prob <= 1:

@@ -224,7 +224,9 @@ class ExecutorConfig:
 class BudgetConfig:
     hours: Optional[float] = None  # the run's deadline (hours and seconds add up; neither: no deadline)
     seconds: Optional[float] = None
-    margin_seconds: float = 60.0  # the final submission is on disk this long before the deadline
+    # The final submission is on disk this long before the deadline. None (auto): 10% of the budget, at most 60 s
+    # (a 40 s budget keeps 4 s; an hour or more, 60 s).
+    margin_seconds: Optional[float] = None
     # What inference cuts, in order, when the projection passes the deadline; placeholders is the last resort.
     degrade: list[str] = field(default_factory=lambda: list(DEGRADE_STEPS))
     views: int = 2  # the views cut: generation views per test input

@@ -37,6 +37,18 @@ def total_seconds(budget: Any) -> float | None:
     return (budget.hours or 0.0) * 3600.0 + (budget.seconds or 0.0)
 
 
+AUTO_MARGIN = (0.1, 60.0)  # budget.margin_seconds=null: this share of the budget, at most this many seconds
+
+
+def margin_seconds(budget: Any) -> float:
+    """How long before the deadline the final submission is on disk: budget.margin_seconds, or (null) 10% of the
+    budget and at most 60 s, so a short budget (budget.seconds=40: 4 s) is not all margin."""
+    if budget.margin_seconds is not None:
+        return float(budget.margin_seconds)
+    share, most = AUTO_MARGIN
+    return min(most, share * (total_seconds(budget) or 0.0))
+
+
 def train_units(tasks: Sequence[Task], epochs: int) -> float:
     """Training tokens a fold will give: 8 D8 views per epoch of each task's demonstrations."""
     return float(sum(train_tokens(t.train) for t in tasks) * view_count(max(1, epochs)))
@@ -105,7 +117,7 @@ class Planner:
 
     def __post_init__(self) -> None:
         total = total_seconds(self.budget)
-        self.write_by = None if total is None else self.start + total - self.budget.margin_seconds
+        self.write_by = None if total is None else self.start + total - margin_seconds(self.budget)
         self.steps = tuple(self.budget.degrade)
         self.last_cut = len(self.steps) - 1  # the level before placeholders
 
