@@ -194,7 +194,7 @@ def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result_and_one_ml
     client, run = mlflow_run(tmp_path / "outputs")  # the same MLflow run, continued
     assert run.info.status == "FINISHED" and run.data.tags["arcfold.resumed"] == "1"
     assert run.info.run_id == json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "fold_train_seconds")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "fold/train_seconds")] == [0, 1]
     assert "score" in run.data.metrics
 
 

@@ -86,27 +86,27 @@ def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_ru
     # One param per setting: the config's `folds`, no derived `folds.k` beside it; counts are metrics.
     assert run.data.params["folds"] == "2" and "folds.k" not in run.data.params
     assert run.data.params["lora.rank"] == "4" and run.data.params["train.epochs"] == "1"
-    assert run.data.params["seed"] == "0" and run.data.metrics["n_folds"] == 2
+    assert run.data.params["seed"] == "0" and run.data.metrics["detail/n_folds"] == 2
     for metric in (
         "score",
         "score_pairs",
         "oracle",
-        "seconds_train",
-        "seconds_inference",
+        "sys/seconds_train",
+        "sys/seconds_inference",
         "seconds_total",
-        "train_tokens_per_second",
+        "sys/train_tokens_per_second",
         "answer_nll",
-        "adapters_disk_mb",
+        "detail/adapters_disk_mb",
         "system/cpu_utilization_percentage",
         "system/system_memory_usage_megabytes",
     ):
         assert metric in run.data.metrics, metric
     # The fold series, and their per-run summaries computed from folds.csv independently.
-    history = client.get_metric_history(run.info.run_id, "fold_train_seconds")
+    history = client.get_metric_history(run.info.run_id, "fold/train_seconds")
     assert sorted(m.step for m in history) == [0, 1]
     seconds = [float(f["train_seconds"]) for f in folds]
-    assert run.data.metrics["fold_train_seconds_mean"] == pytest.approx(sum(seconds) / 2)
-    assert run.data.metrics["fold_train_seconds_min"] == pytest.approx(min(seconds))
+    assert run.data.metrics["fold/train_seconds_mean"] == pytest.approx(sum(seconds) / 2)
+    assert run.data.metrics["fold/train_seconds_min"] == pytest.approx(min(seconds))
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in losses) == list(range(sum(int(f["steps"]) for f in folds)))
     assert {"git_commit", "hostname", "device"} <= set(run.data.tags)

@@ -65,10 +65,16 @@ def check_compare(uri: str, parent_id: str, solved: dict[str, dict[str, list[boo
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "| lora.rank | runs | score |" in printed and "16 (best)" in printed and "**better**" in printed
+    assert "\nbest: lora.rank=16, score " in printed  # the verdict, with the interval that makes it
     base = uri if uri.startswith("http") else "http://127.0.0.1:5000"  # a server's own UI, else `make ui`'s
     assert f"{base}/#/experiments/" in printed and "viewStateShareKey=" + parent_id in printed
-    for name in ("report.md", "compare.json", "solved_matrix.png", "solved_matrix.csv", "score_differences.png"):
+    report_link = f"/runs/{parent_id}/artifacts/compare/report.html?workflowType=machine_learning"
+    assert f"MLflow report: {base}/#/experiments/" in printed and report_link in printed
+    files = ("report.md", "report.html", "compare.json", "solved_matrix.png", "solved_matrix.csv")
+    for name in (*files, "score_differences.png"):
         assert (out / name).stat().st_size > 500, name
+    modes = {oct((out / name).stat().st_mode & 0o777) for name in files}
+    assert len(modes) == 1, modes  # compare.json like the rest (0644 under the usual umask), not 0600
     doc = json.loads((out / "compare.json").read_text())
     assert doc["best"] == "lora.rank=16" and sorted(doc["tasks"]) == TASKS
     assert sorted(r for conf in doc["configurations"] for r in conf["runs"]) == sorted(child_ids)
@@ -82,15 +88,24 @@ def check_compare(uri: str, parent_id: str, solved: dict[str, dict[str, list[boo
 
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(parent_id)
-    assert parent.data.metrics["jobs"] == 6 and parent.data.metrics["failed_jobs"] == 0
+    m = parent.data.metrics
+    assert m["sweep/jobs"] == 6 and m["sweep/configurations"] == 2
+    assert "sweep/failed_jobs" not in m and "failed_tasks" not in m  # zero: not logged
     best = [client.get_run(i).data.metrics["score"] for i in child_ids[3:]]
-    assert parent.data.metrics["score"] == pytest.approx(np.mean(best))
-    assert parent.data.params["lora.rank"] == "16" and parent.data.tags["best_configuration"] == "lora.rank=16"
+    assert m["score"] == pytest.approx(np.mean(best), abs=5e-5) and m["score"] == round(m["score"], 4)
+    tags = parent.data.tags
+    assert parent.data.params["lora.rank"] == "16" and tags["best_configuration"] == "lora.rank=16"
+    note = tags["mlflow.note.content"]  # the parent's description: what it is, the verdict, the links
+    assert note.startswith("**Best**: lora.rank=16, score ") and "are lora.rank=16's means over its runs" in note
+    assert f"[Comparison report]({base}/#/experiments/" in note and report_link in tags["arcfold.report_link"]
     logged = {a.path for a in client.list_artifacts(parent_id, "compare")}
-    assert {"compare/report.md", "compare/solved_matrix.png", "compare/score_per_configuration.png"} <= logged
+    assert {"compare/report.md", "compare/report.html", "compare/score_per_configuration.png"} <= logged
+    md = Path(client.download_artifacts(parent_id, "compare/report.md", str(out.parent / "logged")))
+    # MLflow's Markdown view shows only http(s) images: the logged report.md points at the UI's artifact URL
+    assert f"({base}/get-artifact?path=compare%2Fscore_per_configuration.png&run_uuid={parent_id})" in md.read_text()
     exp = client.get_experiment(parent.info.experiment_id)
     state = json.loads(exp.tags[f"mlflow.sharedViewState.{parent_id}"])
-    assert state["selectedColumns"][:3] == ["params.`lora.rank`", "params.`seed`", "metrics.`score`"]
+    assert state["selectedColumns"][:2] == ["params.`lora.rank`", "metrics.`score`"]  # no seed: it would average
     assert state["columnOrder"] == state["selectedColumns"] and parent_id in state["searchFilter"]
     assert state["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "lora.rank"}]
 

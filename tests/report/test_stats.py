@@ -78,3 +78,13 @@ def test_mean_sd_uses_the_sample_sd_and_skips_missing_values():
     assert mean == pytest.approx(np.mean([8.19, 11.94, 10.0]))
     assert sd == pytest.approx(np.std([8.19, 11.94, 10.0], ddof=1))
     assert math.isnan(mean_sd([1.0])[1]) and math.isnan(mean_sd([])[0])
+
+
+def test_weights_make_the_mean_a_weighted_mean_over_tasks_and_resamples():
+    a, b, w = np.array([1.0, 2.0, 4.0]), np.array([0.0, 0.0, 0.0]), np.array([1.0, 1.0, 2.0])
+    iv = paired_bootstrap(a, b, n_boot=2000, weights=w, seed=1)
+    assert iv.mean == pytest.approx((1 + 2 + 8) / 4) and 1.0 <= iv.low <= iv.mean <= iv.high <= 4.0
+    assert paired_bootstrap(a, b, weights=np.ones(3)).mean == pytest.approx(paired_bootstrap(a, b).mean)
+    assert paired_bootstrap(a, b, weights=[1.0, 0.0, math.nan]).n_tasks == 1  # no weight: not a task here
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b, weights=[1.0, 2.0])

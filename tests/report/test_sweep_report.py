@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from arcfold.report.comparison import RunRecord, compare, swept_keys, table_rows, write_report
+from arcfold.report.comparison import MIN_TASKS, RunRecord, compare, swept_keys, table_rows, verdict
+from arcfold.report.comparison_files import write_report
 from arcfold.report.stats import paired_bootstrap
 
 TASKS = [f"t{i:02d}" for i in range(30)]
@@ -92,9 +93,88 @@ def test_the_report_files_are_written_with_strict_json(tmp_path, runs, read_png)
     assert f"r1 = lora.rank=4 seed=1 ({c.runs[0].run_id[:8]})" in text  # runs labelled by `seed`, not train.seed
     for key in ("solved_matrix_png", "score_png", "answer_nll_png", "d_score_png", "d_answer_nll_png"):
         read_png(files[key])
-        assert f"]({files[key].name})" in text
+        assert f"]({files[key].name})" in text  # report.md: the plots as images beside it
+    page = files["html"].read_text()  # report.html: one file, every plot inside it
+    assert page.count('src="data:image/png;base64,') == 5 and ".png" not in page.replace("image/png", "")
+    assert "<table>" in page and "<b>Best: lora.rank=16</b>" not in page and "Best: lora.rank=16" in page
+    assert "answer NLL, no TTT" not in text  # no run has it: no column of dashes
     doc = json.loads(files["json"].read_text(), parse_constant=lambda x: pytest.fail(f"non-strict JSON {x}"))
     assert doc["configurations"][1]["metrics"]["oracle"] == {"mean": None, "sd": None}
     assert doc["best"] == "lora.rank=16" and doc["configurations"][1]["vs_baseline"]["score"]["excludes_zero"]
     matrix = files["solved_matrix_csv"].read_text().splitlines()
     assert len(matrix) == 1 + len(TASKS) and matrix[0].split(",")[1:] == [r.run_id for r in c.runs]
+
+
+def tied(n_tasks: int, nll_gap: float, noise: float = 0.05) -> list[RunRecord]:
+    """Two configurations that solve the same tasks (a tied score), the second's answer NLL lower by nll_gap."""
+    rng = np.random.default_rng(2)
+    tasks = [f"t{i:02d}" for i in range(n_tasks)]
+    solved = {t: float(rng.random() < 0.5) for t in tasks}
+    runs = []
+    for rank, nll in ((4, 1.0), (8, 1.0 - nll_gap)):
+        for seed in (0, 1):
+            nlls = {t: nll + rng.normal(0, noise) for t in tasks}
+            metrics = {
+                "score": float(np.mean(list(solved.values()))),
+                "answer_nll": float(np.mean(list(nlls.values()))),
+            }
+            params = {"lora.rank": str(rank), "seed": str(seed)}
+            runs.append(
+                RunRecord(f"{rank}-{seed}", "", params, metrics, "FINISHED", {"score": solved, "answer_nll": nlls})
+            )
+    return runs
+
+
+def test_a_tied_score_with_an_nll_interval_across_zero_is_no_clear_winner():
+    c = compare(tied(20, nll_gap=0.001, noise=0.2), n_boot=500)
+    assert c.configurations[c.leader].label in ("lora.rank=4", "lora.rank=8") and c.best is None
+    assert not any("(best)" in v for row in table_rows(c) for v in row.values())
+    assert verdict(c).startswith("no clear winner: ") and " leads with score " in verdict(c)
+
+
+def test_a_tied_score_is_decided_by_an_nll_interval_that_excludes_zero():
+    c = compare(tied(20, nll_gap=0.3), n_boot=500)
+    assert c.best == c.leader and c.configurations[c.best].label == "lora.rank=8"
+    assert table_rows(c)[1]["lora.rank"] == "8 (best)" and verdict(c).startswith("best: lora.rank=8, score ")
+
+
+def test_too_few_tasks_give_no_winner_however_large_the_gap():
+    c = compare(tied(MIN_TASKS - 1, nll_gap=0.5), n_boot=300)
+    assert c.best is None and f"over {MIN_TASKS - 1} tasks: too few for a verdict" in verdict(c)
+
+
+def test_one_configuration_is_not_called_best_of_one():
+    runs = [r for r in tied(12, 0.3) if r.params["lora.rank"] == "4"]
+    c = compare(runs, n_boot=100)
+    assert verdict(c).startswith("one configuration: ") and "(best)" not in str(table_rows(c))
+
+
+def test_the_nll_column_and_its_difference_are_one_mean_per_test_output():
+    # Tasks with 1 or 3 test outputs: a per-task mean and a per-output mean differ, and must not be mixed.
+    rng = np.random.default_rng(4)
+    tasks = [f"t{i:02d}" for i in range(16)]
+    outputs = {t: 1 + 2 * (i % 2) for i, t in enumerate(tasks)}
+    runs = []
+    for rank, shift in ((4, 0.0), (8, -0.2)):
+        for seed in (0, 1):
+            per_output = {
+                t: [1.0 + shift * (1 + (outputs[t] == 3)) + rng.normal(0, 0.01) for _ in range(outputs[t])]
+                for t in tasks
+            }
+            metrics = {"score": 0.0, "answer_nll": float(np.mean([v for vs in per_output.values() for v in vs]))}
+            per_task = {
+                "score": {t: 0.0 for t in tasks},
+                "answer_nll": {t: float(np.mean(v)) for t, v in per_output.items()},
+                "answer_nll_outputs": {t: float(len(v)) for t, v in per_output.items()},
+            }
+            runs.append(
+                RunRecord(
+                    f"{rank}-{seed}", "", {"lora.rank": str(rank), "seed": str(seed)}, metrics, "FINISHED", per_task
+                )
+            )
+    c = compare(runs, n_boot=300)
+    low, high = c.configurations
+    column_gap = np.mean(high.metric("answer_nll")) - np.mean(low.metric("answer_nll"))
+    assert c.intervals["answer_nll"][1].mean == pytest.approx(column_gap, abs=1e-9)
+    unweighted = np.mean([high.per_task_mean("answer_nll", tasks) - low.per_task_mean("answer_nll", tasks)])
+    assert abs(unweighted - column_gap) > 0.01  # a per-task mean would have disagreed with the column

@@ -4,8 +4,10 @@ TARGET is a sweep directory (its mlflow_parent.json names the store and the pare
 child runs), one or more run ids, or an MLflow filter (`"params.lora.rank = '8'"`, searched in --experiment).
 The runs are grouped into configurations (the swept params, seeds aside); the report gives each configuration's
 mean +- sd over seeds, the paired bootstrap interval of its difference to the baseline over tasks, and the
-per-task solved matrix, as report.md, compare.json and PNG plots in --out. With a parent run, they are logged to
-it, and it carries the sweep's summary: the best configuration's params and score, the jobs and the failures.
+per-task solved matrix, as report.md, report.html (self-contained), compare.json and PNG plots in --out. A
+configuration is "best" only where its paired interval against every other excludes zero; otherwise the verdict
+is "no clear winner". With a parent run, the files are logged to it, and it carries the sweep's summary: a
+description with the verdict and links, the leading configuration's params and rounded means, the counts.
 
     python -m arcfold.cli.compare outputs/sweeps/2026-11-27_10-00-00
     python -m arcfold.cli.compare 3f2a... --baseline lora.rank=8 --tracking-uri http://127.0.0.1:5000
@@ -20,8 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from arcfold.report.comparison import markdown_table, table_rows
-from arcfold.track.runs import Source, resolve, summarise
+from arcfold.report.comparison import markdown_table, table_rows, verdict
+from arcfold.track.runs import Source, printed_links, resolve, summarise
 
 
 def default_out(source: Source) -> Path:
@@ -44,7 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--out",
-        help="where report.md, compare.json and the plots go (default: <sweep dir>/compare, "
+        help="where report.md, report.html, compare.json and the plots go (default: <sweep dir>/compare, "
         "else outputs/compare/<parent id or time>)",
     )
     p.add_argument(
@@ -70,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"arcfold.cli.compare: no runs match {' '.join(args.target)!r} in {source.uri}", file=sys.stderr)
         return 2
     try:
-        comparison, files, link = summarise(
+        comparison, files, links = summarise(
             source, args.out or default_out(source), args.baseline, args.level, args.n_boot, args.ui_url
         )
     except ValueError as err:  # e.g. a baseline that matches no configuration
@@ -80,9 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("arcfold.cli.compare: none of the runs logged params (all refused before starting)", file=sys.stderr)
         return 2
     print(markdown_table(table_rows(comparison)))
-    print(f"\nreport: {files['report']}")
-    if link:
-        print(f"MLflow runs table: {link}")
+    print(f"\n{verdict(comparison)}\n")
+    print(printed_links(files, links))
     return 0
 
 

@@ -59,14 +59,25 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write strict JSON (NaN as null) via a temporary file and a rename: a crash never leaves half a file."""
+    """Write strict JSON (NaN as null) via a temporary file and a rename: a crash never leaves half a file. The
+    file gets the mode any other new file gets (0644 under the usual umask), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(strict_json(obj), f, allow_nan=False)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)  # e.g. a numpy value json cannot write: leave no stray temp file

@@ -1,23 +1,28 @@
 """A sweep's comparison from plain run records: configurations over seeds, paired intervals against a baseline,
-the per-task solved matrix, and the Markdown report with its plots. MLflow stays outside (arcfold.cli.compare reads
-the runs); this module sees only RunRecords.
+the per-task solved matrix, the verdict, and the report (Markdown and self-contained HTML) with its plots. MLflow
+stays outside (arcfold.cli.compare reads the runs); this module sees only RunRecords.
 
 A configuration is the set of runs that agree on every swept param except the seeds (SEED_KEYS), so a sweep
 `-m seed=1,2,3 lora.rank=8,16` has two configurations of three runs each.
+
+The leader is the configuration with the highest mean score, then the lowest mean answer NLL. It is called the
+best only where that lead is clear: against every other configuration the paired interval of the score
+difference excludes zero in its favour, or the score does not tell them apart and the answer NLL's interval
+does (with at least MIN_TASKS paired tasks). Otherwise the verdict is "no clear winner".
+
+The answer NLL is one mean everywhere: per test output (the run metric `answer_nll`). Its paired difference
+weights each task by its test outputs, so the difference of two configurations' columns is the interval's mean.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from arcfold.data.submission import write_json_atomic
-from arcfold.report import plots
+from arcfold.report.document import markdown_table
 from arcfold.report.stats import Interval, mean_sd, paired_bootstrap
 
 # Params that are repeats of one configuration, not a configuration of their own (`seed` drives them all).
@@ -29,12 +34,15 @@ TABLE_METRICS = (
     ("oracle", "oracle", 3),
     ("selection_accuracy", "selection acc.", 3),
     ("answer_nll", "answer NLL", 4),
-    ("answer_nll_base", "answer NLL, no TTT", 4),  # the base model alone (inference.base_nll=true; else -)
+    ("answer_nll_base", "answer NLL, no TTT", 4),  # the base model alone (inference.base_nll=true; else no column)
     ("seconds_total", "seconds", 1),
 )
 MIN_TASKS = 10  # fewer paired tasks than this: the interval is shown but no better/worse verdict is given
 # Per-task metrics compared against the baseline, and whether higher is better.
 PAIRED_METRICS = {"score": True, "answer_nll": False}
+# A per-task metric that is a mean over the task's test outputs, and the per-task count that weights it (the
+# score is the leaderboard's per-task average: unweighted).
+WEIGHTS = {"answer_nll": "answer_nll_outputs"}
 
 
 @dataclass
@@ -80,7 +88,10 @@ class Comparison:
     tasks: list[str]
     intervals: dict[str, list[Interval | None]]  # metric -> per configuration (None for the baseline itself)
     level: float
-    best: int  # index of the best configuration: highest mean score, then lowest mean answer NLL
+    leader: int  # index of the configuration with the highest mean score, then the lowest mean answer NLL
+    ranking: list[int]  # the configurations in that order, the leader first
+    versus_leader: dict[str, list[Interval | None]]  # metric -> the leader minus each configuration (None: itself)
+    best: int | None  # the leader where its lead is clear (see the module doc), else None: no clear winner
 
     @property
     def runs(self) -> list[RunRecord]:
@@ -132,6 +143,20 @@ def pick_baseline(configs: Sequence[Configuration], baseline: str | None) -> int
     )
 
 
+def task_weights(runs: Sequence[RunRecord], metric: str, tasks: Sequence[str]) -> np.ndarray | None:
+    """Each task's weight for a per-output metric: its test outputs with a value (the most any run has)."""
+    key = WEIGHTS.get(metric)
+    counts = [r.per_task[key] for r in runs if key and key in r.per_task]
+    if not counts:
+        return None
+    return np.array([max((c.get(t, 0.0) for c in counts), default=0.0) for t in tasks], dtype=float)
+
+
+def decides(iv: Interval | None, higher_is_better: bool) -> bool:
+    """The interval says the first configuration is better: it excludes zero on the good side, over enough tasks."""
+    return iv is not None and iv.n_tasks >= MIN_TASKS and iv.excludes_zero and (iv.mean > 0) == higher_is_better
+
+
 def compare(
     runs: Sequence[RunRecord], baseline: str | None = None, level: float = 0.95, n_boot: int = 10_000, seed: int = 0
 ) -> Comparison:
@@ -140,23 +165,37 @@ def compare(
     swept, seeds = swept_keys(runs)
     configs = group(runs, swept)
     base = pick_baseline(configs, baseline)
-    tasks = sorted({t for r in runs for per in r.per_task.values() for t in per})
-    intervals: dict[str, list[Interval | None]] = {}
-    for metric in PAIRED_METRICS:
-        if not any(metric in r.per_task for r in runs):
-            continue
-        b = configs[base].per_task_mean(metric, tasks)
-        intervals[metric] = [
-            None if i == base else paired_bootstrap(c.per_task_mean(metric, tasks), b, n_boot, level, seed)
-            for i, c in enumerate(configs)
-        ]
+    tasks = sorted({t for r in runs for metric in PAIRED_METRICS for t in r.per_task.get(metric, {})})
 
     def rank(i: int) -> tuple[float, float]:
         score, nll = mean_sd(configs[i].metric("score"))[0], mean_sd(configs[i].metric("answer_nll"))[0]
         return (-score if math.isfinite(score) else math.inf, nll if math.isfinite(nll) else math.inf)
 
-    best = min(range(len(configs)), key=rank)
-    return Comparison(configs, swept, seeds, base, tasks, intervals, level, best)
+    ranking = sorted(range(len(configs)), key=rank)
+    leader = ranking[0]
+    intervals: dict[str, list[Interval | None]] = {}
+    versus: dict[str, list[Interval | None]] = {}
+    for metric in PAIRED_METRICS:
+        if not any(metric in r.per_task for r in runs):
+            continue
+        means = [c.per_task_mean(metric, tasks) for c in configs]
+        weights = task_weights(runs, metric, tasks)
+        intervals[metric] = [
+            None if i == base else paired_bootstrap(means[i], means[base], n_boot, level, seed, weights)
+            for i in range(len(configs))
+        ]
+        versus[metric] = [
+            None if i == leader else paired_bootstrap(means[leader], means[i], n_boot, level, seed, weights)
+            for i in range(len(configs))
+        ]
+
+    def clear_lead(i: int) -> bool:
+        score, nll = versus.get("score", [None] * len(configs))[i], versus.get("answer_nll", [None] * len(configs))[i]
+        return decides(score, True) or (not decides(score, False) and decides(nll, False))
+
+    clear = all(clear_lead(i) for i in range(len(configs)) if i != leader)
+    best = leader if clear else None
+    return Comparison(configs, swept, seeds, base, tasks, intervals, level, leader, ranking, versus, best)
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -169,7 +208,11 @@ def _pm(values: Sequence[float], digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" +- {sd:.{digits}f}" if math.isfinite(sd) else "")
 
 
-def _interval(iv: Interval | None, higher_is_better: bool, digits: int) -> str:
+def _digits(metric: str) -> int:
+    return 3 if metric == "score" else 4
+
+
+def interval_text(iv: Interval | None, higher_is_better: bool, digits: int) -> str:
     if iv is None:
         return "baseline"
     if not math.isfinite(iv.mean):
@@ -183,159 +226,53 @@ def _interval(iv: Interval | None, higher_is_better: bool, digits: int) -> str:
 
 
 def table_rows(c: Comparison) -> list[dict[str, str]]:
-    """The configurations table: swept values, runs, mean +- sd of each metric, paired intervals vs baseline."""
+    """The configurations table: swept values, runs, mean +- sd of each metric, paired intervals vs baseline. A
+    metric no configuration has (answer NLL without TTT unless inference.base_nll) gets no column."""
     rows = []
+    shown = [(m, h, d) for m, h, d in TABLE_METRICS if any(conf.metric(m) for conf in c.configurations)]
     for i, conf in enumerate(c.configurations):
         row = {k: conf.values[k] for k in c.swept} if c.swept else {"configuration": conf.label}
         row["runs"] = str(len(conf.runs))
-        for metric, heading, digits in TABLE_METRICS:
+        for metric, heading, digits in shown:
             row[heading] = _pm(conf.metric(metric), digits)
         for metric, ivs in c.intervals.items():
-            digits = 3 if metric == "score" else 4
-            row[f"d {metric} vs baseline"] = _interval(ivs[i], PAIRED_METRICS[metric], digits)
-        if i == c.best:
+            row[f"d {metric} vs baseline"] = interval_text(ivs[i], PAIRED_METRICS[metric], _digits(metric))
+        if i == c.best and len(c.configurations) > 1:
             row[next(iter(row))] += " (best)"
         rows.append(row)
     return rows
 
 
-def markdown_table(rows: Sequence[Mapping[str, str]]) -> str:
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in cols) + " |" for r in rows]
-    return "\n".join(lines)
+def headline(conf: Configuration) -> str:
+    """A configuration's mean +- sd score over its runs, rounded for reading."""
+    n = len(conf.metric("score"))
+    return f"score {_pm(conf.metric('score'), 3)}" + (f" over {n} runs" if n > 1 else "")
 
 
-def run_label(c: Comparison, r: RunRecord) -> str:
-    conf = next(conf for conf in c.configurations if r in conf.runs)
-    seed = f"{c.repeat_key}={r.params[c.repeat_key]}" if c.repeat_key in r.params else ""
-    return " ".join(x for x in (conf.label if c.swept else "", seed) if x) or r.name or r.run_id[:8]
+def _plain(iv: Interval, digits: int) -> str:
+    return f"{iv.mean:+.{digits}f} [{iv.low:+.{digits}f}, {iv.high:+.{digits}f}]"
 
 
-def solved_matrix(c: Comparison) -> np.ndarray:
-    """tasks x runs: each task's score per run (NaN where the run has none)."""
-    return np.array([[r.per_task.get("score", {}).get(t, math.nan) for r in c.runs] for t in c.tasks]).reshape(
-        len(c.tasks), len(c.runs)
+def verdict(c: Comparison) -> str:
+    """One line: the best configuration and the interval that makes it so, or why there is no clear winner."""
+    lead, n = c.configurations[c.leader], len(c.configurations)
+    if n == 1:
+        return f"one configuration: {lead.label}, {headline(lead)}"
+    score, nll = (c.versus_leader.get(m, [None] * n) for m in ("score", "answer_nll"))
+    others = c.ranking[1:]  # the runner-up first
+    undecided = [i for i in others if not (decides(score[i], True) or decides(nll[i], False))]
+    other = others[0] if c.best is not None or not undecided else undecided[0]
+    pairs = (("score", score[other]), ("answer_nll", nll[other]))
+    shown = [(m, iv) for m, iv in pairs if iv is not None and math.isfinite(iv.mean)]
+    tasks = max((iv.n_tasks for _, iv in shown), default=0)
+    against = f"against {c.configurations[other].label}: " + (
+        ", ".join(f"d {m} {_plain(iv, _digits(m))}" for m, iv in shown) or "no per-task results"
     )
-
-
-def write_report(
-    c: Comparison, out: str | Path, title: str = "arcfold comparison", max_matrix_rows: int = 200
-) -> dict[str, Path]:
-    """report.md, compare.json (strict JSON), solved_matrix.csv and the PNG plots in `out`; their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs, labels = c.runs, [run_label(c, r) for r in c.runs]
-    base = c.configurations[c.baseline]
-    files: dict[str, Path] = {}
-    matrix = solved_matrix(c)
-    if c.tasks and runs:
-        files["solved_matrix_png"] = plots.solved_matrix(matrix, c.tasks, labels, out / "solved_matrix.png")
-        with open(out / "solved_matrix.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["task", *[r.run_id for r in runs]])
-            writer.writerows([t, *("" if math.isnan(v) else f"{v:g}" for v in row)] for t, row in zip(c.tasks, matrix))
-        files["solved_matrix_csv"] = out / "solved_matrix.csv"
-    conf_labels = [conf.label for conf in c.configurations]
-    for metric in ("score", "answer_nll"):
-        if any(conf.metric(metric) for conf in c.configurations):
-            files[f"{metric}_png"] = plots.per_config(
-                conf_labels,
-                [conf.metric(metric) for conf in c.configurations],
-                metric,
-                out / f"{metric}_per_configuration.png",
-            )
-    for metric, ivs in c.intervals.items():
-        if len(c.configurations) > 1:
-            others = [i for i in range(len(ivs)) if i != c.baseline]
-            files[f"d_{metric}_png"] = plots.differences(
-                [conf_labels[i] for i in others],
-                [ivs[i] for i in others],
-                metric,
-                base.label,
-                out / f"{metric}_differences.png",
-            )
-
-    best = c.configurations[c.best]
-    failed = [r for r in runs if r.status != "FINISHED"]
-    lines = [
-        f"# {title}",
-        "",
-        f"{len(runs)} runs in {len(c.configurations)} configurations over {len(c.tasks)} tasks; "
-        f"swept: {', '.join(c.swept) or 'nothing'}; repeats by {c.repeat_key or 'nothing (one run each)'}.",
-        f"Baseline: **{base.label}**. Best (highest mean score, then lowest answer NLL): **{best.label}**.",
-        f"Runs not FINISHED: {len(failed)}" + (f" ({', '.join(r.run_id[:8] for r in failed)})" if failed else ""),
-        "",
-        "## Configurations",
-        "",
-        "Mean +- sd over the runs of each configuration (sd over seeds: the noise a single run carries). "
-        f"`d metric vs baseline`: the mean paired difference over tasks and its {c.level:.0%} bootstrap "
-        "interval (tasks resampled, each task's values averaged over the configuration's runs); **better** / "
-        f"**worse** where the interval excludes zero (given at least {MIN_TASKS} tasks). Lower answer NLL is "
-        "better.",
-        "",
-        markdown_table(table_rows(c)),
-        "",
-    ]
-    if any(k.endswith("_png") for k in files):
-        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for k, p in files.items() if k.endswith("_png")] + [""]
-    if c.tasks and runs:
-        lines += [
-            "## Solved per task",
-            "",
-            "Each cell: the task's score in that run (1 = every test output solved by an attempt, "
-            ". = none, blank = not predicted).",
-            "",
-        ]
-        shown = c.tasks[:max_matrix_rows]
-        rows = [
-            {
-                "task": t,
-                **{
-                    f"r{j + 1}": "" if math.isnan(v) else ("1" if v == 1 else "." if v == 0 else f"{v:.2f}")
-                    for j, v in enumerate(matrix[i])
-                },
-            }
-            for i, t in enumerate(shown)
-        ]
-        lines += [markdown_table(rows), ""]
-        if len(c.tasks) > len(shown):
-            lines.append(f"({len(c.tasks) - len(shown)} more tasks in solved_matrix.csv)")
-        lines += [
-            "Runs: " + "; ".join(f"r{j + 1} = {lab} ({r.run_id[:8]})" for j, (lab, r) in enumerate(zip(labels, runs))),
-            "",
-        ]
-    (out / "report.md").write_text("\n".join(lines))
-    files["report"] = out / "report.md"
-    files["json"] = write_json_atomic(out / "compare.json", to_json(c))
-    return files
-
-
-def _interval_json(iv: Interval | None) -> dict[str, Any] | None:
-    return None if iv is None else {**vars(iv), "excludes_zero": iv.excludes_zero}
-
-
-def to_json(c: Comparison) -> dict[str, Any]:
-    return {
-        "swept": c.swept,
-        "seeds": c.seeds,
-        "level": c.level,
-        "tasks": c.tasks,
-        "baseline": c.configurations[c.baseline].label,
-        "best": c.configurations[c.best].label,
-        "configurations": [
-            {
-                "label": conf.label,
-                "values": conf.values,
-                "runs": [r.run_id for r in conf.runs],
-                "metrics": {m: dict(zip(("mean", "sd"), mean_sd(conf.metric(m)))) for m, _, _ in TABLE_METRICS},
-                "vs_baseline": {m: _interval_json(ivs[i]) for m, ivs in c.intervals.items()},
-            }
-            for i, conf in enumerate(c.configurations)
-        ],
-    }
+    over = f"{c.level:.0%} paired intervals over {tasks} tasks"
+    if c.best is not None:
+        return f"best: {lead.label}, {headline(lead)}; {against} ({over})"
+    why = f"too few for a verdict, which needs {MIN_TASKS}" if tasks < MIN_TASKS else "none excludes zero its way"
+    return f"no clear winner: {lead.label} leads with {headline(lead)}, but {against} ({over}: {why})"
 
 
 __all__ = [
@@ -347,7 +284,5 @@ __all__ = [
     "swept_keys",
     "table_rows",
     "markdown_table",
-    "write_report",
-    "solved_matrix",
-    "to_json",
+    "verdict",
 ]

@@ -14,8 +14,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from arcfold.report.comparison import markdown_table, table_rows
-from arcfold.track.runs import PARENT_FILE, Source, children, read_parent, summarise
+from arcfold.report.comparison import markdown_table, table_rows, verdict
+from arcfold.track.runs import PARENT_FILE, Source, children, printed_links, read_parent, summarise
 from arcfold.track.tracker import RunTracker
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class SweepCallback(Callback):
             config.outputs,
             run_name=f"sweep {sweep_dir.name}",
             tags={"sweep_id": sweep_dir.name, "arcfold.role": "sweep", "sweep_overrides": " ".join(overrides)},
+            artifacts=OmegaConf.select(config, "tracking.artifacts"),
         )
         tracker.log_params({"sweep.overrides": " ".join(overrides), "sweep.dir": str(sweep_dir)})
         (sweep_dir / PARENT_FILE).write_text(
@@ -79,12 +80,10 @@ class SweepCallback(Callback):
         client = MlflowClient(tracking_uri=parent["uri"])
         try:  # the jobs' results are safe in MLflow whatever happens here: a failed summary must not hide them
             source = Source(parent["uri"], children(client, parent["run_id"]), parent["run_id"], sweep_dir)
-            comparison, files, link = summarise(source, sweep_dir / "compare", ui_url=config.tracking.ui_url)
+            comparison, files, links = summarise(source, sweep_dir / "compare", ui_url=config.tracking.ui_url)
             if comparison is not None:
-                print(
-                    f"\n{markdown_table(table_rows(comparison))}\n\nreport: {files['report']}\n"
-                    f"MLflow runs table: {link}"
-                )
+                print(f"\n{markdown_table(table_rows(comparison))}\n\n{verdict(comparison)}\n")
+                print(printed_links(files, links))
         except Exception as err:
             log.error(
                 "the sweep's summary failed (python -m arcfold.cli.compare %s retries it): %s",
