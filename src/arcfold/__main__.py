@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from arcfold.checks import ConfigError, check
 from arcfold.config import register
@@ -42,6 +42,10 @@ def available_cores() -> int:
 
 @hydra.main(version_base="1.3", config_path="pkg://arcfold.conf", config_name="config")
 def run_app(cfg: DictConfig) -> float | None:
+    from arcfold.run.progress import quiet_libraries, shows_bars
+
+    quiet_libraries(shows_bars(cfg.report.progress))  # before the libraries load: their bars and known warnings
+
     from arcfold import pipeline
     from arcfold.run.checkpoint import resumed_config
     from arcfold.run.failures import Interrupted, free_memory, interrupts, outcome
@@ -93,6 +97,7 @@ def run_app(cfg: DictConfig) -> float | None:
             run_dir=run_dir,
             system_metrics=cfg.tracking.system_metrics,
             system_metrics_interval=cfg.tracking.system_metrics_interval,
+            artifacts=OmegaConf.select(cfg, "tracking.artifacts"),
         )
     status, tags, exit_code = "FAILED", {"arcfold.outcome": "error"}, 0
     try:

@@ -142,15 +142,15 @@ def land(event: Done | Lost, s: Session) -> FoldRow:
 
 
 def log_fold(row: FoldRow, s: Session, tracker: Tracker) -> None:
-    """A fold's figures as fold_* metrics at its step, its loss curve, and one log line."""
+    """A fold's figures as fold_* metrics at its step, its loss curve, and its one summary line."""
     f = row.fold
     values = {f"fold_{k}": v for k, v in row.values().items() if k != "fold" and isinstance(v, (int, float))}
     tracker.log_metrics(values, step=f)
     # train_loss: one series over the run's optimiser steps, fold after fold (resumed runs too)
     first_step = sum(int(r.steps) for r in s.results.folds if r.fold < f)
     tracker.log_series("train_loss", s.results.losses.get(f, []), first_step=first_step)
-    log.info(
-        "fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f",
+    log.info(  # the fold's one line in a log (report.progress lines), with where the run is
+        "fold %d/%d: %d tasks, %d steps, loss %.4f, train %.1fs, inference %.1fs, score %.3f; %s",
         f + 1,
         len(s.folds),
         row.tasks,
@@ -159,6 +159,7 @@ def log_fold(row: FoldRow, s: Session, tracker: Tracker) -> None:
         row.train_seconds,
         row.inference_seconds,
         row.metrics.get("score", math.nan),
+        s.progress.status(),
     )
 
 

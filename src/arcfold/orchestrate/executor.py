@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 from arcfold.orchestrate.devices import resolve_devices, threads_per_worker
 from arcfold.orchestrate.pools import InProcess, Pool, Processes
 from arcfold.run.ledger import FoldJob, Ledger
+from arcfold.run.progress import shows_bars
 from arcfold.run.records import FoldReport
 from arcfold.run.results import write_csv
 from arcfold.run.worker import Engine, FoldWorker
@@ -111,7 +112,12 @@ class Executor:
             device = self.devices[0]
             self.pool = InProcess(
                 functools.partial(
-                    FoldWorker, plain, str(run_dir), engine, device=None if device == cfg.model.device else device
+                    FoldWorker,
+                    plain,
+                    str(run_dir),
+                    engine,
+                    device=None if device == cfg.model.device else device,
+                    progress=shows_bars(cfg.report.progress),  # the training bar: live only where bars are
                 ),
                 ledger,
                 cfg.executor.threads,

@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Protocol, Sequence
 
 from arcfold.run.ledger import FoldJob, Ledger, on_this_clock
+from arcfold.run.progress import quiet_libraries
 from arcfold.run.worker import FoldWorker
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ def serve(conn: Connection, device: str, threads: int, factory: Callable[..., Fo
     logging.basicConfig(
         level=logging.INFO, format=f"[worker {os.getpid()} {label}] %(levelname)s %(name)s: %(message)s"
     )
+    quiet_libraries(bars=False)  # a worker process draws no bars
     try:
         worker = factory(device=device)
     except Exception as err:

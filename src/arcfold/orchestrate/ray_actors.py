@@ -19,6 +19,7 @@ from arcfold.checks import ConfigError, refuse
 from arcfold.orchestrate.devices import gpu_count, threads_per_worker
 from arcfold.orchestrate.pools import Event
 from arcfold.run.ledger import FoldJob, Ledger, on_this_clock
+from arcfold.run.progress import quiet_libraries
 from arcfold.run.records import FoldReport
 from arcfold.run.worker import FoldWorker, WorkerInfo
 
@@ -34,6 +35,7 @@ class FoldActor:
 
         torch.set_num_threads(threads)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        quiet_libraries(bars=False)  # an actor draws no bars
         self.factory = factory
         self.worker: FoldWorker | None = None
 

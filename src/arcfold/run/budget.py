@@ -154,8 +154,9 @@ class Planner:
 
     def start_fold(self, f: int, now: float) -> FoldPlan:
         projected = self.projection(now)
-        if projected is not None:
-            log.info(
+        if projected is not None:  # a line per fold only where there is a deadline to hold it against
+            log.log(
+                logging.DEBUG if self.write_by is None else logging.INFO,
                 "budget: the run is projected to take %.0f s in all%s",
                 projected,
                 "" if self.write_by is None else f" ({self.write_by - self.start:.0f} s allowed)",

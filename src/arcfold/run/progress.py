@@ -1,8 +1,9 @@
-"""Live progress of a run and its end-of-run summary table.
+"""Live progress of a run, its end-of-run summary table, and the libraries' chatter kept out of its log.
 
-On a terminal: a run bar (tasks predicted, elapsed and ETA, the current fold) over a training bar (optimiser
-steps with the loss), log lines routed above the bars. Elsewhere (a log file, a CI job, a sweep's job under a
-launcher): plain log lines, at most one per `every` seconds, and one at the end of every fold.
+On a terminal (or report.progress=bars): a run bar (tasks predicted, elapsed and ETA, the current fold) over the
+training bar of the fold (optimiser steps with the loss), log lines routed above the bars. Elsewhere (a log file,
+a CI job, a sweep's job under a launcher): plain log lines, no carriage return: one summary line per fold (the
+pipeline's, ending with `status()`), and at most one progress line per `every` seconds in between.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import sys
 import time
+import warnings
 from contextlib import ExitStack
 from typing import Any, Mapping
 
@@ -26,11 +29,36 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def shows_bars(mode: str) -> bool:
+    """report.progress: bars (live, redrawn) for `bars`, and for `auto` on a terminal; else plain lines or none."""
+    return mode == "bars" or (mode == "auto" and sys.stderr.isatty())
+
+
+def quiet_libraries(bars: bool) -> None:
+    """Switch off, where each starts, what the libraries print that a run's log does not need: transformers'
+    "Loading weights" bar (unless the run shows bars), peft's reading of transformers' deprecated
+    `is_gradient_checkpointing` (a FutureWarning per model), bitsandbytes' note that its optional `kernels`
+    package is missing. Once per process (a worker process too); MLflow's sampler is quieted by its tracker."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if bars:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers reads it when it is imported (workers too)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 class Progress:
     """progress(...) as a context manager; the pipeline calls fold(), train_step() and task_done()."""
 
     def __init__(self, mode: str, tasks: int, folds: int, every: float = 30.0):
-        self.bars = mode == "bars" or (mode == "auto" and sys.stderr.isatty())
+        self.bars = shows_bars(mode)
         self.lines = mode != "off" and not self.bars
         self.tasks, self.folds, self.every = tasks, folds, every
         self.done, self.current, self.start = 0, 0, time.perf_counter()
@@ -61,20 +89,16 @@ class Progress:
         return elapsed * (self.tasks - self.done) / self.done if self.done else math.nan
 
     def fold(self, f: int, n_tasks: int) -> None:
+        """A fold starts: the run bar says so (lines: the fold's summary line, at its end, is enough)."""
         self.current = f
         self._close_train()
         if self._run_bar is not None:
             self._run_bar.set_description(f"fold {f + 1}/{self.folds}")
-        if self.lines:
-            log.info(
-                "fold %d/%d: %d tasks (elapsed %s, %d/%d tasks done)",
-                f + 1,
-                self.folds,
-                n_tasks,
-                _duration(time.perf_counter() - self.start),
-                self.done,
-                self.tasks,
-            )
+
+    def status(self) -> str:
+        """Where the run is, for a fold's summary line: tasks predicted, elapsed, ETA."""
+        elapsed = _duration(time.perf_counter() - self.start)
+        return f"{self.done}/{self.tasks} tasks predicted, elapsed {elapsed}, ETA {_duration(self.eta())}"
 
     def train_step(self, step: int, total: int, loss: float) -> None:
         if self.bars:
@@ -99,15 +123,8 @@ class Progress:
         if self._run_bar is not None:
             self._close_train()
             self._run_bar.update(1)
-        elif self.lines and (self._due() or self.done == self.tasks):
-            log.info(
-                "%d/%d tasks predicted (last %s), elapsed %s, ETA %s",
-                self.done,
-                self.tasks,
-                task_id,
-                _duration(time.perf_counter() - self.start),
-                _duration(self.eta()),
-            )
+        elif self.lines and self._due():
+            log.info("fold %d/%d: %s (last %s)", self.current + 1, self.folds, self.status(), task_id)
 
     def _due(self) -> bool:
         now = time.perf_counter()
@@ -152,7 +169,7 @@ def summary_table(metrics: Mapping[str, float], failures: int, run_dir: Any, lin
         table.add_row("MLflow", link)
     text = io.StringIO()
     Console(file=text, width=120, color_system=None).print(table)  # plain text: it goes to the log
-    return text.getvalue().rstrip()
+    return "\n".join(line.rstrip() for line in text.getvalue().rstrip().splitlines())
 
 
-__all__ = ["Progress", "summary_table"]
+__all__ = ["Progress", "quiet_libraries", "shows_bars", "summary_table"]
