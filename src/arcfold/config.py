@@ -200,6 +200,9 @@ class TrackingConfig:
     system_metrics: bool = True  # CPU, memory, disk, network (and GPU with nvidia-ml-py) as system/* metrics
     system_metrics_interval: float = 10.0  # seconds between samples
     ui_url: Optional[str] = None  # the printed links' UI (None: the uri if http(s), else `make ui`'s address)
+    # Where a NEW experiment keeps its artifacts: a directory or an URI (s3://...). None: for a SQLite store, beside
+    # its database (<dir of mlflow.db>/mlartifacts/<experiment>); for a tracking server, the server's own store.
+    artifacts: Optional[str] = None
 
 
 @dataclass
