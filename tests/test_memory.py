@@ -133,6 +133,7 @@ def first_steps(samples: int, effective_batch: int) -> int:
     return -(-samples // effective_batch)
 
 
+@pytest.mark.slow
 def test_a_fold_out_of_memory_twice_counts_as_failed(tmp_path):
     engine_fold = OutOfMemoryOnce(fail=(1, 2))
     cfg = config(tmp_path, "on_error=skip", "train_fallback=true")

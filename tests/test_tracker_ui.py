@@ -24,6 +24,7 @@ def test_the_headline_keeps_plain_names_and_the_rest_goes_under_a_prefix():
     assert mlflow_name("heldout_nll") == "heldout_nll"  # a name it does not know (stage=pretrain's) stays
 
 
+@pytest.mark.slow
 def test_artifacts_go_beside_the_database_the_uri_names_unless_configured(tmp_path):
     db = tmp_path / "store" / "mlflow.db"
     assert artifact_location(f"sqlite:///{db}", "arcfold") == (db.parent / "mlartifacts" / "arcfold").as_uri()
@@ -92,6 +93,7 @@ def test_json_files_get_the_mode_of_any_other_new_file(tmp_path):
     assert written.read_text() == '{"a": null}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["failed_tasks", "fold_timed_out_inputs", "adapters_disk_mb"])
 def test_a_waiting_series_appears_once_it_is_not_zero(tmp_path, name):
     from mlflow.tracking import MlflowClient
