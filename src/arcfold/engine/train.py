@@ -130,13 +130,13 @@ def use_checkpointing(setting: Any, kind: str) -> bool:
 def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
     """Gradient checkpointing on (non-reentrant: each layer recomputed in the backward pass) or off."""
     base = base_model(model)
-    # transformers 5.2x names the flag is_activation_checkpointing (the old name warns); earlier versions, the old
-    name = next((n for n in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(type(base), n)), "")
-    current = bool(getattr(base, name)) if name else False
+    # transformers 5.2x says "activation" where earlier releases (5.17 included) say "gradient"; the old names warn
+    word = "activation" if hasattr(type(base), "activation_checkpointing_enable") else "gradient"
+    current = bool(getattr(base, f"is_{word}_checkpointing", False))
     if on and not current:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        getattr(base, f"{word}_checkpointing_enable")(**{f"{word}_checkpointing_kwargs": {"use_reentrant": False}})
     elif not on and current:
-        base.gradient_checkpointing_disable()
+        getattr(base, f"{word}_checkpointing_disable")()
 
 
 def _peak_memory(device: torch.device) -> int:
