@@ -31,6 +31,17 @@ def test_off_a_terminal_auto_mode_writes_plain_lines_with_the_loss_and_an_eta(ca
     assert "\r" not in capsys.readouterr().err  # no bar redraws in a log file
 
 
+def test_the_last_task_of_a_fold_leaves_the_line_to_the_folds_summary(caplog):
+    caplog.set_level(logging.INFO, logger="arcfold.progress")
+    progress = Progress("lines", tasks=2, folds=1, every=0.0)
+    with progress:
+        progress.fold(0, 2)
+        progress.task_done("a")
+        progress.task_done("b", fold_done=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["fold 1/1: 1/2 tasks predicted, elapsed 0:00, ETA 0:00 (last a)"]
+
+
 def test_lines_are_throttled_and_the_fold_summary_line_gets_the_status(caplog):
     caplog.set_level(logging.INFO, logger="arcfold.progress")
     progress = Progress("lines", tasks=4, folds=2, every=3600.0)

@@ -57,10 +57,12 @@ class Session:
         self.ledger = Ledger(self.planner, self.store, self.results, on_input=self.input_landed, on_span=self.clock.add)
 
     def input_landed(self, rec: InputRecord) -> None:
-        """A test input landed: the task counts as predicted once all its test inputs have."""
+        """A test input landed: the task counts as predicted once all its test inputs have (the fold too, once all
+        its tasks have: its summary line follows)."""
         task = next(t for t in self.results.tasks if t.id == rec.task)
         if finished(task, self.results):
-            self.progress.task_done(task.id)
+            fold = self.folds[rec.fold] if 0 <= rec.fold < len(self.folds) else []
+            self.progress.task_done(task.id, fold_done=all(finished(t, self.results) for t in fold))
 
     def begin(self, job: FoldJob) -> FoldJob:
         """A fold handed to a worker: the budget's plan and the checkpoint's state go with it."""

@@ -118,11 +118,14 @@ class Progress:
         elif self.lines and self._due():
             log.info("fold %d/%d: training step %d/%d, loss %.4f", self.current + 1, self.folds, step, total, loss)
 
-    def task_done(self, task_id: str) -> None:
+    def task_done(self, task_id: str, fold_done: bool = False) -> None:
+        """A task predicted. fold_done: the last of its fold, whose summary line (the pipeline's) says it."""
         self.done += 1
         if self._run_bar is not None:
             self._close_train()
             self._run_bar.update(1)
+        elif self.lines and fold_done:
+            self._last_line = time.perf_counter()  # the fold's summary line is the next progress line
         elif self.lines and self._due():
             log.info("fold %d/%d: %s (last %s)", self.current + 1, self.folds, self.status(), task_id)
 
