@@ -40,6 +40,7 @@ def test_artifacts_go_beside_the_database_the_uri_names_unless_configured(tmp_pa
     assert not (tmp_path / "outputs" / "mlartifacts").exists()
 
 
+@pytest.mark.slow
 def test_zero_only_failure_and_budget_series_are_not_logged_and_the_headline_comes_first(tmp_path):
     from mlflow.tracking import MlflowClient
 
