@@ -132,3 +132,31 @@ def test_bf16_autocast_loss_with_checkpointing_matches_fp32(kernel, small_tasks,
     assert loss.item() == pytest.approx(expected, rel=2e-2)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("shrink", [False, True])
+def test_the_4bit_path_computes_in_bf16_on_the_card(llama_dir, lora_cfg, shrink):
+    """On the card as on the CPU (tests/engine/test_qlora.py): after k-bit preparation the weights that are not
+    quantised, the residual stream and the KV cache are bf16; the LoRA's weights fp32; peft's bitsandbytes layers."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    from transformers import DynamicCache
+
+    from arcfold.engine.logits import hidden_states
+
+    cfg = ModelConfig(
+        kind="hf", path=str(llama_dir), device="cuda", dtype="bfloat16", quantization="4bit", shrink_vocab=shrink
+    )
+    loaded = load_model(cfg, max_len={"train.max_len": 2048})
+    model = attach_lora(loaded.model, lora_cfg)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoraLinear4bit) and isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    for name, p in model.named_parameters():
+        if p.is_floating_point():
+            assert p.dtype == (torch.float32 if "lora_" in name else torch.bfloat16), (name, p.dtype)
+    codec, cache = loaded.codec, DynamicCache()
+    ids = torch.tensor([[codec.ids["input"], *[codec.ids[d] for d in "0120"], codec.eos_id]], device=loaded.device)
+    with torch.no_grad():
+        hidden = hidden_states(model, ids, cache, keep=None)
+    assert hidden.dtype == torch.bfloat16
+    assert all(layer.keys.dtype == layer.values.dtype == torch.bfloat16 for layer in cache.layers)
