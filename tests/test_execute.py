@@ -93,7 +93,7 @@ def test_every_fold_runs_once_the_costliest_first_on_whichever_worker_is_free(tm
     assert [r["state"] for r in rows] == ["finished", "finished"]
     assert sum(int(r["folds"]) for r in rows) == len(jobs)
     assert all(float(r["busy_seconds"]) > 0 and float(r["idle_seconds"]) >= 0 for r in rows)
-    assert all(e.attempt == 1 and e.round_trip >= e.report.worker_seconds > 0 for e in done)
+    assert all(e.attempt == 1 and e.round_trip > 0 and e.report.worker_seconds > 0 for e in done)
     assert sorted(ex.ledger.planner.trained) == list(range(len(jobs)))  # reports reached the run's ledger
 
 
