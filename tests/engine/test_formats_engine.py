@@ -99,7 +99,7 @@ def independent_logp(model: torch.nn.Module, prompt: list[int], answer: list[int
     return sum(float(logp[len(prompt) - 1 + j, tok]) for j, tok in enumerate(answer))
 
 
-@pytest.mark.parametrize("fmt", ["architects", "chat"])
+@pytest.mark.parametrize("fmt", ["architects", pytest.param("chat", marks=pytest.mark.slow)])
 def test_dfs_and_scoring_work_in_the_format(format_model_dir: Path, small_tasks: list[Task], fmt: str) -> None:
     loaded = load_model(ModelConfig(kind="hf", path=str(format_model_dir), device="cpu", dtype="float32"), fmt)
     codec, tok, model = loaded.codec, loaded.tokenizer, loaded.model
