@@ -152,8 +152,8 @@ class Executor:
             for w, row in self.workers.items():
                 if row.state == "idle" and pending:
                     job = begin(pending.popleft())
+                    running[w] = (job, time.perf_counter())  # before the send: the round trip covers the worker's time
                     pool.submit(w, job)
-                    running[w] = (job, time.perf_counter())
                     row.state = f"fold {job.fold}"
             self.write_status()
 
