@@ -37,10 +37,14 @@ class Reports:
 
 class StandInWorker:
     """Sleeps a fold's cost, logs (fold, pid, start) to a file; on the folds in `kill`, SIGKILLs its own process
-    mid-fold: the first time only (a marker file remembers), or every time with `always`."""
+    mid-fold: the first time only (a marker file remembers), or every time with `always`. No fold ends before
+    `peers` workers have started: a slow process start must not leave one worker every fold."""
 
-    def __init__(self, log: str, kill: tuple[int, ...] = (), always: bool = False, device: str | None = None):
-        self.log, self.kill, self.always = Path(log), kill, always
+    def __init__(
+        self, log: str, peers: int, kill: tuple[int, ...] = (), always: bool = False, device: str | None = None
+    ):
+        self.log, self.peers, self.kill, self.always = Path(log), peers, kill, always
+        self.log.with_name(f"started_{os.getpid()}").touch()
         self.info = WorkerInfo(device or "cpu", os.getpid(), 0.0, 0, 4)
 
     def __call__(self, job: FoldJob, ledger: Ledger) -> FoldReport:
@@ -51,6 +55,9 @@ class StandInWorker:
         if job.fold in self.kill and (self.always or not marker.exists()):
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(list(self.log.parent.glob("started_*"))) < self.peers and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(job.cost / 40_000)
         ledger.report("observe_train", job.fold, 1.0, 0.0)  # a report, sent to the parent as it happens
         return FoldReport(job.fold, 1, TrainingRecord(None), 0.0, None, 0.0, 0.0, time.time() - start, [], [])
@@ -61,7 +68,7 @@ def executor(tmp_path: Path, workers: int, **kill) -> Executor:
     ex = Executor.__new__(Executor)
     ex.status, ex.workers, ex.devices = tmp_path / "workers.csv", {}, ["cpu"] * workers
     ex.ledger = Ledger(Reports())
-    ex.pool = Processes(ex.devices, functools.partial(StandInWorker, str(tmp_path / "log"), **kill), threads=1)
+    ex.pool = Processes(ex.devices, functools.partial(StandInWorker, str(tmp_path / "log"), workers, **kill), threads=1)
     return ex
 
 
