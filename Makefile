@@ -42,7 +42,8 @@ pretrain: install
 
 # TTT's effect with the shipped model: the testbed's arms side by side in MLflow (a few minutes each).
 testbed: install
-	$(PY) -m arcfold -m experiment=testbed variant=no_ttt,folds_1,folds_4,per_task,greedy,votes
+	$(PY) -m arcfold -m experiment=testbed \
+		variant=no_ttt,folds_1,folds_4,per_task,greedy,votes,keep_rule,no_d8,no_colours,no_demo_order
 
 # The real ARC-AGI-1 tasks that are instances of the generated families, without and with TTT.
 real-tasks: install

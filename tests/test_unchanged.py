@@ -49,7 +49,12 @@ REMOVED_PARAMS = ("run_dir",)
 CHANGED_PARAMS: dict[str, tuple[str, str]] = {}
 # Keys added on purpose since the recording, with their default: a new param each, nothing else. (The re-recording
 # for issue 21 took in executor.share_devices, model.allow_pickle and tracking.artifacts.)
-NEW_PARAMS: dict[str, str] = {}
+NEW_PARAMS: dict[str, str] = {
+    # issue 20: which augmentations TTT trains on, each on by default (today's training views)
+    "train.augment.d8": "True",
+    "train.augment.colours": "True",
+    "train.augment.demo_order": "True",
+}
 
 
 def run_arcfold(args: list[str], root: Path) -> None:

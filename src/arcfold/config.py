@@ -138,6 +138,18 @@ class LoraConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """What TTT trains on (train.augment): each augmentation of the training views on or off. Prediction views are
+    inference.*'s and do not change. Off, every view keeps the task's own orientation, colours or demonstration
+    order; an epoch is still 8 views per task (the same steps). A flip or turn conjugates a geometry rule and a
+    colour permutation conjugates a colour map, so with d8 and colours off the adapter sees one rule, not eight."""
+
+    d8: bool = True  # the 8 flips and turns
+    colours: bool = True  # a colour permutation per view, of train.colours's kind
+    demo_order: bool = True  # a random demonstration order per view (train.shuffle_demos=false turns it off too)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 1  # augmented copies: one epoch = 8 D8 views of each task, all in one optimiser pass
     lr: float = 1e-4
@@ -159,6 +171,7 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length (little padding); false: random batches
     loss_kernel: str = "torch"  # torch (chunked head, any device) | liger (fused linear cross-entropy, CUDA)
     seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # which augmentations TTT trains on
 
 
 @dataclass

@@ -125,3 +125,15 @@ def test_epoch_plan_shuffles_demos_only_when_asked(eval_tasks: list[Task]) -> No
     assert any(v.demo_order != tuple(sorted(v.demo_order)) for _, v in shuffled)
     assert all(v.demo_order == () for _, v in epoch_plan(tasks, 2, seed=SEED, shuffle_demos=False))
     assert all(v.colours == tuple(range(10)) for _, v in epoch_plan(tasks, 1, seed=SEED, colours="none"))
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_epoch_plan_without_d8_keeps_every_view_upright_and_the_rest_of_the_plan(
+    eval_tasks: list[Task], epochs: int
+) -> None:
+    tasks = eval_tasks[:12]
+    full = epoch_plan(tasks, epochs, seed=SEED)
+    upright = epoch_plan(tasks, epochs, seed=SEED, d8=False)
+    assert all(view.d8 == 0 for _, view in upright)
+    # The same views but for the symmetry: 8 * epochs per task, the same colours and demonstration orders.
+    assert keys(upright) == [(task.id, Transform(0, v.colours, v.demo_order)) for task, v in full]

@@ -113,17 +113,23 @@ def make_views(
 
 
 def epoch_plan(
-    tasks: Sequence[Task], epochs: int, seed: int, colours: ColourMode = "all", shuffle_demos: bool = True
+    tasks: Sequence[Task],
+    epochs: int,
+    seed: int,
+    colours: ColourMode = "all",
+    shuffle_demos: bool = True,
+    d8: bool = True,
 ) -> list[tuple[Task, Transform]]:
     """The training data of the reference's "epochs = augmented copies": for each task and epoch, the 8 D8
-    views (each with its own colours and demo order), all shuffled into ONE pass: 8 * epochs per task."""
+    views (each with its own colours and demo order), all shuffled into ONE pass: 8 * epochs per task.
+    With d8=False the 8 views of an epoch all keep the task's orientation (colours and order still vary)."""
     plan = []
     for task in tasks:
         rng = task_rng(seed, "epochs", task.id)
         n_demos = len(task.train)
         for _ in range(epochs):
-            for d8 in range(N_D8):
+            for symmetry in range(N_D8):
                 order = tuple(int(i) for i in rng.permutation(n_demos)) if shuffle_demos else ()
-                plan.append((task, Transform(d8, random_colours(rng, colours), order)))
+                plan.append((task, Transform(symmetry if d8 else 0, random_colours(rng, colours), order)))
     shuffled = task_rng(seed, "shuffle", len(plan)).permutation(len(plan))
     return [plan[i] for i in shuffled]

@@ -53,7 +53,10 @@ def build_samples(codec: GridCodec, tasks: Sequence[Task], cfg: TrainConfig) -> 
     """The fold's training sequences (8 * epochs augmented views per task) and how many were skipped."""
     samples: list[Encoded] = []
     skipped = 0
-    for task, view in epoch_plan(tasks, cfg.epochs, cfg.seed, cast(ColourMode, cfg.colours), cfg.shuffle_demos):
+    augment = cfg.augment  # which augmentations TTT trains on; off, a view keeps the task's own
+    colours = cast(ColourMode, cfg.colours if augment.colours else "none")
+    plan = epoch_plan(tasks, cfg.epochs, cfg.seed, colours, cfg.shuffle_demos and augment.demo_order, augment.d8)
+    for task, view in plan:
         enc = codec.encode_train(view.pairs(task.train), cfg.max_len, cfg.mask_first_output)
         # A sequence with no labelled token would give a NaN loss: treat it like one that does not fit.
         if enc is None or enc.labels is None or all(label == IGNORE for label in enc.labels):
