@@ -76,6 +76,8 @@ BAD = [
     ("train.lr=-1e-4", "train.lr", "-0.0001", "> 0"),
     ("train.warmup_ratio=1.5", "train.warmup_ratio", "1.5", "[0, 1]"),
     ("train.grad_accum=0", "train.grad_accum", "0", "integer >= 1"),
+    ("train.warmup_max_share=1.5", "train.warmup_max_share", "1.5", "[0, 1]"),
+    ("train.embedding_lr=0", "train.embedding_lr", "0", "null (train.lr) or a number > 0"),
     ("train.gradient_checkpointing=sometimes", "train.gradient_checkpointing", "'sometimes'", "auto (on for model"),
     ("data.limit=0", "data.limit", "0", "integer >= 1"),
     ("experiment=smoke model.num_heads=3", "model.num_heads", "3", "divisor of model.hidden_size (64)"),

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.lr": (lambda v: _num(v) and v > 0, "a number > 0"),
     "train.warmup_ratio": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "train.warmup_steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "train.warmup_max_share": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "train.embedding_lr": (lambda v: v is None or (_num(v) and v > 0), "null (train.lr) or a number > 0"),
     "train.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "train.grad_accum": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "train.weight_decay": (lambda v: _num(v) and v >= 0, "a number >= 0"),
@@ -140,9 +143,23 @@ def check(cfg: Any) -> None:
             "plain with model.kind=tiny (its built-in vocabulary has no "
             "letters; use model=hf with a tokenizer for architects or chat)",
         )
+    if cfg.train.optimizer != "adamw" and not installed("bitsandbytes"):
+        raise refuse(
+            "train.optimizer", cfg.train.optimizer, "adamw, or install bitsandbytes (pip install bitsandbytes)"
+        )
+    if cfg.lora.train_embeddings and cfg.train.loss_kernel == "liger":
+        raise refuse("train.loss_kernel", "liger", "torch with lora.train_embeddings=true (liger fuses a plain head)")
     if cfg.model.shrink_vocab_save and not cfg.model.shrink_vocab:
         raise refuse("model.shrink_vocab_save", cfg.model.shrink_vocab_save, "null unless model.shrink_vocab=true")
     check_budget(cfg.budget)
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, found without importing it (bitsandbytes' import takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules (import blocked)
+        return False
 
 
 def _check_folds(cfg: Any) -> None:

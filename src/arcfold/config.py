@@ -46,9 +46,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.colours": COLOURS,
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.loss_kernel": ("torch", "liger"),  # the chunked torch head, or Liger's fused kernel (CUDA)
+    # torch's AdamW, or bitsandbytes' 8-bit AdamW (its states in 8 bits; on a CPU too) and its paged variant
+    "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     "inference.strategy": ("greedy", "dfs", "sample"),
     "inference.colours": COLOURS,
-    "inference.scoring.aggregate": ("sum_logp", "sum_logp_bonus", "mean_prob", "max", "min", "votes"),
+    "inference.scoring.aggregate": ("sum_logp", "sum_logp_bonus", "mean_prob", "max", "min", "votes", "nvarc"),
     "inference.scoring.views_from": ("generation", "fresh"),
     "inference.scoring.colours": COLOURS,
     "save_adapters": ("none", "last", "all"),
@@ -135,6 +137,10 @@ class LoraConfig:
     )
     use_rslora: bool = True
     init_seed: int = 0
+    # Also train the input embeddings and the LM head (the ARChitects, NVARC): every row when the vocabulary is the
+    # format's own (model.shrink_vocab, the tiny model), else only the rows of the format's tokens (peft's trainable
+    # tokens); at train.embedding_lr. Reset, saved and restored with the LoRA weights.
+    train_embeddings: bool = False
 
 
 @dataclass
@@ -153,9 +159,14 @@ class AugmentConfig:
 class TrainConfig:
     epochs: int = 1  # augmented copies: one epoch = 8 D8 views of each task, all in one optimiser pass
     lr: float = 1e-4
+    embedding_lr: Optional[float] = None  # with lora.train_embeddings: their learning rate (None: lr)
+    optimizer: str = "adamw"  # adamw (torch) | adamw_8bit | paged_adamw_8bit (bitsandbytes)
     scheduler: str = "cosine"  # any transformers scheduler name: cosine | linear | constant_with_warmup | ...
     warmup_ratio: float = 0.1
-    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio, up to warmup_max_share of the fold's steps
+    # Warmup given in steps is capped at this share of the fold's steps (logged when it is): a recipe's 100 steps
+    # sized for 400 would be most of a 120-step fold (k=8) or all of a per-task one.
+    warmup_max_share: float = 0.25
     batch_size: int = 1  # per device
     grad_accum: int = 1
     weight_decay: float = 0.0
@@ -177,7 +188,7 @@ class TrainConfig:
 @dataclass
 class ScoringConfig:
     views: int = 0  # augmentation scoring under this many views (0: rank by votes, then mean log p)
-    aggregate: str = "sum_logp"  # sum_logp | sum_logp_bonus | mean_prob | max | min | votes
+    aggregate: str = "sum_logp"  # sum_logp | sum_logp_bonus | mean_prob | max | min | votes | nvarc
     # generation: the first `views` generation views, whose prompts the DFS already ran (their KV caches are
     # kept, so scoring runs only the candidates' tokens); fresh: new views from `seed` and `colours`.
     views_from: str = "generation"

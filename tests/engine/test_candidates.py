@@ -87,3 +87,15 @@ def test_missing_or_mismatched_scores_raise():
     with pytest.raises(ValueError, match="different views"):
         rank([Candidate(one, {}, {0: -1.0}), Candidate(one, {}, {1: -1.0})], "sum_logp")
     assert rank([], "sum_logp") == []
+
+
+def test_nvarc_is_the_generating_views_minus_the_mean_nll():
+    one = np.zeros((1, 1), dtype=np.int8)
+    # NVARC's rule (reference 4b): (views whose search produced it) - (mean NLL under the scoring views).
+    found_often = Candidate(one, {0: -3.0, 1: -2.5, 2: -4.0}, {v: -(0.5 + v / 8) for v in range(8)})  # NLL 0.9375
+    likely = Candidate(one, {5: -0.1}, {v: -0.5 for v in range(8)})  # NLL 0.5
+    assert aggregate(found_often, "nvarc") == pytest.approx(3 - 0.9375)
+    assert aggregate(likely, "nvarc") == pytest.approx(1 - 0.5)
+    assert "nvarc" in AGGREGATES  # ranked and logged (detail/score_nvarc) with the other aggregations
+    assert rank([likely, found_often], "nvarc") == [1, 0]  # a vote is worth one nat of mean NLL
+    assert rank([likely, found_often], "sum_logp") == [0, 1]

@@ -70,6 +70,9 @@ _BY_SCORES: dict[str, Callable[[np.ndarray, Candidate], float]] = {
     "mean_prob": _mean_prob,
     "max": lambda values, _: float(values.max()),
     "min": lambda values, _: float(values.min()),
+    # NVARC's selection (1st on ARC-AGI-2, 2025): the views whose search produced the candidate, minus its mean NLL
+    # over the scoring views (mean log p = -mean NLL)
+    "nvarc": lambda values, c: float(c.votes + values.mean()),
 }
 
 
@@ -79,7 +82,8 @@ def aggregate(candidate: Candidate, name: str) -> float:
     sum_logp: sum of the per-view scores (product of the views' probabilities). sum_logp_bonus: sum_logp plus
     (gen log p + 3) per generating view. mean_prob: the mean probability over views, returned as its LOG
     (log-mean-exp: same order, but no underflow to 0 for long answers). max / min: best / worst view. votes: the
-    number of generating views. A score-based aggregate of a candidate without scores raises ValueError: it
+    number of generating views. nvarc (NVARC's rule): votes minus the mean NLL under the scoring views, i.e. votes +
+    the mean per-view score. A score-based aggregate of a candidate without scores raises ValueError: it
     would compare an empty sum with real ones; rank by "votes" when nothing was scored."""
     if name == "votes":
         return float(candidate.votes)

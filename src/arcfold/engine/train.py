@@ -24,11 +24,13 @@ import transformers
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from arcfold.checks import ConfigError
 from arcfold.config import TrainConfig
 from arcfold.data.augment import ColourMode, epoch_plan
 from arcfold.data.codec import IGNORE, Encoded, GridCodec
 from arcfold.data.tasks import Task
 from arcfold.engine.logits import base_model, causal_lm_loss, hidden_states
+from arcfold.engine.lora import is_embedding_parameter
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,47 @@ def _peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
+def warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    """The fold's warmup: train.warmup_ratio of its steps, or train.warmup_steps (> 0) capped at
+    train.warmup_max_share of them. A recipe states its warmup in steps for its own schedule (the ARChitects' 100 of
+    400 steps, a quarter); a fold of k=8 (~120 steps) or one task (~a few dozen) would spend most or all of its
+    schedule warming up, so the cap keeps the recipe's shape and the log says when it applies."""
+    if cfg.warmup_steps <= 0:
+        return math.ceil(cfg.warmup_ratio * steps)
+    cap = math.ceil(cfg.warmup_max_share * steps)
+    if cfg.warmup_steps > cap:
+        log.info(
+            "warmup capped at %d of the fold's %d steps (train.warmup_steps=%d, train.warmup_max_share=%g)",
+            cap,
+            steps,
+            cfg.warmup_steps,
+            cfg.warmup_max_share,
+        )
+        return cap
+    return cfg.warmup_steps
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """train.optimizer over the trainable parameters, in two groups when embedding rows train too
+    (lora.train_embeddings): the LoRA's at train.lr, the embeddings' and head's at train.embedding_lr (None: lr).
+    adamw_8bit and paged_adamw_8bit are bitsandbytes' (8-bit states; they step on a CPU too)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    embedding = [p for name, p in named if is_embedding_parameter(name)]
+    groups: list[dict[str, Any]] = [{"params": [p for name, p in named if not is_embedding_parameter(name)]}]
+    if embedding:
+        groups.append({"params": embedding, "lr": cfg.embedding_lr or cfg.lr})
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(
+            f"{cfg.optimizer} needs bitsandbytes (pip install bitsandbytes)", key="train.optimizer"
+        ) from None
+    kind = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cast(torch.optim.Optimizer, kind(groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
+
+
 def train_fold(
     peft_model: torch.nn.Module,
     codec: GridCodec,
@@ -183,7 +226,7 @@ def train_fold(
     )
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     steps = math.ceil(len(batches) / cfg.grad_accum)
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * steps)
+    warmup = warmup_steps(cfg, steps)
     # Recompute each layer in the backward pass (activations of one layer at a time): true, or off. The run resolves
     # auto from model.kind first (use_checkpointing); a caller that passes auto here gets the tiny model's off.
     set_checkpointing(peft_model, cfg.gradient_checkpointing is True)
@@ -196,8 +239,7 @@ def train_fold(
             batch_sampler=batches,
             collate_fn=partial(collate, pad_id=codec.pad_id),
         )
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(peft_model, cfg)
         scheduler = transformers.get_scheduler(
             cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps
         )
@@ -303,8 +345,10 @@ __all__ = [
     "collate",
     "length_grouped_batches",
     "make_accelerator",
+    "make_optimizer",
     "random_batches",
     "set_checkpointing",
     "train_fold",
     "use_checkpointing",
+    "warmup_steps",
 ]

@@ -27,7 +27,14 @@ from omegaconf import OmegaConf
 
 from arcfold.data import ArcDataError, Task, make_views
 from arcfold.data.augment import view_count
-from arcfold.engine.lora import AdapterReset, attach_lora, load_adapter_weights, save_adapter, trainable_parameters
+from arcfold.engine.lora import (
+    AdapterReset,
+    attach_lora,
+    load_adapter_weights,
+    save_adapter,
+    trainable_parameters,
+    trained_rows,
+)
 from arcfold.engine.model import load_model, select_device
 from arcfold.engine.predict import predict_task
 from arcfold.engine.scoring import answer_nll
@@ -82,7 +89,9 @@ class FoldWorker:
             max_len={"train.max_len": self.cfg.train.max_len, "inference.max_len": self.cfg.inference.max_len},
         )
         self.codec, self.dtype = loaded.codec, loaded.dtype
-        self.model = attach_lora(loaded.model, self.cfg.lora)
+        # lora.train_embeddings: every row of a vocabulary that is the format's own, else the format's tokens' rows
+        rows = trained_rows(self.cfg.model, loaded.codec.token_ids)
+        self.model = attach_lora(loaded.model, self.cfg.lora, rows)
         self.fresh_adapter = AdapterReset(self.model)  # each fold starts from these weights; never a base reload
         self.accelerator = make_accelerator(self.cfg.train, loaded.device)
         self.retried = ""  # what the current fold's out-of-memory retry changed (see fit)
