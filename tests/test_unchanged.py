@@ -54,7 +54,15 @@ NEW_PARAMS: dict[str, str] = {
     "train.augment.d8": "True",
     "train.augment.colours": "True",
     "train.augment.demo_order": "True",
+    # issue 19: the recipes' switches, each off by default
+    "lora.train_embeddings": "False",
+    "train.embedding_lr": "None",
+    "train.optimizer": "adamw",
+    "train.warmup_max_share": "0.25",
 }
+# Metrics added on purpose since the recording: issue 19's ranking (inference.scoring.aggregate=nvarc), scored with
+# the other aggregations from the same candidates; the default run must log it.
+NEW_METRICS = ("detail/score_nvarc", "fold/score_nvarc", "score_nvarc")
 
 
 def run_arcfold(args: list[str], root: Path) -> None:
@@ -127,6 +135,8 @@ def test_the_rebuild_changed_no_output(case, tmp_path):
             run["params"][key] = old
         for key, default in NEW_PARAMS.items():
             assert run["params"].pop(key, None) == default, key
+        new = [d.pop(k) for d in (run["metrics"], run["scores"]["metrics"]) for k in NEW_METRICS if k in d]
+        assert case != "default" or len(new) == len(NEW_METRICS), new
     assert len(now) == (4 if case == "sweep" else 1)
     diffs = same(recorded, now)
     assert not diffs, "\n".join(diffs[:40])
