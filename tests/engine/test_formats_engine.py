@@ -1,6 +1,7 @@
 """The engine needs nothing new for a prompt format: a tiny Hugging Face model whose tokenizer holds the
 ARChitects' letters and a chat template, loaded through load_model with format architects or chat, learns one
-task, and the DFS and teacher-forced scoring work on the codec alone (end token, output tokens, answers)."""
+task, and the DFS and teacher-forced scoring work on the codec alone (end token, output tokens, answers). On
+the real task's augmented prompts in every format, the batched search finds what the one-row search finds."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from one_row_dfs import one_row_dfs
 from tokenizers import AddedToken, Tokenizer, models
 
 from arcfold.config import ModelConfig
 from arcfold.data import ArcDataError, Task
+from arcfold.data.augment import make_views
 from arcfold.engine.dfs import dfs
 from arcfold.engine.model import load_model
 from arcfold.engine.teacher_forcing import answer_logps
@@ -112,7 +115,8 @@ def test_dfs_and_scoring_work_in_the_format(format_model_dir: Path, small_tasks:
     prompt, truth = codec.encode_prompt(task.train, test.input).ids, codec.encode_answer(test.output)
     assert prompt + truth == train.ids  # the prompt is the training sequence cut before the answer
 
-    found, stats = dfs(model, prompt, codec, min_prob=0.05, max_new_tokens=len(truth) + 8)
+    searched = dfs(model, [prompt], codec, min_prob=0.05, max_new_tokens=len(truth) + 8)
+    (found,), stats = searched.completions, searched.stats
     assert found and stats.forward_tokens > 0
     assert np.array_equal(codec.decode(found[0].ids), test.output)  # stops at the format's end token
     assert all(c.ids[-1] == codec.eos_id for c in found)
@@ -168,3 +172,30 @@ def test_a_run_writes_the_configured_format(format_model_dir: Path, tmp_path: Pa
     result = pipeline.run(cfg, tmp_path, engine=counting)
     assert [m.codec.format for m in loaded] == ["chat"]
     assert not result.failures and len(result.folds) == 1 and result.folds[0].train_tokens > 0
+
+
+@pytest.mark.parametrize("fmt", ["plain", "architects", pytest.param("chat", marks=pytest.mark.slow)])
+def test_the_batched_search_finds_what_the_one_row_search_finds(
+    format_model_dir: Path, small_tasks: list[Task], fmt: str
+) -> None:
+    """Eight D8 x colour views of a real ARC-AGI-2 task (prompts of two lengths), a model trained on the identity
+    view so that the search has branches to follow there and few elsewhere: the batched search at batch sizes 1,
+    2, 7 and 64 returns, for every view, exactly the one-row search's completions with the same log-probs
+    within 1e-5."""
+    loaded = load_model(ModelConfig(kind="hf", path=str(format_model_dir), device="cpu", dtype="float32"), fmt)
+    codec, model = loaded.codec, loaded.model
+    task = small_tasks[0]
+    train = codec.encode_train(list(task.train) + [task.test[0]])
+    fit(model, train.ids, train.labels, steps=60)
+    views = make_views(task, 1, seed=5)
+    prompts = [codec.encode_prompt(v.pairs(task.train), v.grid(task.test[0].input)).ids for v in views]
+    assert len({len(p) for p in prompts}) == 2
+    max_new = len(codec.encode_answer(task.test[0].output)) + 2
+    reference = [one_row_dfs(model, prompt, codec, 0.005, max_new)[0] for prompt in prompts]
+    assert any(len(found) > 1 for found in reference)
+    assert any(len(c.ids) > 3 for found in reference for c in found), [[c.ids for c in f] for f in reference]
+    for batch_size in (1, 2, 7, 64):
+        searched = dfs(model, prompts, codec, 0.005, max_new, batch_size=batch_size)
+        for found, expected in zip(searched.completions, reference):
+            assert [c.ids for c in found] == [c.ids for c in expected], batch_size
+            assert [c.logp for c in found] == pytest.approx([c.logp for c in expected], abs=1e-5)

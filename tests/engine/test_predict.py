@@ -19,7 +19,8 @@ from arcfold.data.augment import make_views
 from arcfold.data.codec import GridCodec
 from arcfold.engine.candidates import AGGREGATES
 from arcfold.engine.generate import greedy, sample
-from arcfold.engine.predict import answer_budget, cache_bytes, predict_task
+from arcfold.engine.predict import answer_budget, predict_task
+from arcfold.engine.prompt_cache import prefill
 
 CODEC = GridCodec.builtin()
 IDS = CODEC.ids
@@ -246,17 +247,15 @@ def test_predict_maps_every_view_back_to_the_original_frame(task, strategy):
 
 
 def test_dfs_over_d8_views_merges_votes(task):
-    """Without colour changes the 8 D8 views map [[3, 5]] back to 4 distinct grids, 2 views each. Each view
-    but the first gets the best candidate so far as a guess; where it is right the view costs one pass."""
+    """Without colour changes the 8 D8 views map [[3, 5]] back to 4 distinct grids, 2 views each. The views are
+    searched together: one prefill per batch of views, then one forward per answer token serves them all."""
     table = {**TWO_ANSWERS, OUT: {IDS["3"]: 4.0}}  # one answer, "3 5 row eos", p = 0.784 ** 4 = 0.38
     model = bigram_model(table)
     cfg = InferenceConfig(strategy="dfs", min_prob=0.3, max_len=2048, colours="none", shuffle_demos=False)
     pred = predict_task(model, CODEC, task, cfg)[0]
     assert len(pred.candidates) == 4 and all(c.votes == 2 for c in pred.candidates)
-    # A missing guess costs the prefill + 3 single-token passes (the nodes 3, 3 5, 3 5 row); a guess saves the
-    # passes of the nodes it shares with the answer (all of them when right, as for the d8=5 view, a flip that
-    # leaves [[3, 5]] unchanged, while the identity view's [[3, 5]] is still the best candidate).
-    assert 8 + 3 <= pred.stats["forward_passes"] < 8 * 4
+    # The prefill, then the nodes "3", "3 5", "3 5 row" (or their images) of all 8 views: 3 forwards, 8 rows each.
+    assert pred.stats["forward_passes"] == 1 + 3 and pred.stats["rows_per_forward"] == 8
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "dfs"])
@@ -341,24 +340,26 @@ def test_scoring_fills_every_ranking(task):
     assert set(predict_task(model, CODEC, task, votes_only)[0].rankings) == {"votes"}
 
 
-def test_scoring_reuses_the_prompt_caches_the_dfs_leaves(task):
-    """Scoring under the generation views (the default) takes each view's prompt cache from its DFS: the same
-    scores as running the prompts again (cache_mb=0), each equal to a from-scratch teacher-forced pass in that
-    view's frame, and exactly the prompts' tokens less one per view saved. A budget for three caches keeps the
-    first three. `views_from=fresh` scores under other views and keeps nothing."""
-    from transformers import DynamicCache
-
+def test_scoring_and_the_nll_reuse_the_prompt_caches_the_dfs_leaves(task):
+    """Scoring under the generation views (the default) and the true output's NLL read each view's prompt cache
+    from the DFS: the same numbers as running the prompts again (cache_mb=0), each equal to a from-scratch
+    teacher-forced pass in that view's frame, and no prompt token runs again. The budget is taken a batch of
+    views at a time: one for three caches keeps the first three. `views_from=fresh` scores under other views."""
     model = bigram_model(TWO_ANSWERS, context=0.3)  # context-dependent: a wrong cache would change the scores
-    cfg = InferenceConfig(strategy="dfs", min_prob=0.1, max_len=2048, scoring=ScoringConfig(views=8))
+    cfg = InferenceConfig(strategy="dfs", min_prob=0.1, max_len=2048, batch_size=3, scoring=ScoringConfig(views=8))
     views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)
     prompts = [view_prompt(task, view) for view in views]
 
     def run(**scoring):
-        return predict_task(model, CODEC, task, dataclasses.replace(cfg, scoring=ScoringConfig(views=8, **scoring)))[0]
+        changed = dataclasses.replace(cfg, scoring=ScoringConfig(views=8, **scoring))
+        return predict_task(model, CODEC, task, changed, nll_views=views)[0]
 
     kept, rerun = run(), run(cache_mb=0)
     assert kept.stats["scoring_kept_views"] == 8 and rerun.stats["scoring_kept_views"] == 0
-    assert rerun.stats["scoring_tokens"] - kept.stats["scoring_tokens"] == sum(len(p) - 1 for p in prompts)
+    assert kept.stats["nll_kept_views"] == 8 and rerun.stats["nll_kept_views"] == 0
+    prompt_tokens = sum(map(len, prompts))
+    for what in ("scoring_tokens", "nll_tokens"):
+        assert kept.stats[what] < min(map(len, prompts)) <= prompt_tokens <= rerun.stats[what], what
     assert len(kept.candidates) >= 2
     for a, b in zip(kept.candidates, rerun.candidates):
         assert np.array_equal(a.grid, b.grid) and sorted(a.scores) == list(range(8))
@@ -369,15 +370,18 @@ def test_scoring_reuses_the_prompt_caches_the_dfs_leaves(task):
             if v in a.gen_logps:  # the DFS's own log p for it in that view
                 assert a.scores[v] == pytest.approx(a.gen_logps[v], abs=1e-4)
     assert kept.rankings == rerun.rankings
+    truth = task.test[0].output
+    nll = np.mean(
+        [
+            -teacher_forced(model, p, CODEC.encode_answer(v.grid(truth))) / len(CODEC.encode_answer(v.grid(truth)))
+            for p, v in zip(prompts, views)
+        ]
+    )
+    assert kept.answer_nll == pytest.approx(nll, abs=1e-5) and rerun.answer_nll == pytest.approx(nll, abs=1e-5)
 
     with torch.inference_mode():
-        sizes = []
-        for prompt in prompts[:3]:
-            cache = DynamicCache()
-            model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
-            sizes.append(cache_bytes(cache))
-    budget = (sum(sizes) + min(sizes) / 2) / 2**20
-    assert run(cache_mb=budget).stats["scoring_kept_views"] == 3
+        first, _ = prefill(model, prompts[:3])
+    assert run(cache_mb=first.nbytes() * 1.5 / 2**20).stats["scoring_kept_views"] == 3
 
     fresh = run(views_from="fresh")
     assert fresh.stats["scoring_kept_views"] == 0

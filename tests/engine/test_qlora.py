@@ -161,7 +161,8 @@ def test_the_dfs_and_scoring_on_the_4bit_path_agree_with_teacher_forcing(qlora, 
     task, codec = small_tasks[0], loaded.codec
     views = make_views(task, 1, seed=0)[:2]
     prompt = generation_prompt(codec, task, 0, views[0], 2048).ids
-    completions, stats = dfs(model, prompt, codec, min_prob=0.002, max_new_tokens=4)
+    searched = dfs(model, [prompt], codec, min_prob=0.002, max_new_tokens=4)
+    (completions,), stats = searched.completions, searched.stats
     assert completions and stats.forward_passes > 1
     (logps,), _ = answer_logps(model, [prompt], [[c.ids for c in completions]])
     for c, lp in zip(completions, logps):

@@ -82,7 +82,7 @@ def test_scoring_under_views_on_a_real_task(model, codec, task):
         for v in range(8):
             assert math.isfinite(cand.scores[v]) and cand.scores[v] < 0
             assert cand.scores[v] == pytest.approx(expected[v][c], abs=1e-4)
-    assert stats["scoring_tokens"] < scratch_tokens / 2
+    assert stats["scoring_tokens"] < scratch_tokens.tokens / 2
     with pytest.raises(ValueError, match="2 prompts for 8 views"):
         score_candidates(model, codec, task, 0, cands, views, MAX_LEN, prompts=prompts[:2])
 

@@ -1,7 +1,7 @@
 """Teacher forcing (engine.teacher_forcing.answer_logps) on tiny random models and a real ARC-AGI-2 task: its three
 ways of running (packed answers, copied prompt caches, every prompt + answer from scratch) give the same numbers,
 which are those of generating the answer token by token; each is taken where it should be, and reuse does the
-work it promises (prompts run once or not at all, answers packed within the budget, kept caches untouched).
+work it promises (prompts run once, answers packed within the budget, a search's cache read as it stands).
 
 Which way ran is seen from outside: a forward hook on the model's backbone records every forward the engine makes
 (engine.logits.hidden_states), with the attention mask handed in (packing's own; None: the model's causal mask).
@@ -20,7 +20,6 @@ import torch
 from transformers import (
     AttentionInterface,
     AttentionMaskInterface,
-    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -32,7 +31,8 @@ from transformers.masking_utils import sdpa_mask
 from arcfold.data.augment import make_views
 from arcfold.data.codec import GridCodec
 from arcfold.data.tasks import Task
-from arcfold.engine.teacher_forcing import answer_logps
+from arcfold.engine.prompt_cache import feed, prefill
+from arcfold.engine.teacher_forcing import answer_logps, rows_answer_logps
 
 MAX_LEN = 4096
 # sdpa under a name the engine does not know: an attention kernel it cannot hand a mask (as flash kernels).
@@ -162,7 +162,7 @@ def test_packed_scores_equal_scratch(codec, task, attention, regime):
     with forwards(model) as seen:
         packed, packed_tokens = answer_logps(model, prompts, answers, batch_size)
     groups = sum(math.ceil(lengths.count(n) / batch_size) for n in set(lengths))
-    longest = max(len(a) for view_answers in answers for a in view_answers)  # a block: last prompt token + len-1
+    longest = max(len(a) for view_answers in answers for a in view_answers) - 1  # a block: all but the last token
     widest = max(width for _, width in seen.packed)
     if large:
         assert len(seen.packed) >= 3 * groups and widest <= 2 * longest  # several packs per group
@@ -172,7 +172,7 @@ def test_packed_scores_equal_scratch(codec, task, attention, regime):
     assert [s for view_scores in packed for s in view_scores] == pytest.approx(flat, abs=1e-4)
     assert all(math.isfinite(s) and s < 0 for s in flat)
     _, scratch_tokens = answer_logps(model, prompts, answers, batch_size, reuse_prompts=False)
-    assert packed_tokens < scratch_tokens / 2
+    assert packed_tokens.tokens < scratch_tokens.tokens / 2
 
 
 def test_the_pack_budget():
@@ -189,11 +189,12 @@ def test_the_pack_budget():
         assert [s for row in scores for s in row] == pytest.approx(scratch(model, prompts[:views], [answers] * views))
         return [width for _, width in seen.packed]
 
-    assert packs(None, 2, fives) == [20, 20]  # half the 40-token prompt: 4 answers per pack
-    assert packs(150_000, 2, fives) == [10, 10, 10, 10]  # batch_size 2 x 5 tokens
-    assert packs(150_000, 4, fives) == [20, 20]
-    assert packs(150_000, 4, fives, views=2) == [10] * 4  # two rows share the budget
-    assert packs(None, 8, [list(range(1, 16)) * 2, [5, 6], [7]]) == [30, 3]  # 30 > half the prompt: alone
+    # An answer's first token is read off the prompt's last hidden state: 4 of a 5-token answer's tokens are fed.
+    assert packs(None, 2, fives) == [20, 12]  # half the 40-token prompt: 5 answers per pack
+    assert packs(150_000, 2, fives) == [8, 8, 8, 8]  # batch_size 2 x 4 tokens
+    assert packs(150_000, 4, fives) == [16, 16]
+    assert packs(150_000, 4, fives, views=2) == [8] * 4  # two rows share the budget
+    assert packs(None, 8, [list(range(1, 16)) * 2, [5, 6], [7]]) == [29, 1]  # 29 > half the prompt: alone
 
 
 def test_packed_mask_keeps_answers_apart(codec):
@@ -201,24 +202,20 @@ def test_packed_mask_keeps_answers_apart(codec):
     positions of its own answer only; padding sees only the prompt. Boolean for sdpa, additive (0 / dtype min)
     in the model's dtype for eager."""
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]]
-    answers = [[[5, 6, 7], [8, 9]], [[10]]]  # one row packs two answers (3 + 2 tokens), the other one of 1 token
+    answers = [[[5, 6, 7], [8, 9]], [[10]]]  # one row packs two answers (2 + 1 tokens fed), the other nothing to feed
     masks = {}
     for attention, dtype in (("sdpa", torch.float32), ("eager", torch.bfloat16)):
         model = tiny_llama(attention=attention).to(dtype)
         with forwards(model) as seen:
             answer_logps(model, prompts, answers)
         ((shape, mask),) = [(shape, mask) for shape, mask in seen.calls if mask is not None]
-        assert shape == (2, 5) and mask.shape == (2, 1, 5, 11 + 5)
+        assert shape == (2, 3) and mask.shape == (2, 1, 3, 12 + 3)
         masks[attention] = mask
     mask, additive = masks["sdpa"], masks["eager"]
-    assert mask.dtype == torch.bool and mask[..., :11].all()  # the prompt less its last token, for every query
-    expected = torch.tensor(
-        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool
-    )
-    assert torch.equal(mask[0, 0, :, 11:], expected)
-    alone = torch.zeros(5, 5, dtype=torch.bool)
-    alone[0, 0] = True  # a one-token answer, then padding that sees only the prompt
-    assert torch.equal(mask[1, 0, :, 11:], alone)
+    assert mask.dtype == torch.bool and mask[..., :12].all()  # the whole prompt, for every query
+    expected = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0, 0, :, 12:], expected)
+    assert not mask[1, 0, :, 12:].any()  # a one-token answer feeds nothing: padding that sees only the prompt
     assert additive.dtype == torch.bfloat16
     assert torch.equal(additive == 0, mask) and (additive[~mask] == torch.finfo(torch.bfloat16).min).all()
 
@@ -255,40 +252,30 @@ def test_the_way_prompt_reuse_takes(codec, task):
         assert [s for row in scores for s in row] == pytest.approx(scratch(model, prompts, answers), abs=1e-4), name
 
 
-@pytest.mark.parametrize("kind", ["packed", "copied"])
-def test_kept_prompt_caches_score_like_running_the_prompts(codec, task, kind):
-    """Views whose prompt cache is handed in (as the DFS leaves it) score exactly as if their prompts ran here,
-    those prompts are not run again (only the others' prompts, less their last token, are prefilled), and the
-    handed-in caches are left as they were. Both reuse ways; kept views of both prompt lengths, and views
-    without."""
-    model = tiny_llama() if kind == "packed" else tiny_mistral()
+def test_answers_scored_on_a_cache_the_dfs_holds(codec, task):
+    """rows_answer_logps on prompts prefilled together (two lengths: left padding) with search leftovers after
+    them (columns no answer may see) scores exactly as running each prompt + answer from scratch, and leaves the
+    cache as it was."""
+    model = tiny_llama()
     views, prompts = view_prompts(codec, task, 6)
+    assert len({len(p) for p in prompts}) == 2
     answers = [[codec.encode_answer(view.grid(g)) for g in perturbed(task.test[0].output)] + [[5]] for view in views]
-    kept_views = [0, 1, 3, 4]
-    assert len({len(prompts[v]) for v in kept_views}) == 2 and len({len(p) for p in prompts}) == 2
-    kept = {}
     with torch.inference_mode():
-        for v in kept_views:
-            kept[v] = DynamicCache()
-            model(input_ids=torch.tensor([prompts[v]]), past_key_values=kept[v], use_cache=True)
-        before = {v: [(layer.keys.clone(), layer.values.clone()) for layer in c.layers] for v, c in kept.items()}
-    with forwards(model) as seen:
-        reused, _ = answer_logps(model, prompts, answers, 3, kept)
-    assert bool(seen.packed) == (kind == "packed")
-    prefilled = sum(rows * width for (rows, width), _ in seen.calls if width >= min(map(len, prompts)) - 1)
-    plain, _ = answer_logps(model, prompts, answers, 3)
-    flat = scratch(model, prompts, answers)
-    assert [s for va in reused for s in va] == pytest.approx(flat, abs=1e-4)
-    assert [s for va in plain for s in va] == pytest.approx(flat, abs=1e-4)
-    assert max(len(a) for va in answers for a in va) < min(map(len, prompts)) / 3  # answers never look like prompts
-    assert prefilled == sum(len(prompts[v]) - 1 for v in range(len(views)) if v not in kept)
-    for v, cache in kept.items():
-        assert cache.get_seq_length() == len(prompts[v])
-        for layer, (keys, values) in zip(cache.layers, before[v]):
-            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
-    other = next(v for v in range(len(views)) if len(prompts[v]) != len(prompts[0]))
-    with pytest.raises(ValueError, match=f"kept cache of view {other}"):  # a cache that does not hold its prompt
-        answer_logps(model, prompts, answers, 3, {other: kept[0]})
+        rows, _ = prefill(model, prompts)
+        leftovers = torch.tensor([[7, 8, 9]] * len(prompts))
+        feed(
+            model,
+            rows,
+            leftovers,
+            torch.arange(3)[None].repeat(len(prompts), 1),
+            torch.ones(len(prompts), 3, 3).tril().bool(),
+        )
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in rows.cache.layers]
+        reused, cost = rows_answer_logps(model, rows, answers, 3)
+    assert [s for va in reused for s in va] == pytest.approx(scratch(model, prompts, answers), abs=1e-4)
+    assert cost.passes >= 1 and rows.columns() == rows.width + 3
+    for layer, (keys, values) in zip(rows.cache.layers, before):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
 
 
 def test_what_answer_logps_refuses():
@@ -299,6 +286,4 @@ def test_what_answer_logps_refuses():
         answer_logps(model, [[]], [[[3]]])
     with pytest.raises(ValueError, match="answers for 2"):
         answer_logps(model, [[1, 2]], [[[3]], [[4]]])
-    with pytest.raises(ValueError, match="reused"):
-        answer_logps(model, [[1, 2]], [[[3]]], kept={0: DynamicCache()}, reuse_prompts=False)
     assert answer_logps(model, [[1, 2], [3]], [[], [[4]]])[0][0] == []  # a prompt without answers: nothing to do

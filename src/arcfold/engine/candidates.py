@@ -45,6 +45,7 @@ class TestPrediction:
     attempts: list[np.ndarray]  # up to two grids, best first
     rankings: dict[str, list[int]] = field(default_factory=dict)  # ranking name -> candidate indices, best first
     stats: dict[str, float] = field(default_factory=dict)  # seconds, forward tokens, views, dropped demos, ...
+    answer_nll: float | None = None  # the true output's mean per-token NLL, where asked for and known
 
 
 def merge(candidates: list[Candidate], grid: np.ndarray, view: int, logp: float, cap: int | None = None) -> None:

@@ -6,10 +6,11 @@ raised), mapped back with the view's inverse transform and merged, so a grid fou
 one vote per view. Ranking is by votes (then mean log p), or by augmentation scoring when cfg.scoring.views > 0;
 every ranking lands in TestPrediction.rankings so one run can compare them.
 
-Scoring under the generation views (cfg.scoring.views_from="generation", the default) reuses what the DFS
-already computed: each view's DFS runs in a KV cache that is left holding the view's prompt, and up to
-cfg.scoring.cache_mb of those caches are kept until the candidates are scored, so scoring runs only the
-candidates' tokens. Batched greedy / sampling drop finished rows from their caches, so they keep none.
+No prompt runs twice after a DFS: the search prefills the views together (engine.dfs) and keeps the caches of the
+views that scoring (cfg.scoring.views_from="generation": the first cfg.scoring.views) and the true output's NLL
+(`nll_views`) read, within a memory budget (`cache_budget`: half the free device memory on CUDA,
+cfg.scoring.cache_mb on a CPU), so both run only their answers' tokens. Per input, the stats give forwards,
+tokens and seconds for generation, scoring and the NLL.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Sequence, cast
+from typing import Sequence, cast
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from arcfold.config import CHOICES, InferenceConfig
 from arcfold.data.augment import ColourMode, Transform, make_views, task_rng
@@ -30,11 +30,9 @@ from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
 from arcfold.engine.candidates import AGGREGATES, Candidate, TestPrediction, merge, rank
 from arcfold.engine.dfs import dfs
-from arcfold.engine.generate import Completion, GenStats, eval_mode, greedy, sample
-from arcfold.engine.scoring import score_candidates
-
-if TYPE_CHECKING:
-    from transformers.cache_utils import CacheLayerMixin
+from arcfold.engine.generate import Completion, GenStats, eval_mode, greedy, model_device, sample
+from arcfold.engine.prompt_cache import PromptRows
+from arcfold.engine.scoring import Work, answer_nll, score_candidates
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +56,15 @@ def generation_prompt(codec: GridCodec, task: Task, index: int, view: Transform,
     )
 
 
-def cache_bytes(cache: DynamicCache) -> int:
-    """Memory held by a cache's keys and values."""
-    layers = cast("list[CacheLayerMixin]", cache.layers)  # attention layers (transformers types any kind)
-    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
+CUDA_CACHE_SHARE = 0.5  # of the free device memory, for prompt caches kept for scoring (the rest: its forwards)
+
+
+def cache_budget(model: torch.nn.Module, cfg: InferenceConfig) -> float:
+    """Bytes of prompt caches a test input may keep from its DFS for scoring and the NLL."""
+    device = model_device(model)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] * CUDA_CACHE_SHARE
+    return cfg.scoring.cache_mb * 2**20
 
 
 class _TestRun:
@@ -75,8 +78,10 @@ class _TestRun:
         index: int,
         cfg: InferenceConfig,
         views: Sequence[Transform],
+        nll_views: Sequence[Transform],
     ) -> None:
         self.model, self.codec, self.task, self.index, self.cfg = model, codec, task, index, cfg
+        self.nll_views = list(nll_views)
         self.start = time.perf_counter()
         self.deadline = self.start + cfg.max_seconds
         self.max_new = answer_budget(cfg.max_len)
@@ -85,8 +90,8 @@ class _TestRun:
         self.n_completions = self.n_invalid = 0
         self.views_done = 0
         self.prompts: list[tuple[int, Transform, list[int]]] = []  # (view index, view, prompt ids)
-        self.kept: dict[int, DynamicCache] = {}  # view index -> KV cache holding exactly its prompt
-        self.kept_bytes = 0
+        self.held: dict[int, tuple[PromptRows, int]] = {}  # view index -> the DFS's cache rows holding its prompt
+        self.branches_fed = 0
         dropped: list[int] = []
         for v, view in enumerate(views):
             try:
@@ -142,48 +147,70 @@ class _TestRun:
                 self.collect(v, view, completions)
             self.views_done += len(chunk)
 
-    def keep(self, v: int, cache: DynamicCache, prompt: list[int]) -> None:
-        """Keep view v's prompt cache for scoring if it holds exactly the prompt and fits the memory budget."""
-        size = cache_bytes(cache)
-        if cache.get_seq_length() == len(prompt) and self.kept_bytes + size <= self.cfg.scoring.cache_mb * 2**20:
-            self.kept[v] = cache
-            self.kept_bytes += size
-
-    def views_to_keep(self) -> set[int]:
-        """The generation views that scoring will use (their caches are worth keeping)."""
+    def views_to_hold(self) -> set[int]:
+        """The generation views whose prompt caches scoring and the NLL will read."""
         scoring = self.cfg.scoring
-        if scoring.views <= 0 or scoring.views_from != "generation" or scoring.cache_mb <= 0:
-            return set()
-        return {v for v, _, _ in self.prompts[: scoring.views]}
+        wanted = set()
+        if scoring.views > 0 and scoring.views_from == "generation":
+            wanted |= {v for v, _, _ in self.prompts[: scoring.views]}
+        wanted |= {v for v, view, _ in self.prompts if view in self.nll_views}
+        return wanted
 
     def run_dfs(self) -> None:
-        """DFS view by view; each view starts from the best candidate so far, mapped into its frame, as guess."""
-        to_keep = self.views_to_keep()
-        for v, view, ids in self.prompts:
-            if self.remaining() <= 0:
-                self.gen.timed_out = True
-                break
-            guess = None
-            if self.candidates:
-                best = self.candidates[rank(self.candidates, "votes")[0]]
-                guess = self.codec.encode_answer(view.grid(best.grid))
-            cache = DynamicCache() if v in to_keep else None
-            found, stats = dfs(
-                self.model,
-                ids,
-                self.codec,
-                self.cfg.min_prob,
-                self.max_new,
-                guess=guess,
-                max_seconds=self.remaining(),
-                max_candidates=self.cfg.max_candidates,
-                cache=cache,
-            )
-            if cache is not None:
-                self.keep(v, cache, ids)
-            self.gen.add(stats)
+        """Every view's search at once (engine.dfs), its caches kept where scoring or the NLL reads them."""
+        if not self.prompts:
+            return
+        hold = self.views_to_hold()
+        searched = dfs(
+            self.model,
+            [ids for _, _, ids in self.prompts],
+            self.codec,
+            self.cfg.min_prob,
+            self.max_new,
+            batch_size=self.cfg.batch_size,
+            max_seconds=self.remaining(),
+            max_candidates=self.cfg.max_candidates,
+            keep=[k for k, (v, _, _) in enumerate(self.prompts) if v in hold],
+            keep_bytes=cache_budget(self.model, self.cfg),
+        )
+        self.gen.add(searched.stats)
+        self.branches_fed = searched.branches_fed
+        self.held = {self.prompts[k][0]: held for k, held in searched.kept.items()}
+        for (v, view, _), found in zip(self.prompts, searched.completions):
             self.collect(v, view, found)
-            self.views_done += 1
+        self.views_done = len(self.prompts)
+
+    def nll(self) -> tuple[float | None, dict[str, float]]:
+        """The true output's NLL under nll_views, on the DFS's caches where it kept them."""
+        if not self.nll_views or self.task.test[self.index].output is None:
+            return None, {}
+        generation = {view: (v, ids) for v, view, ids in self.prompts}
+        prompts = [generation[view][1] if view in generation else None for view in self.nll_views]
+        held = {
+            j: self.held[generation[view][0]]
+            for j, view in enumerate(self.nll_views)
+            if view in generation and generation[view][0] in self.held
+        }
+        cfg = self.cfg
+        work = Work()
+        value = answer_nll(
+            self.model,
+            self.codec,
+            self.task,
+            self.index,
+            self.nll_views,
+            cfg.max_len,
+            cfg.batch_size,
+            prompts,
+            held,
+            work,
+        )
+        return value, {
+            "nll_seconds": work.seconds,
+            "nll_tokens": float(work.tokens),
+            "nll_passes": float(work.passes),
+            "nll_kept_views": float(work.held_views),
+        }
 
 
 def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, float]]:
@@ -197,7 +224,7 @@ def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, flo
         chosen = run.prompts[: cfg.scoring.views]
         views: list[Transform] = [view for _, view, _ in chosen]
         prompts: list[list[int]] | None = [ids for _, _, ids in chosen]
-        kept = {j: run.kept[v] for j, (v, _, _) in enumerate(chosen) if v in run.kept}
+        held = {j: run.held[v] for j, (v, _, _) in enumerate(chosen) if v in run.held}
     else:
         views = make_views(
             run.task,
@@ -206,7 +233,7 @@ def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, flo
             cast(ColourMode, cfg.scoring.colours),
             cfg.shuffle_demos,
         )[: cfg.scoring.views]
-        prompts, kept = None, {}
+        prompts, held = None, {}
     stats.update(
         score_candidates(
             run.model,
@@ -218,7 +245,7 @@ def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, flo
             max_len=cfg.max_len,
             batch_size=cfg.batch_size,
             prompts=prompts,
-            kept=kept,
+            held=held,
         )
     )
     for name in AGGREGATES:
@@ -227,16 +254,24 @@ def _rank(run: _TestRun) -> tuple[dict[str, list[int]], list[int], dict[str, flo
 
 
 def predict_test(
-    model: torch.nn.Module, codec: GridCodec, task: Task, index: int, cfg: InferenceConfig, views: Sequence[Transform]
+    model: torch.nn.Module,
+    codec: GridCodec,
+    task: Task,
+    index: int,
+    cfg: InferenceConfig,
+    views: Sequence[Transform],
+    nll_views: Sequence[Transform] = (),
 ) -> TestPrediction:
-    run = _TestRun(model, codec, task, index, cfg, views)
+    run = _TestRun(model, codec, task, index, cfg, views, nll_views)
     if cfg.strategy == "dfs":
         run.run_dfs()
     else:
         run.run_batched()
     gen_seconds = time.perf_counter() - run.start
     rankings, order, scoring_stats = _rank(run)
-    run.kept.clear()  # the caches' memory goes back before the next test input
+    nll, nll_stats = run.nll()
+    run.held.clear()  # the caches' memory goes back before the next test input
+    searched = run.gen.forward_passes - (math.ceil(len(run.prompts) / max(1, cfg.batch_size)) if run.prompts else 0)
     stats = {
         "seconds": time.perf_counter() - run.start,
         "gen_seconds": gen_seconds,
@@ -253,8 +288,12 @@ def predict_test(
         "timed_out": float(run.gen.timed_out),
         "capped": float(run.gen.capped),
         **{k: float(v) for k, v in scoring_stats.items()},
+        **nll_stats,
     }
-    return TestPrediction(task.id, index, run.candidates, [run.candidates[i].grid for i in order[:2]], rankings, stats)
+    if cfg.strategy == "dfs":  # search forwards (prefills aside): how many branches each served
+        stats["rows_per_forward"] = run.branches_fed / searched if searched > 0 else 0.0
+    attempts = [run.candidates[i].grid for i in order[:2]]
+    return TestPrediction(task.id, index, run.candidates, attempts, rankings, stats, answer_nll=nll)
 
 
 def predict_task(
@@ -264,19 +303,22 @@ def predict_task(
     cfg: InferenceConfig,
     views: list[Transform] | None = None,
     indices: Sequence[int] | None = None,
+    nll_views: Sequence[Transform] = (),
 ) -> list[TestPrediction]:
     """One TestPrediction per test input (or per one of `indices`), attempts (at most two) in the task's frame.
 
-    views defaults to make_views(task, cfg.n, cfg.seed, ...) = 8 * n views, the identity first. The model runs
-    in eval mode under torch.inference_mode (its train/eval mode is restored afterwards); a PeftModel works.
-    cfg's choices (strategy, scoring.aggregate) are the checked config's (arcfold.checks)."""
+    views defaults to make_views(task, cfg.n, cfg.seed, ...) = 8 * n views, the identity first. `nll_views`: the
+    views the true output's NLL is taken under (TestPrediction.answer_nll; none: not taken), on the DFS's caches
+    for those among `views`. The model runs in eval mode under torch.inference_mode (its train/eval mode is
+    restored afterwards); a PeftModel works. cfg's choices (strategy, scoring.aggregate) are the checked
+    config's (arcfold.checks)."""
     if views is None:
         views = make_views(task, cfg.n, cfg.seed, cast(ColourMode, cfg.colours), cfg.shuffle_demos)
     with eval_mode(model):
         return [
-            predict_test(model, codec, task, i, cfg, views)
+            predict_test(model, codec, task, i, cfg, views, nll_views)
             for i in (range(len(task.test)) if indices is None else indices)
         ]
 
 
-__all__ = ["predict_task", "predict_test", "answer_budget", "generation_prompt", "cache_bytes", "STRATEGIES"]
+__all__ = ["STRATEGIES", "answer_budget", "cache_budget", "generation_prompt", "predict_task", "predict_test"]

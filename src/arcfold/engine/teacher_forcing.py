@@ -1,39 +1,53 @@
 """Teacher forcing: the summed log-probability of each candidate answer after its prompt.
 
-One entry point, `answer_logps`: answers[v][i] is scored after prompts[v], the log p of every answer token under the
-model's full softmax (engine.logits), summed in float64. It runs one of three ways, which give the same numbers:
+`answer_logps(model, prompts, answers)`: answers[v][i] is scored after prompts[v], the log p of every answer token
+under the model's full softmax (engine.logits), summed in float64. It runs one of three ways, which give the same
+numbers:
 
-- Prompt reuse (the default): every prompt runs at most once and its answers are scored from its KV cache; a prompt
-  whose cache is handed in (`kept`: the DFS leaves one per generation view, engine.predict) does not run at all.
-  Where the model's attention takes a custom mask over full attention (sdpa, eager), a prompt's answers are packed
-  side by side in one row after it ("tree attention": the mask keeps them apart, `_packed`); else each (prompt,
-  answer) row runs on its own copy of the prompt's cache (`_copied`: flash kernels take no mask, and a
-  sliding-window cache past its window cannot be cropped back to the prompt).
+- Prompt reuse (the default): every prompt runs once and its answers are scored on its KV cache. Where the
+  model's attention takes a custom mask over full attention (engine.prompt_cache), the prompts are prefilled
+  into one batched cache and a prompt's answers are packed side by side after it ("tree attention": the mask
+  keeps them apart), `rows_answer_logps`, which also scores on caches the DFS already holds (engine.predict).
+  Else each (prompt, answer) row runs on its own copy of the prompt's cache (`_copied`: flash kernels take no
+  mask, and a sliding-window cache past its window cannot be cropped back to the prompt).
 - `reuse_prompts=False`: every prompt + answer runs in full, in right-padded batches of similar length
-  (`_from_scratch`). For prompts with one answer each (the true output's NLL, engine.scoring), where nothing is
-  shared and one forward per batch beats two; and the baseline the benchmarks measure reuse against.
+  (`_from_scratch`): the canonical one-row number the DFS settles near-threshold branches on, and the baseline
+  the benchmarks measure reuse against.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeVar, cast
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from transformers import DynamicCache
 
 from arcfold.engine.generate import eval_mode, model_device
 from arcfold.engine.logits import base_model, hidden_states, token_logps
+from arcfold.engine.prompt_cache import PromptRows, feed, prefill, tree_attention_supported
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-    from transformers.cache_utils import CacheLayerMixin
 
 _PAD = 0  # filler id after a short answer: causal attention keeps it from touching the real tokens
-_PACKABLE_ATTENTION = ("sdpa", "eager")  # they take a prepared 4D mask as is (flash kernels take none)
 
 Scores = list[list[float]]  # scores[v][i]: summed log p of answers[v][i]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a call pushed through the model: tokens (padding included) and forward passes."""
+
+    tokens: int = 0
+    passes: int = 0
+
+    def __add__(self, other: object) -> Cost:
+        if not isinstance(other, Cost):
+            return NotImplemented
+        return Cost(self.tokens + other.tokens, self.passes + other.passes)
 
 
 def answer_logps(
@@ -41,31 +55,26 @@ def answer_logps(
     prompts: Sequence[list[int]],
     answers: Sequence[Sequence[list[int]]],
     batch_size: int = 8,
-    kept: Mapping[int, DynamicCache] | None = None,
     *,
     reuse_prompts: bool = True,
-) -> tuple[Scores, int]:
-    """Sum of log p (full softmax, float64 sum) of each answers[v][i]'s tokens after prompts[v], and the tokens
-    pushed through the model (padding included).
-
-    `kept[v]`, where given, is a KV cache holding exactly prompts[v]: that prompt does not run again, and the
-    cache is read, never changed. `reuse_prompts=False` runs every prompt + answer in full (module docstring).
+) -> tuple[Scores, Cost]:
+    """Sum of log p (full softmax, float64 sum) of each answers[v][i]'s tokens after prompts[v], and what that
+    pushed through the model. `reuse_prompts=False` runs every prompt + answer in full (module
+    docstring).
     The model runs in eval mode under torch.inference_mode; its train/eval mode comes back after."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but answers for {len(answers)}")
     if not all(prompts) or not all(a for view_answers in answers for a in view_answers):
         raise ValueError("every prompt and every answer needs at least one token")
-    if kept and not reuse_prompts:
-        raise ValueError("kept prompt caches are only read when prompts are reused")
     with eval_mode(model):
         if not reuse_prompts:
             flat = [(prompt, a) for prompt, view_answers in zip(prompts, answers) for a in view_answers]
-            flat_scores, tokens = _from_scratch(model, flat, batch_size)
+            flat_scores, cost = _from_scratch(model, flat, batch_size)
             rows = iter(flat_scores)
-            return [[next(rows) for _ in view_answers] for view_answers in answers], tokens
-        if _packing_supported(model):
-            return _packed(model, prompts, answers, batch_size, kept)
-        return _copied(model, prompts, answers, batch_size, kept)
+            return [[next(rows) for _ in view_answers] for view_answers in answers], cost
+        if tree_attention_supported(model):
+            return _packed(model, prompts, answers, batch_size)
+        return _copied(model, prompts, answers, batch_size)
 
 
 # ------------------------------------------------------------------------------------------ shared plumbing
@@ -99,14 +108,14 @@ def _chunks(order: list[T], size: int) -> Iterator[list[T]]:
 
 def _from_scratch(
     model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int
-) -> tuple[list[float], int]:
+) -> tuple[list[float], Cost]:
     """Sum log p of each answer after its prompt, every prompt + answer run in full (right-padded batches).
 
-    Returns the scores and the tokens pushed through the model. Right padding needs no attention mask: a
+    Returns the scores and what that pushed through the model. Right padding needs no attention mask: a
     causal model never lets a real position see the filler that follows it."""
     device = model_device(model)
     scores = [0.0] * len(pairs)
-    tokens = 0
+    cost = Cost()
     # Similar lengths together: less padding.
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     for batch in _chunks(order, batch_size):
@@ -116,7 +125,7 @@ def _from_scratch(
         first = min(len(pairs[i][0]) for i in batch) - 1  # earliest position that predicts an answer token
         hidden = hidden_states(model, ids, None, ids.shape[1] - first)
         offset = ids.shape[1] - hidden.shape[1]  # hidden states cover positions offset..end
-        tokens += ids.numel()
+        cost += Cost(ids.numel(), 1)
         # Answer tokens of row r are predicted at positions len(prompt)-1 ... len(prompt)+len(answer)-2.
         blocks = torch.full(hidden.shape[:2], -1, dtype=torch.long)
         targets = torch.full(hidden.shape[:2], _PAD, dtype=torch.long)
@@ -128,77 +137,23 @@ def _from_scratch(
         sums = _block_sums(model, hidden, blocks.to(device), targets.to(device), len(batch))
         for i, score in zip(batch, sums):
             scores[i] = score
-    return scores, tokens
+    return scores, cost
 
 
 # ------------------------------------------------------------------------------------------ prompt reuse
 
 
-def _packing_supported(model: torch.nn.Module) -> bool:
-    """Whether `_packed` is exact for this model (a PeftModel is judged by its base model).
-
-    It needs an attention that takes a prepared 4D mask as is (sdpa, eager; not flash kernels, which take no
-    mask) and full attention in every layer: a sliding window would need the window inside the custom mask,
-    and a sliding-window cache past its window cannot be cropped back to the prompt."""
-    base = base_model(model)
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
-        return False
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
-        return False
-    layer_types = getattr(text, "layer_types", None)
-    return not layer_types or all(kind == "full_attention" for kind in layer_types)
-
-
-def _prompt_groups(
-    model: torch.nn.Module,
-    prompts: Sequence[list[int]],
-    answers: Sequence[Sequence[list[int]]],
-    batch_size: int,
-    kept: Mapping[int, DynamicCache] | None,
-) -> Iterator[tuple[list[int], DynamicCache, int]]:
+def _same_length_groups(
+    prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]], size: int
+) -> Iterator[list[int]]:
     """Views with answers to score, grouped by prompt length (the 4 D8 views that keep a grid's shape, and the 4
-    that transpose it), batch_size at a time, with one KV cache per group (row r: view group[r]).
-
-    The cache holds each prompt but its LAST token: every answer is fed after that token (see `_answer_inputs`),
-    so the logits for an answer's first token come out of the answer's own forward, and an answer of any
-    length, one token included, is handled the same way. A kept cache is cut to that length (stacking copies
-    it, so the kept one stays as it was); the other prompts run here, a group at a time, with no padding.
-    Yields (view indices, their cache, the tokens this pushed through the model)."""
-    kept = kept or {}
-    for v, cache in kept.items():  # before any work
-        if cache.get_seq_length() != len(prompts[v]):
-            raise ValueError(
-                f"kept cache of view {v} holds {cache.get_seq_length()} tokens, its prompt {len(prompts[v])}"
-            )
-    device = model_device(model)
-    same_length: dict[tuple[bool, int], list[int]] = {}
+    that transpose it), `size` at a time: one cache per group, no padding."""
+    same_length: dict[int, list[int]] = {}
     for v, prompt in enumerate(prompts):
         if answers[v]:
-            same_length.setdefault((v in kept, len(prompt)), []).append(v)
-    for (is_kept, length), views in same_length.items():
-        for group in _chunks(views, batch_size):
-            if is_kept:
-                yield group, _stacked([kept[v] for v in group], length - 1), 0
-                continue
-            cache = DynamicCache()
-            if length > 1:
-                hidden_states(model, torch.tensor([prompts[v][:-1] for v in group], device=device), cache, 1)
-            yield group, cache, len(group) * (length - 1)
-
-
-def _stacked(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
-    """One cache whose row r is caches[r] (batch 1 each) cut to its first `length` tokens (a new tensor: the
-    callers' caches are left as they were)."""
-    out = DynamicCache()
-    for layer in range(len(caches[0].layers)):
-        # Attention layers holding a prompt: keys and values are set (transformers types them Optional).
-        rows = [cast("CacheLayerMixin", c.layers[layer]) for c in caches]
-        keys = torch.cat([cast(torch.Tensor, r.keys)[..., :length, :] for r in rows])
-        values = torch.cat([cast(torch.Tensor, r.values)[..., :length, :] for r in rows])
-        out.update(keys, values, layer)
-    return out
+            same_length.setdefault(len(prompt), []).append(v)
+    for views in same_length.values():
+        yield from _chunks(views, size)
 
 
 def _answer_inputs(prompt: Sequence[int], answer: Sequence[int]) -> list[int]:
@@ -228,7 +183,7 @@ def _pack(lengths: dict[int, int], cap: int) -> list[list[int]]:
 
 
 def _pack_cap(base: PreTrainedModel, rows: int, batch_size: int, prompt_len: int, longest: int) -> int:
-    """Packed tokens per row: see `_packed`. Without a known vocabulary and hidden size, the logits of a
+    """Packed tokens per row: see `rows_answer_logps`. Without a known vocabulary and hidden size, the logits of a
     from-scratch batch's answers are the bound."""
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     vocab, hidden = getattr(config, "vocab_size", None), getattr(config, "hidden_size", None)
@@ -238,90 +193,89 @@ def _pack_cap(base: PreTrainedModel, rows: int, batch_size: int, prompt_len: int
     return max(longest, min(prompt_len // 2, per_forward // rows))
 
 
-def _packed_mask(blocks: torch.Tensor, prompt_len: int, additive_dtype: torch.dtype | None) -> torch.Tensor:
-    """The (rows, 1, Q, prompt_len + Q) attention mask of packed answers after a shared prompt.
+def rows_answer_logps(
+    model: torch.nn.Module, rows: PromptRows, answers: Sequence[Sequence[list[int]]], batch_size: int = 8
+) -> tuple[Scores, Cost]:
+    """answers[r][i] scored after row r's prompt in `rows` (engine.prompt_cache), packed ("tree attention"): the
+    scores and what that pushed through the model. The cache is left as it was.
 
-    blocks[r, q] numbers the answer that packed position q of row r belongs to (-1: padding). Every query sees
-    the whole prompt; inside the packed part a query sees the earlier positions of its own answer only, so
-    answers never see each other; padding sees only the prompt (no query is left with nothing to attend to,
-    which would give NaN). Boolean (True = attend) for sdpa; additive (0 / dtype min) in `additive_dtype` for
-    eager, which adds the mask to the attention scores."""
-    rows, width = blocks.shape
-    pos = torch.arange(width, device=blocks.device)
-    packed = (
-        (blocks[:, :, None] == blocks[:, None, :])
-        & (blocks[:, None, :] >= 0)
-        & (pos[None, None, :] <= pos[None, :, None])
-    )
-    mask = torch.cat([packed.new_ones(rows, width, prompt_len), packed], dim=-1)[:, None]
-    if additive_dtype is None:
-        return mask
-    return torch.zeros(mask.shape, dtype=additive_dtype, device=mask.device).masked_fill_(
-        ~mask, torch.finfo(additive_dtype).min
-    )
+    An answer's first token is read off the prompt's last hidden state; the rest of its tokens but the last are
+    fed as one block (position len(prompt) + j for its token j) that sees the prompt and its own earlier tokens
+    only, several blocks per row side by side, then cropped off again. The budget (`_pack_cap`): one packed
+    forward's tokens stay within the larger of what a from-scratch batch holds anyway: its answers' logits
+    (batch_size x longest answer x vocabulary) or one layer's hidden states (batch_size x (prompt + longest) x
+    hidden size). And a row packs at most max(longest answer, prompt / 2) tokens: the dense mask computes a
+    packed x packed block of which only the answers' own causal triangles are used, so this keeps that waste
+    under half the useful packed x prompt work."""
+    if len(answers) != rows.rows:
+        raise ValueError(f"answers for {len(answers)} rows, the cache holds {rows.rows}")
+    device = rows.last.device
+    scores = [[0.0] * len(a) for a in answers]
+    flat = [(r, i) for r, row_answers in enumerate(answers) for i in range(len(row_answers))]
+    if not flat:
+        return scores, Cost()
+    firsts = token_logps(
+        model,
+        rows.last[torch.tensor([r for r, _ in flat], device=device)],
+        torch.tensor([answers[r][i][0] for r, i in flat], device=device),
+    ).tolist()
+    for (r, i), lp in zip(flat, firsts):
+        scores[r][i] = lp
+    inputs = [{i: len(a) - 1 for i, a in enumerate(row_answers) if len(a) > 1} for row_answers in answers]
+    if not any(inputs):
+        return scores, Cost()
+    longest = max(n for lengths in inputs for n in lengths.values())
+    cap = _pack_cap(base_model(model), rows.rows, batch_size, min(rows.lengths), longest)
+    packs = [_pack(lengths, cap) for lengths in inputs]
+    extra = rows.columns() - rows.width
+    cost = Cost()
+    for k in range(max(map(len, packs))):
+        row_packs = [view_packs[k] if k < len(view_packs) else [] for view_packs in packs]
+        width = max(max(sum(inputs[r][i] for i in pack) for r, pack in enumerate(row_packs)), 1)
+        ids = torch.zeros((rows.rows, width), dtype=torch.long)
+        depths = torch.zeros((rows.rows, width), dtype=torch.long)
+        targets = torch.zeros((rows.rows, width), dtype=torch.long)
+        blocks = torch.full((rows.rows, width), -1, dtype=torch.long)
+        owners: list[tuple[int, int]] = []  # block b is answers[r][i]
+        for r, pack in enumerate(row_packs):
+            start = 0
+            for i in pack:
+                answer, n = answers[r][i], inputs[r][i]
+                ids[r, start : start + n] = torch.tensor(answer[:-1])
+                targets[r, start : start + n] = torch.tensor(answer[1:])
+                depths[r, start : start + n] = torch.arange(n)
+                blocks[r, start : start + n] = len(owners)
+                owners.append((r, i))
+                start += n
+        pos = torch.arange(width)
+        causal = (
+            (blocks[:, :, None] == blocks[:, None, :])
+            & (blocks[:, None, :] >= 0)
+            & (pos[None, None] <= pos[None, :, None])
+        )
+        visible = torch.cat([torch.zeros((rows.rows, width, extra), dtype=torch.bool), causal], dim=-1)
+        hidden = feed(model, rows, ids, depths, visible)
+        rows.cache.crop(-width)  # back to what it held
+        cost += Cost(ids.numel(), 1)
+        blocks, targets = blocks.to(device), targets.to(device)
+        for (r, i), lp in zip(owners, _block_sums(model, hidden, blocks, targets, len(owners))):
+            scores[r][i] += lp
+    return scores, cost
 
 
 def _packed(
-    model: torch.nn.Module,
-    prompts: Sequence[list[int]],
-    answers: Sequence[Sequence[list[int]]],
-    batch_size: int,
-    kept: Mapping[int, DynamicCache] | None,
-) -> tuple[Scores, int]:
-    """Prompt reuse by packing ("tree attention"): no cache copies.
-
-    Each group of views (`_prompt_groups`) has one cache row per view. Each row then takes several of its
-    view's answers (`_answer_inputs`) one after another: position ids restart after the cached prefix for every
-    answer and `_packed_mask` keeps each answer causal within itself and blind to the others. The forward
-    appends the packed tokens to the group's cache; `crop` takes them off again before the next pack.
-
-    The budget (`_pack_cap`): one packed forward's tokens (rows x packed tokens; their attention and, before
-    the head ran in chunks, their logits) stay within the larger of what a from-scratch batch holds anyway: its
-    answers' logits (batch_size x longest answer x vocabulary) or one layer's hidden states (batch_size x (prompt +
-    longest) x hidden size). And a row packs at most max(longest answer, prompt / 2) tokens: the dense mask
-    computes a packed x packed block of which only the answers' own causal triangles are used, so this keeps
-    that waste under half the useful packed x prompt work (on bench_inference.py's candidates, a whole-prompt
-    cap took 1.4x as long at 8 candidates). A 150k-vocabulary model thus packs about batch_size answers
-    per forward; a small-vocabulary one (the tiny model, an ARC-only embedding) half a prompt per row."""
-    device = model_device(model)
-    base = base_model(model)
-    embed = cast(torch.nn.Embedding, base.get_input_embeddings())  # the model's own (peft forwards the call)
-    additive = None if base.config._attn_implementation == "sdpa" else embed.weight.dtype
+    model: torch.nn.Module, prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]], batch_size: int
+) -> tuple[Scores, Cost]:
+    """Prompt reuse by packing: each group of same-length prompts prefilled once, its answers packed on it."""
     scores = [[0.0] * len(a) for a in answers]
-    tokens = 0
-    for group, cache, prompt_tokens in _prompt_groups(model, prompts, answers, batch_size, kept):
-        tokens += prompt_tokens
-        prefix = len(prompts[group[0]]) - 1  # tokens in the cache
-        inputs = [{i: len(a) for i, a in enumerate(answers[v])} for v in group]
-        longest = max(n for lengths in inputs for n in lengths.values())
-        cap = _pack_cap(base, len(group), batch_size, prefix + 1, longest)
-        packs = [_pack(lengths, cap) for lengths in inputs]
-        for k in range(max(map(len, packs))):
-            row_packs = [view_packs[k] if k < len(view_packs) else [] for view_packs in packs]
-            width = max(sum(inputs[r][i] for i in pack) for r, pack in enumerate(row_packs))
-            ids = torch.full((len(group), width), _PAD, dtype=torch.long)
-            targets = torch.full((len(group), width), _PAD, dtype=torch.long)
-            positions = torch.full((len(group), width), prefix, dtype=torch.long)
-            blocks = torch.full((len(group), width), -1, dtype=torch.long)
-            owners: list[tuple[int, int]] = []  # block b is answers[v][i]
-            for r, (v, pack) in enumerate(zip(group, row_packs)):
-                start = 0
-                for i in pack:
-                    answer, n = answers[v][i], inputs[r][i]
-                    ids[r, start : start + n] = torch.tensor(_answer_inputs(prompts[v], answer))
-                    targets[r, start : start + n] = torch.tensor(answer)
-                    positions[r, start : start + n] = torch.arange(prefix, prefix + n)
-                    blocks[r, start : start + n] = len(owners)
-                    owners.append((v, i))
-                    start += n
-            ids, targets, positions, blocks = (t.to(device) for t in (ids, targets, positions, blocks))
-            mask = _packed_mask(blocks, prefix, additive)
-            hidden = hidden_states(model, ids, cache, width, attention_mask=mask, position_ids=positions)
-            cache.crop(-width)  # back to the prompt for the next pack
-            tokens += ids.numel()
-            for (v, i), lp in zip(owners, _block_sums(model, hidden, blocks, targets, len(owners))):
-                scores[v][i] = lp
-    return scores, tokens
+    cost = Cost()
+    for group in _same_length_groups(prompts, answers, batch_size):
+        rows, prompt_tokens = prefill(model, [prompts[v] for v in group])
+        group_scores, answer_cost = rows_answer_logps(model, rows, [answers[v] for v in group], batch_size)
+        cost += Cost(prompt_tokens, 1) + answer_cost
+        for v, view_scores in zip(group, group_scores):
+            scores[v] = view_scores
+    return scores, cost
 
 
 # ------------------------------------------------------------------------------------------ copied caches
@@ -332,21 +286,23 @@ def _copied(
     prompts: Sequence[list[int]],
     answers: Sequence[Sequence[list[int]]],
     batch_size: int,
-    kept: Mapping[int, DynamicCache] | None,
-) -> tuple[Scores, int]:
+) -> tuple[Scores, Cost]:
     """Prompt reuse for any cache: each (view, answer) row on its own copy of the prompt's cache.
 
-    For each group of views (`_prompt_groups`), (view, answer) rows run in batches, longest answers first, each
-    on its own copy of the group's cache with the right view per row (`batch_select_indices`); the group's last
-    batch takes the cache itself. Why a copy: a forward appends to the cache it is given, and a `crop` back to
-    the prompt is not possible for every cache (a sliding-window layer past its window refuses it). The deep
-    copy costs one pass over the group's cache, small next to the forward it feeds, and it is exact for any
-    cache."""
+    For each group of same-length views, the prompts but their last token run once; then (view, answer) rows run
+    in batches, longest answers first, each on its own copy of the group's cache with the right view per row
+    (`batch_select_indices`); the group's last batch takes the cache itself. Why a copy: a forward appends to
+    the cache it is given, and a `crop` back to the prompt is not possible for every cache (a sliding-window
+    layer past its window refuses it). The deep copy costs one pass over the group's cache, small next to the
+    forward it feeds, and it is exact for any cache."""
     device = model_device(model)
     scores = [[0.0] * len(a) for a in answers]
-    tokens = 0
-    for group, cache, prompt_tokens in _prompt_groups(model, prompts, answers, batch_size, kept):
-        tokens += prompt_tokens
+    cost = Cost()
+    for group in _same_length_groups(prompts, answers, batch_size):
+        cache = DynamicCache()
+        if len(prompts[group[0]]) > 1:
+            hidden_states(model, torch.tensor([prompts[v][:-1] for v in group], device=device), cache, 1)
+            cost += Cost(len(group) * (len(prompts[group[0]]) - 1), 1)
         rows = [(r, v, i) for r, v in enumerate(group) for i in range(len(answers[v]))]
         rows.sort(key=lambda row: -len(answers[row[1]][row[2]]))
         batches = list(_chunks(rows, batch_size))
@@ -356,14 +312,14 @@ def _copied(
             view_cache = cache if n == len(batches) - 1 else copy.deepcopy(cache)  # the last may spend it
             view_cache.batch_select_indices(torch.tensor([r for r, _, _ in batch], device=device))
             hidden = hidden_states(model, ids, view_cache, ids.shape[1])
-            tokens += ids.numel()
+            cost += Cost(ids.numel(), 1)
             lengths = torch.tensor([len(answers[v][i]) for _, v, i in batch], device=device)
             read = torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]
             blocks = torch.where(read, torch.arange(len(batch), device=device)[:, None], -1)
             targets = _padded([answers[v][i] for _, v, i in batch], device)
             for (_, v, i), score in zip(batch, _block_sums(model, hidden, blocks, targets, len(batch))):
                 scores[v][i] = score
-    return scores, tokens
+    return scores, cost
 
 
-__all__ = ["answer_logps"]
+__all__ = ["Cost", "Scores", "answer_logps", "rows_answer_logps"]

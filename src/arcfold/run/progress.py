@@ -164,6 +164,12 @@ def summary_table(metrics: Mapping[str, float], failures: int, run_dir: Any, lin
         f"{value('seconds_total', 1)} total: "
         + ", ".join(f"{k.removeprefix('seconds_')} {metrics[k]:.1f}" for k in phases),
     )
+    if metrics.get("inference_tokens_per_second"):
+        table.add_row(
+            "inference",
+            f"{metrics['inference_tokens_per_second']:.0f} tokens/s (generation {value('gen_seconds', 1)} s, "
+            f"scoring {value('scoring_seconds', 1)} s, answer NLL {value('nll_seconds', 1)} s)",
+        )
     table.add_row(
         "tasks", f"{int(metrics.get('tasks', 0))} in {int(metrics.get('n_folds', 0))} folds, {failures} failed"
     )

@@ -25,6 +25,11 @@ from arcfold.run.records import FoldOutcome, FoldRow, InputRecord
 FOLD_SUMMARY = ("final_loss", "train_seconds", "inference_seconds", "peak_memory_mb", "score", "oracle", "answer_nll")
 
 
+def _per_second(tokens: float, seconds: float) -> float:
+    """Tokens through the model per second of generation, scoring and NLL (0 when nothing ran)."""
+    return tokens / seconds if seconds > 0 else 0.0
+
+
 @dataclass
 class RunResults:
     tasks: Sequence[Task]  # the tasks this run predicts (scored)
@@ -111,6 +116,11 @@ class RunResults:
             "forward_tokens": stat("forward_tokens"),
             "gen_seconds": stat("gen_seconds"),
             "scoring_seconds": stat("scoring_seconds"),
+            "nll_seconds": stat("nll_seconds"),
+            "inference_tokens_per_second": _per_second(
+                sum(map(stat, ("forward_tokens", "scoring_tokens", "nll_tokens"))),
+                sum(map(stat, ("gen_seconds", "scoring_seconds", "nll_seconds"))),
+            ),
             "timed_out_inputs": stat("timed_out"),
             "invalid_completions": stat("n_invalid"),
             "dropped_demos": stat("dropped_demos"),

@@ -303,13 +303,14 @@ class FoldWorker:
             for key, value in settings.items():
                 *parents, name = key.split(".")
                 setattr(functools.reduce(getattr, parents, inference), name, value)
-        views = make_views(task, inference.n, inference.seed, inference.colours, inference.shuffle_demos)[:n_views]
-        pred = self.engine.predict_task(self.model, self.codec, task, inference, views=views, indices=[i])[0]
-        nll = base_nll = None
-        if task.has_solutions:
-            nll_views = make_views(task, 1, inference.scoring.seed, inference.scoring.colours)
-            nll = self.engine.answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
-            if inference.base_nll:
-                with self.model.disable_adapter():
-                    base_nll = self.engine.answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
-        return pred, nll, base_nll
+        views = make_views(task, inference.n, inference.seed, inference.colours, inference.shuffle_demos)
+        # The NLL under the first 8 generation views, whatever the budget cut: the DFS's prompt caches serve both.
+        nll_views = views[: view_count(1)] if task.has_solutions else []
+        pred = self.engine.predict_task(
+            self.model, self.codec, task, inference, views=views[:n_views], indices=[i], nll_views=nll_views
+        )[0]
+        base_nll = None
+        if nll_views and inference.base_nll:  # the base model alone: other keys and values, so its own prompts
+            with self.model.disable_adapter():
+                base_nll = self.engine.answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
+        return pred, pred.answer_nll, base_nll

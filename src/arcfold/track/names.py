@@ -33,8 +33,10 @@ HEADLINE = (
 )
 SYS = (
     "train_tokens_per_second",
+    "inference_tokens_per_second",
     "gen_seconds",
     "scoring_seconds",
+    "nll_seconds",
     "workers",
     "worker_idle_share",
     "fold_overhead_share",
