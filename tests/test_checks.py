@@ -82,6 +82,12 @@ BAD = [
     ("data.limit=0", "data.limit", "0", "integer >= 1"),
     ("experiment=smoke model.num_heads=3", "model.num_heads", "3", "divisor of model.hidden_size (64)"),
     ("model=hf", "model.path", "", "no value given"),
+    (
+        "model=hf model.path={MODEL} model.attn_implementation=flash_attention_2",
+        "model.attn_implementation",
+        "'flash_attention_2'",
+        "sdpa or eager with inference.strategy=dfs",
+    ),
     ("model=hf model.path={NOPE}", "model.path", "'{NOPE}'", "Hugging Face model folder (with config.json); no such"),
     ("model=hf model.path={EMPTY}", "model.path", "'{EMPTY}'", "Hugging Face model folder (with config.json)"),
     ("model=hf model.path={FILE}", "model.path", "'{FILE}'", "Hugging Face model folder"),

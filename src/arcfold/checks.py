@@ -149,6 +149,9 @@ def check(cfg: Any) -> None:
         )
     if cfg.lora.train_embeddings and cfg.train.loss_kernel == "liger":
         raise refuse("train.loss_kernel", "liger", "torch with lora.train_embeddings=true (liger fuses a plain head)")
+    if cfg.inference.strategy == "dfs" and cfg.model.attn_implementation == "flash_attention_2":
+        # The batched DFS feeds its branches under a tree mask, which flash kernels do not take (engine.dfs).
+        raise refuse("model.attn_implementation", "flash_attention_2", "sdpa or eager with inference.strategy=dfs")
     if cfg.model.shrink_vocab_save and not cfg.model.shrink_vocab:
         raise refuse("model.shrink_vocab_save", cfg.model.shrink_vocab_save, "null unless model.shrink_vocab=true")
     check_budget(cfg.budget)

@@ -192,7 +192,9 @@ class ScoringConfig:
     # generation: the first `views` generation views, whose prompts the DFS already ran (their KV caches are
     # kept, so scoring runs only the candidates' tokens); fresh: new views from `seed` and `colours`.
     views_from: str = "generation"
-    cache_mb: float = 1024.0  # generation KV caches kept for scoring, per test input (0: keep none)
+    # DFS prompt caches kept for scoring and the answer NLL, per test input, on a CPU (0: keep none); on CUDA the
+    # budget is half the free device memory instead.
+    cache_mb: float = 1024.0
     colours: str = "all"  # fresh views (and the answer-NLL views)
     seed: int = 1
 
@@ -209,7 +211,7 @@ class InferenceConfig:
     max_seconds: float = 120.0  # wall-clock cap per test input
     max_candidates: int = 32  # cap on candidates per test input
     max_len: int = 8192  # prompt + answer; longer prompts drop demonstrations
-    batch_size: int = 8  # views decoded together
+    batch_size: int = 8  # views per forward: decoded together (greedy, sample), or searched in one cache (dfs)
     base_nll: bool = False  # also score the true output's NLL with the base model alone (before/after TTT)
     seed: int = 0
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
