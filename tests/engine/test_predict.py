@@ -387,3 +387,32 @@ def test_scoring_and_the_nll_reuse_the_prompt_caches_the_dfs_leaves(task):
     assert fresh.stats["scoring_kept_views"] == 0
     flat = [[c.scores[v] for c in pred.candidates for v in range(8)] for pred in (fresh, kept)]
     assert len(flat[0]) == len(flat[1]) and max(abs(a - b) for a, b in zip(*flat)) > 0.1  # other views
+
+
+def test_a_search_out_of_memory_retries_with_half_the_views_per_forward(task, caplog):
+    """A device that holds at most 2 views per forward (its backbone raises torch.OutOfMemoryError past that):
+    the search is retried at 4, then 2 views per forward, and finds what an unconstrained one finds."""
+    model = bigram_model(TWO_ANSWERS, context=0.3)
+    cfg = InferenceConfig(strategy="dfs", min_prob=0.1, max_len=2048, batch_size=8, scoring=ScoringConfig(views=8))
+    free = predict_task(model, CODEC, task, cfg)[0]
+    tries = []
+
+    def small_device(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        tries.append(ids.shape[0])
+        if ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in device of 2 rows)")
+
+    hook = model.get_decoder().register_forward_pre_hook(small_device, with_kwargs=True)
+    try:
+        with caplog.at_level("WARNING"):
+            tight = predict_task(model, CODEC, task, cfg)[0]
+    finally:
+        hook.remove()
+    assert tries[:2] == [8, 4] and max(tries[2:]) <= 2
+    assert tight.stats["search_batch"] == 2 and free.stats["search_batch"] == 8
+    assert "out of memory searching 8 views per forward; again with 4" in caplog.text
+    assert [c.grid.tobytes() for c in tight.candidates] == [c.grid.tobytes() for c in free.candidates]
+    for a, b in zip(tight.candidates, free.candidates):
+        assert a.gen_logps == pytest.approx(b.gen_logps, abs=1e-5)
+    assert tight.rankings == free.rankings

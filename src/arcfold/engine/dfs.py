@@ -65,7 +65,14 @@ class Searched:
     stats: GenStats
     kept: dict[int, tuple[PromptRows, int]]  # prompt index -> (rows holding it, its row there)
     branches_fed: int = 0  # search branches the forwards served (padding slots not counted)
+    prefills: int = 0  # forwards that ran prompts (one per cache)
     kept_bytes: int = 0
+
+    @property
+    def rows_per_forward(self) -> float:
+        """Branches each search forward served (prefills aside)."""
+        searches = self.stats.forward_passes - self.prefills
+        return self.branches_fed / searches if searches > 0 else 0.0
 
 
 def dfs(
@@ -107,6 +114,7 @@ def dfs(
             rows, tokens = prefill(model, [prompts[i] for i in group])
             out.stats.forward_tokens += tokens
             out.stats.forward_passes += 1
+            out.prefills += 1
             _Search(model, rows, [prompts[i] for i in group], codec, min_prob, max_new_tokens, deadline, out).run(
                 [out.completions[i] for i in group]
             )

@@ -15,6 +15,7 @@ tokens and seconds for generation, scoring and the NLL.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ from arcfold.data.codec import MAX_OUTPUT_TOKENS, Encoded, GridCodec
 from arcfold.data.errors import ArcDataError
 from arcfold.data.tasks import Task
 from arcfold.engine.candidates import AGGREGATES, Candidate, TestPrediction, merge, rank
-from arcfold.engine.dfs import dfs
+from arcfold.engine.dfs import Searched, dfs
 from arcfold.engine.generate import Completion, GenStats, eval_mode, greedy, model_device, sample
 from arcfold.engine.prompt_cache import PromptRows
 from arcfold.engine.scoring import Work, answer_nll, score_candidates
@@ -91,7 +92,8 @@ class _TestRun:
         self.views_done = 0
         self.prompts: list[tuple[int, Transform, list[int]]] = []  # (view index, view, prompt ids)
         self.held: dict[int, tuple[PromptRows, int]] = {}  # view index -> the DFS's cache rows holding its prompt
-        self.branches_fed = 0
+        self.rows_per_forward = 0.0
+        self.search_batch = max(1, cfg.batch_size)  # views per search forward (halved after an out-of-memory error)
         dropped: list[int] = []
         for v, view in enumerate(views):
             try:
@@ -160,25 +162,48 @@ class _TestRun:
         """Every view's search at once (engine.dfs), its caches kept where scoring or the NLL reads them."""
         if not self.prompts:
             return
-        hold = self.views_to_hold()
-        searched = dfs(
-            self.model,
-            [ids for _, _, ids in self.prompts],
-            self.codec,
-            self.cfg.min_prob,
-            self.max_new,
-            batch_size=self.cfg.batch_size,
-            max_seconds=self.remaining(),
-            max_candidates=self.cfg.max_candidates,
-            keep=[k for k, (v, _, _) in enumerate(self.prompts) if v in hold],
-            keep_bytes=cache_budget(self.model, self.cfg),
-        )
+        searched = self.search(self.search_batch)
         self.gen.add(searched.stats)
-        self.branches_fed = searched.branches_fed
+        self.rows_per_forward = searched.rows_per_forward
         self.held = {self.prompts[k][0]: held for k, held in searched.kept.items()}
         for (v, view, _), found in zip(self.prompts, searched.completions):
             self.collect(v, view, found)
         self.views_done = len(self.prompts)
+
+    def search(self, batch: int) -> Searched:
+        """engine.dfs with `batch` views per forward, halved on an out-of-memory error until 1 (the answer does not
+        depend on it)."""
+        hold = self.views_to_hold()
+        while True:
+            try:
+                return dfs(
+                    self.model,
+                    [ids for _, _, ids in self.prompts],
+                    self.codec,
+                    self.cfg.min_prob,
+                    self.max_new,
+                    batch_size=batch,
+                    max_seconds=self.remaining(),
+                    max_candidates=self.cfg.max_candidates,
+                    keep=[k for k, (v, _, _) in enumerate(self.prompts) if v in hold],
+                    keep_bytes=cache_budget(self.model, self.cfg),
+                )
+            except torch.OutOfMemoryError:
+                if batch == 1:
+                    raise
+            # Out of the except block: the failed try's tensors went with its traceback.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning(
+                "task %s test %d: out of memory searching %d views per forward; again with %d",
+                self.task.id,
+                self.index,
+                batch,
+                batch // 2,
+            )
+            batch //= 2
+            self.search_batch = batch
 
     def nll(self) -> tuple[float | None, dict[str, float]]:
         """The true output's NLL under nll_views, on the DFS's caches where it kept them."""
@@ -271,7 +296,6 @@ def predict_test(
     rankings, order, scoring_stats = _rank(run)
     nll, nll_stats = run.nll()
     run.held.clear()  # the caches' memory goes back before the next test input
-    searched = run.gen.forward_passes - (math.ceil(len(run.prompts) / max(1, cfg.batch_size)) if run.prompts else 0)
     stats = {
         "seconds": time.perf_counter() - run.start,
         "gen_seconds": gen_seconds,
@@ -291,7 +315,8 @@ def predict_test(
         **nll_stats,
     }
     if cfg.strategy == "dfs":  # search forwards (prefills aside): how many branches each served
-        stats["rows_per_forward"] = run.branches_fed / searched if searched > 0 else 0.0
+        stats["rows_per_forward"] = run.rows_per_forward
+        stats["search_batch"] = float(run.search_batch)
     attempts = [run.candidates[i].grid for i in order[:2]]
     return TestPrediction(task.id, index, run.candidates, attempts, rankings, stats, answer_nll=nll)
 
