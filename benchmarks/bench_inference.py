@@ -10,14 +10,23 @@ for --train-steps steps per task on the tasks' demonstration pairs only (a batch
 the same --train-view-sets views again and again, loss on outputs: test-time training in miniature that the
 tiny model can fit in minutes on a CPU, test outputs never seen), which makes it confident and teaches it the
 grid format. --train-on-answers also trains on the test outputs, a stand-in for a model that solves the tasks
-(views then agree more, so DFS guesses hit); --sharpen k multiplies the logits by k. Both change what the model
+(views then agree more); --sharpen k multiplies the logits by k. Both change what the model
 is, not how it is run: the report prints what was done.
+
+The DFS rows are the runner's search (engine.dfs through predict_task): a test input's 8 * n views prefilled
+together, --batch-size per KV cache, and searched breadth-wise, one forward per depth serving every open branch
+of every view (their forward tokens include the prefill and every padding slot a forward carries).
 
 Scoring is timed on the same candidates under the same m views (the first m generation views, as the runner
 scores by default), padded with the tasks' demonstration grids up to --scoring-candidates candidates per test
-input, three ways (engine.teacher_forcing): every candidate from scratch (prompt + answer), reusing each view's prompt
-cache computed once by scoring itself, and reusing the prompt caches the DFS leaves behind (what the runner
-does after a DFS: the prompts then run once per view for generation and scoring together).
+input, three ways: every candidate from scratch (prompt + answer; answer_logps(reuse_prompts=False)), reusing
+each view's prompt cache computed once by scoring itself (answer_logps: the prompts prefilled, the answers packed
+on them), and on the prompt caches the batched DFS keeps (dfs(keep=, keep_bytes=) -> Searched.kept, then
+score_candidates(held=...), as engine.predict does after a DFS: the prompts then run once per view for
+generation and scoring together). The first two time answer_logps alone (answers encoded beforehand); the third
+times score_candidates, whose own grid dedup and answer encoding (Python over the candidates' cells) are in its
+seconds.
+The kept caches come from a DFS at p=0.5 over the m views (not timed: that is generation's work, done anyway).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from arcfold.engine.candidates import Candidate, merge
 from arcfold.engine.dfs import dfs
 from arcfold.engine.predict import answer_budget, generation_prompt, predict_task
 
-SCORING_MODES = {"scratch": "no reuse", "own": "reuse, own prompt pass", "dfs": "reuse DFS prompt caches"}
+SCORING_MODES = {"scratch": "no reuse", "own": "reuse, own prompt pass", "dfs": "reuse batched DFS caches"}
 
 PRESETS = {
     # The project's default tiny model (config.ModelConfig): Llama, built-in 16-token vocabulary.
@@ -202,10 +211,8 @@ def scoring_pools(tasks: list[Task], pools: dict, want: int) -> dict:
 
 def scoring_views(model, codec, tasks, args) -> dict:
     """Per test input: the first m generation views (InferenceConfig's defaults, as predict_task makes them),
-    their generation prompts, and the prompt caches a DFS at p=0.5 leaves behind in each (not timed here: that
-    is generation's work, done anyway)."""
-    from transformers import DynamicCache
-
+    their generation prompts, and the prompt caches a batched DFS at p=0.5 over them keeps (engine.dfs's
+    Searched.kept: view -> (PromptRows, row); not timed here: that is generation's work, done anyway)."""
     cfg = InferenceConfig(n=args.n, max_len=args.max_len, seed=args.seed)
     if args.scoring_views > 8 * cfg.n:
         raise SystemExit(f"--scoring-views {args.scoring_views} > the {8 * cfg.n} generation views (raise --n)")
@@ -213,38 +220,63 @@ def scoring_views(model, codec, tasks, args) -> dict:
     for task in tasks:
         views = make_views(task, cfg.n, cfg.seed, cfg.colours, cfg.shuffle_demos)[: args.scoring_views]
         for i in range(len(task.test)):
-            prompts, kept = [], {}
-            for v, view in enumerate(views):
-                prompts.append(generation_prompt(codec, task, i, view, cfg.max_len).ids)
-                kept[v] = DynamicCache()
-                dfs(model, prompts[-1], codec, 0.5, answer_budget(cfg.max_len), cache=kept[v])
-            out[(task.id, i)] = (views, prompts, kept)
+            prompts = [generation_prompt(codec, task, i, view, cfg.max_len).ids for view in views]
+            searched = dfs(
+                model,
+                prompts,
+                codec,
+                0.5,
+                answer_budget(cfg.max_len),
+                batch_size=args.batch_size,
+                keep=range(len(prompts)),
+                keep_bytes=math.inf,
+            )
+            if len(searched.kept) != len(prompts):
+                raise SystemExit(f"the DFS kept {len(searched.kept)} of {len(prompts)} prompt caches")
+            out[(task.id, i)] = (views, prompts, searched.kept)
     return out
 
 
 def run_scoring(model, codec, tasks, pools, views, args, mode: str) -> tuple[Row, list[list[float]]]:
-    """The candidates' teacher-forced scores under each test input's views (engine.teacher_forcing, as
-    score_candidates calls it), answers encoded beforehand: only the model's work is timed."""
+    """The candidates' teacher-forced scores under each test input's views: scratch and own through
+    engine.teacher_forcing.answer_logps (answers encoded beforehand: only the model's work is timed), dfs through
+    score_candidates on the DFS's kept prompt caches (held), as engine.predict scores after a DFS."""
+    from arcfold.engine.scoring import score_candidates
     from arcfold.engine.teacher_forcing import answer_logps
 
     row = Row(f"scoring m={args.scoring_views}, {SCORING_MODES[mode]}")
     scores = []
+    tasks_by_id = {task.id: task for task in tasks}
     sync(args.device)
     for (task_id, i), cands in pools.items():
-        view_list, prompts, kept = views[(task_id, i)]
-        answers = [[codec.encode_answer(view.grid(c.grid)) for c in cands] for view in view_list]
-        start = time.perf_counter()
-        logps, tokens = answer_logps(
-            model,
-            prompts,
-            answers,
-            args.batch_size,
-            kept=kept if mode == "dfs" else None,
-            reuse_prompts=mode != "scratch",
-        )
-        sync(args.device)
-        row.seconds += time.perf_counter() - start
-        row.tokens += tokens
+        view_list, prompts, held = views[(task_id, i)]
+        if mode == "dfs":
+            start = time.perf_counter()
+            stats = score_candidates(
+                model,
+                codec,
+                tasks_by_id[task_id],
+                i,
+                cands,
+                list(view_list),
+                args.max_len,
+                args.batch_size,
+                prompts=prompts,
+                held=held,
+            )
+            sync(args.device)
+            row.seconds += time.perf_counter() - start
+            row.tokens += stats["scoring_tokens"]
+            if stats["scoring_kept_views"] != len(view_list):
+                raise SystemExit(f"scoring read {stats['scoring_kept_views']:.0f} kept caches of {len(view_list)}")
+            logps = [[c.scores[v] for c in cands] for v in range(len(view_list))]
+        else:
+            answers = [[codec.encode_answer(view.grid(c.grid)) for c in cands] for view in view_list]
+            start = time.perf_counter()
+            logps, cost = answer_logps(model, prompts, answers, args.batch_size, reuse_prompts=mode != "scratch")
+            sync(args.device)
+            row.seconds += time.perf_counter() - start
+            row.tokens += cost.tokens
         row.candidates += len(cands)
         scores.append([logps[v][c] for c in range(len(cands)) for v in range(len(view_list))])
     return row, scores
@@ -256,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", default=None, help="override the vocabulary ('real': the preset's own)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--attn", default="sdpa", help="attention implementation: sdpa | eager | flash_attention_2")
+    ap.add_argument(
+        "--attn", default="sdpa", help="attention: sdpa | eager | flash_attention_2 (the DFS rows need sdpa or eager)"
+    )
     ap.add_argument("--tasks", type=int, default=3, help="the N smallest ARC-AGI-2 eval tasks")
     ap.add_argument("--n", type=int, default=1, help="views = 8 * n")
     ap.add_argument("--probs", default="0.5,0.17,0.05")

@@ -11,7 +11,12 @@ Cases (the grids are random; the codec is the built-in one, whose 16 ids are val
                (8 augmented views = 8 optimiser steps; the peak is one step's)
   score        score_candidates: 4 candidates x 8 views on a task with a ~3k-token prompt and 20x20 answers
   nll          answer_nll of that task's true output under 8 views
-  dfs          the DFS prefill of that prompt with a 421-token guess
+  dfs          the DFS over that prompt's 8 D8 views (8 prompts of one length), each view's search forced down
+               one 421-token chain (the true answer's length: a forward hook on the head adds CHAIN_BIAS to one
+               output token's logit, so at min_prob 0.5 one branch per view survives each depth; the random
+               model alone is flat and would prune everything at the first step). After: the batched search
+               (engine.dfs, batch_size 8: one 8-row prefill, then 420 forwards of 8 rows x 1 token in one cache);
+               before: the one-row search of that revision, view after view (no guess), the same chain
 
     .venv/bin/python benchmarks/bench_memory.py                 # every case, before and after (~5 min)
     .venv/bin/python benchmarks/bench_memory.py --cases train:2048 score --sides after
@@ -33,6 +38,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE_REV = "806a7e3"  # the last commit before engine.logits: the head over every position
 VOCAB = 151_936
 CASES = ("train:2048", "train:4096", "train:8192", "score", "nll", "dfs")
+CHAIN_BIAS = 30.0  # logit added to one output token: ~e^-30 for every other child, so one chain per view
+
+
+def force_chain(model, codec, bias: float = CHAIN_BIAS):
+    """A forward hook on the model's head that adds `bias` to the codec's first non-eos output token's logit, so a
+    thresholded search (min_prob 0.5) on a flat random model follows one chain of that token per prompt until its
+    max_new_tokens. Returns the hook's handle (`.remove()` undoes it)."""
+    import torch
+
+    if hasattr(model, "get_base_model"):  # a PeftModel: its transformers model
+        model = model.get_base_model()
+    head = model.get_output_embeddings()
+    extra = torch.zeros(head.weight.shape[0], device=head.weight.device, dtype=head.weight.dtype)
+    extra[[t for t in codec.output_tokens if t != codec.eos_id][0]] = bias
+    return head.register_forward_hook(lambda _m, _i, out: out + extra.to(out.dtype))
 
 
 def rss_mb() -> float:
@@ -99,6 +119,7 @@ def run_case(case: str) -> dict:
     ready = rss_mb()
     start = time.perf_counter()
     tokens = 0
+    extra: dict = {}
     if case.startswith("train"):
         from arcfold.engine.train import train_fold
 
@@ -120,12 +141,20 @@ def run_case(case: str) -> dict:
 
             answer_nll(peft_model, codec, task, 0, views, InferenceConfig().max_len)
         elif case == "dfs":
+            import inspect
+
             from arcfold.engine.dfs import dfs
 
-            view = views[0]
-            prompt = codec.encode_prompt(view.pairs(task.train), view.grid(task.test[0].input)).ids
-            guess = codec.encode_answer(view.grid(task.test[0].output))
-            dfs(peft_model, prompt, codec, 0.5, len(guess), guess=guess, max_candidates=1)
+            prompts = [codec.encode_prompt(v.pairs(task.train), v.grid(task.test[0].input)).ids for v in views]
+            chain = len(codec.encode_answer(views[0].grid(task.test[0].output)))  # 421 tokens
+            hook = force_chain(peft_model, codec)
+            if "prompts" in inspect.signature(dfs).parameters:  # the batched search
+                searched = dfs(peft_model, prompts, codec, 0.5, chain, batch_size=len(prompts))
+                passes = searched.stats.forward_passes
+            else:  # a revision before it: one prompt at a time
+                passes = sum(dfs(peft_model, prompt, codec, 0.5, chain)[1].forward_passes for prompt in prompts)
+            hook.remove()
+            extra["forwards"] = passes
         tokens = len(codec.encode_prompt(views[0].pairs(task.train), views[0].grid(task.test[0].input)).ids)
     return {
         "case": case,
@@ -133,6 +162,7 @@ def run_case(case: str) -> dict:
         "model_mb": ready,
         "peak_mb": peak_mb(),
         "seconds": time.perf_counter() - start,
+        **extra,
     }
 
 
@@ -184,6 +214,9 @@ def main() -> None:
             line += f"  {after['peak_mb'] / before['peak_mb']:>18.3f} {work:>5.3f}"
         print(line)
     print("work = peak RSS minus RSS with the model built (what the case itself added)")
+    for (case, side), cell in rows.items():
+        if "forwards" in cell:
+            print(f"{case} {side}: {cell['forwards']} forwards (prefills included)")
 
 
 if __name__ == "__main__":

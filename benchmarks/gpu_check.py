@@ -20,6 +20,23 @@ For each: training tokens/s (sequence tokens / train_fold seconds), model FLOPs 
 own: the prefill (the test prompt in one forward, tokens/s) and then the decode (one token per forward over the
 prompt's KV cache, greedy, 64 steps, tokens/s).
 
+Then the DFS's decode, two ways, on the test prompt under the task's 8 D8 views (8 prompts of one length):
+  dfs 1-row    tests/engine/one_row_dfs.py (the search arcfold ran before the batched one): view after view, one
+               KV cache of batch 1, one forward per node of the search tree
+  dfs batched  engine.dfs as a run calls it: the 8 views prefilled into one cache and searched breadth-wise,
+               batch_size 8, one forward per depth feeding every open branch of every view
+A random model is flat (every token about 1/vocab), so a DFS would prune everything at its first step. For these
+two columns only, a forward hook on the head adds DFS_BIAS (30) to one output token's logit (the codec's first
+non-eos output token; bench_memory.force_chain), so each view's search is one fixed chain: at min_prob 0.5 it
+keeps exactly that child at every depth (probability ~1; every other child, eos included, is ~e^-30 and pruned)
+until max_new_tokens (DFS_NEW = 33) leaves no room for an eos: 32 decode forwards per view (1-row: 8 x 32
+forwards of 1 token; batched: 32 forwards of 8 rows x 1 token). Both paths run their whole search (tree mask or
+cache crop, log-probs over the full softmax, children, pruning); a narrow tree is what a confident model's search
+mostly is. Tokens/s = decode tokens (stats.forward_tokens minus the prefill's) / decode seconds (the search's
+seconds minus its prefill's, timed on its own: prefill(model, [prompt]) per view for the 1-row path, the same
+forward its first step runs; dfs(..., max_new_tokens=0), which prefills and stops, for the batched one). Both
+after a warm-up search of 4 tokens; the hook is removed afterwards.
+
 MFU counting (FLOPS_FORMULA, printed with the table): a LoRA step's useful work is, per sequence of T tokens,
   linear layers   4 * N_linear * T       2 FLOPs per weight per token forward, 2 backward (input gradients through
                                          the frozen base; the LoRA weights' own gradients are negligible)
@@ -46,7 +63,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runs from a plain checkout too (the GPU machine has no editable install)
 
-from bench_memory import train_task  # noqa: E402  (benchmarks/ is the script's own folder)
+from bench_memory import force_chain, train_task  # noqa: E402  (benchmarks/ is the script's own folder)
 
 FLOPS_FORMULA = "train FLOPs = 4*N_linear*T + 4*N_head*L_labelled + 6*layers*d_q*T^2 (causal attention) per sequence"
 # Dense bf16 tensor TFLOP/s (no sparsity), matched in order against the upper-cased device name.
@@ -95,6 +112,10 @@ SHAPES = {
 }
 SPECIALS = ["<|pad|>", "<|start|>", "<|end|>"]
 DECODE_STEPS = 64
+DFS_VIEWS = 8  # the test prompt under the 8 D8 views
+DFS_NEW = 33  # max_new_tokens: 32 decode forwards per view on the forced chain
+DFS_BIAS = 30.0  # added to one output token's logit, so the flat random model's search is one chain per view
+DFS_MIN_PROB = 0.5
 
 
 def peak_tflops(device_name: str) -> tuple[float | None, str]:
@@ -194,6 +215,70 @@ def inference_rates(model, prompt: list[int], device, steps: int = DECODE_STEPS)
     return prefill, decode
 
 
+def dfs_rates(model, codec, prompts: list[list[int]], device, max_new: int = DFS_NEW) -> dict:
+    """Decode tokens/s of the one-row DFS (prompt after prompt) and of the batched DFS (all prompts in one cache),
+    prefill excluded (module docstring); one output token's logit raised by DFS_BIAS while it runs."""
+    import torch
+
+    from arcfold.engine.dfs import dfs
+    from arcfold.engine.generate import eval_mode
+    from arcfold.engine.prompt_cache import prefill
+
+    sys.path.insert(0, str(ROOT / "tests" / "engine"))
+    from one_row_dfs import one_row_dfs  # the tests' reference, not part of the package
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    hook = force_chain(model, codec, DFS_BIAS)
+    try:
+        with eval_mode(model), torch.inference_mode():
+            for prompt in prompts[:2]:  # warm-up: first-call kernels and allocations, both paths
+                one_row_dfs(model, prompt, codec, DFS_MIN_PROB, 4)
+            dfs(model, prompts, codec, DFS_MIN_PROB, 4, batch_size=len(prompts))
+
+            one_prefill = one_search = 0.0
+            one_tokens = one_passes = 0
+            for prompt in prompts:
+                sync()
+                start = time.perf_counter()
+                prefill(model, [prompt])
+                sync()
+                one_prefill += time.perf_counter() - start
+                start = time.perf_counter()
+                _, stats = one_row_dfs(model, prompt, codec, DFS_MIN_PROB, max_new)
+                sync()
+                one_search += time.perf_counter() - start
+                one_tokens += stats.forward_tokens - len(prompt)  # its first forward is the prompt's
+                one_passes += stats.forward_passes - 1
+
+            sync()
+            start = time.perf_counter()
+            prefilled = dfs(model, prompts, codec, DFS_MIN_PROB, 0, batch_size=len(prompts))
+            sync()
+            batched_prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            searched = dfs(model, prompts, codec, DFS_MIN_PROB, max_new, batch_size=len(prompts))
+            sync()
+            batched_search = time.perf_counter() - start
+    finally:
+        hook.remove()
+    batched_tokens = searched.stats.forward_tokens - prefilled.stats.forward_tokens
+    batched_passes = searched.stats.forward_passes - prefilled.stats.forward_passes
+    if one_tokens <= 0 or batched_tokens <= 0:
+        raise RuntimeError(f"the DFS decoded nothing (1-row {one_tokens}, batched {batched_tokens} tokens)")
+    return {
+        "dfs_views": len(prompts),
+        "dfs_1row_tokens": one_tokens,
+        "dfs_1row_passes": one_passes,
+        "dfs_1row_tok_s": one_tokens / max(one_search - one_prefill, 1e-9),
+        "dfs_batched_tokens": batched_tokens,
+        "dfs_batched_passes": batched_passes,
+        "dfs_batched_tok_s": batched_tokens / max(batched_search - batched_prefill, 1e-9),
+    }
+
+
 def measure(name: str, shape: str, tokens: int, checkpointing: bool, bits: str, args, workdir: Path) -> dict:
     import torch
 
@@ -247,10 +332,16 @@ def measure(name: str, shape: str, tokens: int, checkpointing: bool, bits: str, 
     mfu = flops / stats.seconds / (peak * 1e12) if peak else float("nan")
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
 
-    view = make_views(task, 1, seed=0)[0]
-    prompt = codec.encode_prompt(view.pairs(task.train), view.grid(task.test[0].input)).ids
+    views = make_views(task, 1, seed=0)[:DFS_VIEWS]
+    prompts = [codec.encode_prompt(v.pairs(task.train), v.grid(task.test[0].input)).ids for v in views]
+    prompt = prompts[0]
     inference_rates(peft_model, prompt[:256], device, steps=4)  # warm-up: first-call kernels and allocations
     prefill, decode = inference_rates(peft_model, prompt, device)
+    try:
+        searches = dfs_rates(peft_model, codec, prompts, device)
+    except Exception as err:  # the DFS columns failing must not hide the training numbers
+        searches = {"dfs_error": f"{type(err).__name__}: {str(err)[:100]}"}
+        print(f"{name}: dfs columns failed: {searches['dfs_error']}", flush=True)
     del peft_model, loaded
     gc.collect()
     return {
@@ -263,6 +354,7 @@ def measure(name: str, shape: str, tokens: int, checkpointing: bool, bits: str, 
         "prompt": len(prompt),
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
+        **searches,
     }
 
 
@@ -317,7 +409,7 @@ def main() -> None:
     print(f"MFU: {FLOPS_FORMULA}; checkpointing's recomputation not counted")
     print(
         f"{'case':<22} {'tokens':>7} {'train tok/s':>12} {'MFU':>6} {'attn':>5} {'peak GB':>8} {'prompt':>7} "
-        f"{'prefill tok/s':>14} {'decode tok/s':>13}"
+        f"{'prefill tok/s':>14} {'decode tok/s':>13} {'dfs 1-row tok/s':>16} {'dfs batched tok/s':>18}"
     )
     for r in rows:
         if "error" in r:
@@ -325,9 +417,14 @@ def main() -> None:
             continue
         print(
             f"{r['case']:<22} {r['tokens']:>7} {r['train_tok_s']:>12.0f} {r['mfu']:>6.1%} {r['attention_share']:>5.0%} "
-            f"{r['peak_gb']:>8.1f} {r['prompt']:>7} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f}"
+            f"{r['peak_gb']:>8.1f} {r['prompt']:>7} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f} "
+            f"{r.get('dfs_1row_tok_s', float('nan')):>16.1f} {r.get('dfs_batched_tok_s', float('nan')):>18.1f}"
         )
     print("attn: attention's share of the counted FLOPs; decode: batch 1, one token per forward, after the prefill")
+    print(
+        f"dfs: decode tokens/s after the prefill, the test prompt under {DFS_VIEWS} D8 views, a forced chain of "
+        f"{DFS_NEW - 1} steps per view (1-row: view after view; batched: {DFS_VIEWS} rows per forward)"
+    )
 
 
 if __name__ == "__main__":

@@ -48,3 +48,42 @@ def test_the_flops_count_linear_head_and_causal_attention(gpu_check):
     flops, attention = gpu_check.train_flops([10, 20], 7, linear=100, head=30, layers=2, d_q=8)
     assert attention == 6 * 2 * 8 * (10**2 + 20**2)
     assert flops == 4 * 100 * 30 + 4 * 30 * 7 + attention
+
+
+def test_the_dfs_columns_time_a_forced_chain_of_fixed_length(gpu_check):
+    # the tiny random model is flat: without the hook the DFS would stop at its first step and time nothing
+    import torch
+
+    from arcfold.config import ModelConfig
+    from arcfold.data import make_views
+    from arcfold.engine.model import load_model
+
+    bench_memory = sys.modules["bench_memory"]
+    loaded = load_model(
+        ModelConfig(
+            kind="tiny",
+            device="cpu",
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+            init_seed=0,
+        )
+    )
+    model, codec = loaded.model, loaded.codec
+    task = bench_memory.random_task(2, 3, seed=0)
+    views = make_views(task, 1, seed=0)
+    prompts = [codec.encode_prompt(v.pairs(task.train), v.grid(task.test[0].input)).ids for v in views]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = gpu_check.dfs_rates(model, codec, prompts, torch.device("cpu"), max_new=9)
+    finally:
+        torch.set_num_threads(before)
+    # one branch per view per depth, 8 decode forwards per view (max_new - 1): 1-row 8 x 8 forwards of 1 token,
+    # batched 8 forwards of 8 rows x 1 token
+    assert (got["dfs_1row_passes"], got["dfs_1row_tokens"]) == (64, 64)
+    assert (got["dfs_batched_passes"], got["dfs_batched_tokens"]) == (8, 64)
+    assert got["dfs_1row_tok_s"] > 0 and got["dfs_batched_tok_s"] > 0
+    assert model.get_output_embeddings()._forward_hooks == {}  # the head is left as it was
