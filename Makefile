@@ -40,10 +40,11 @@ SHIPPED := src/arcfold/shipped
 pretrain: install
 	$(PY) -m arcfold experiment=pretrain pretrain.out=$(SHIPPED)
 
-# TTT's effect with the shipped model: the testbed's arms side by side in MLflow (a few minutes each).
+# TTT's effect with the shipped model: the testbed's arms on 48 tasks side by side in MLflow (2-10 minutes each;
+# measured in docs/testbed.md).
 testbed: install
 	$(PY) -m arcfold -m experiment=testbed \
-		variant=no_ttt,folds_1,folds_4,per_task,greedy,votes,keep_rule,no_d8,no_colours,no_demo_order
+		variant=no_ttt,folds_1,folds_4,per_task,greedy,votes,keep_rule,no_d8,no_colours,no_demo_order,learn_rule
 
 # The real ARC-AGI-1 tasks that are instances of the generated families, without and with TTT.
 real-tasks: install

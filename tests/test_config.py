@@ -172,7 +172,7 @@ def test_the_defaults_list_is_the_cpu_demo_and_groups_mean_what_they_say():
 
 def test_the_other_experiments_undo_the_demo_sizing():
     testbed = compose_with(["experiment=testbed"])
-    assert (testbed.data.count, testbed.data.seed, testbed.data.limit, testbed.data.order) == (24, 2000, None, "id")
+    assert (testbed.data.count, testbed.data.seed, testbed.data.limit, testbed.data.order) == (48, 2000, None, "id")
     pretrain = compose_with(["experiment=pretrain"])
     assert (pretrain.data.count, pretrain.data.limit, pretrain.data.order, pretrain.train.epochs) == (
         16000,
