@@ -203,11 +203,11 @@ def test_a_run_interrupted_between_test_inputs_resumes_without_repeating_them(tm
     cfg = config(tmp_path, *RESUMABLE, "tracking=off")
     calls: list[tuple[str, tuple[int, ...]]] = []
 
-    def stops_at_a_second_test_input(model, codec, task, inference, views=None, indices=None):
+    def stops_at_a_second_test_input(model, codec, task, inference, views=None, indices=None, nll_views=()):
         calls.append((task.id, tuple(indices)))
         if indices == [1] and not stop_after:
             raise KeyboardInterrupt
-        return predict_task(model, codec, task, inference, views, indices)
+        return predict_task(model, codec, task, inference, views, indices, nll_views)
 
     stop_after = []
     with pytest.raises(KeyboardInterrupt):
