@@ -1,4 +1,5 @@
-"""Shared test helpers: PNG checks (a real image with real content, not just a file)."""
+"""Shared test helpers: PNG checks (a real image with real content, not just a file), and a small tokenizer that
+writes both text formats (architects, chat) for the tests that save a Hugging Face model."""
 
 from __future__ import annotations
 
@@ -39,3 +40,56 @@ def read_png():
 @pytest.fixture
 def has_colour():
     return _has_colour
+
+
+LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjklmnpqrstuvwxyz"
+# A small BPE vocabulary that speaks both formats: the ARChitects' letters and `+/-=O`, the chat markers; digits
+# merge ("00", "000") as in real tokenizers, so the codec must get round merges.
+FORMAT_VOCAB = [
+    "<unk>",
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "\n",
+    *"0123456789",
+    "00",
+    "000",
+    *LETTERS,
+    "I",
+    "O",
+    "+",
+    "/",
+    "-",
+    "=",
+    "user",
+    "assistant",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _format_tokenizer(extra: tuple[str, ...] = ()):
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, models
+
+    vocab = FORMAT_VOCAB + list(extra)
+    backend = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[("0", "0"), ("00", "0")], unk_token="<unk>")
+    )
+    backend.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    backend.add_tokens(["user", "assistant"])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def format_tokenizer():
+    """format_tokenizer(extra=()) -> a PreTrainedTokenizerFast over FORMAT_VOCAB + extra, with a chat template."""
+    return _format_tokenizer

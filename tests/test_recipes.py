@@ -18,7 +18,6 @@ import torch
 import transformers
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from tokenizers import AddedToken, Tokenizer, models
 
 from arcfold import pipeline
 from arcfold.checks import ConfigError, check
@@ -224,54 +223,18 @@ def test_an_8bit_optimiser_without_bitsandbytes_is_refused_in_one_line(tmp_path,
     check(cfg)
 
 
-LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjklmnpqrstuvwxyz"
-# A small BPE vocabulary that speaks both formats: the ARChitects' letters and `+/-=O`, the chat markers; digits
-# merge ("00", "000") as in real tokenizers, and fillers the shrink drops.
-VOCAB = [
-    "<unk>",
-    "<pad>",
-    "<s>",
-    "</s>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "\n",
-    *"0123456789",
-    "00",
-    "000",
-    *LETTERS,
-    "I",
-    "O",
-    "+",
-    "/",
-    "-",
-    "=",
-    "user",
-    "assistant",
-    "!",
-    "?",
-    "filler",
-]
-TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+FILLERS = ("!", "?", "filler")  # tokens no format writes: the vocabulary shrink drops them
+EXTRA_ROWS = 8  # embedding rows past the tokenizer, as real models pad their vocabularies
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random Llama of a small shape (hidden 64: bitsandbytes' 4-bit blocks) with the tokenizer above, saved."""
+def model_dir(tmp_path_factory: pytest.TempPathFactory, format_tokenizer) -> Path:
+    """A random Llama of a small shape (hidden 64: bitsandbytes' 4-bit blocks) with the two-format tokenizer of
+    tests/conftest.py (and fillers), saved."""
     directory = tmp_path_factory.mktemp("recipe_model")
-    backend = Tokenizer(
-        models.BPE(vocab={t: i for i, t in enumerate(VOCAB)}, merges=[("0", "0"), ("00", "0")], unk_token="<unk>")
-    )
-    backend.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
-    backend.add_tokens(["user", "assistant"])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.chat_template = TEMPLATE
+    tokenizer = format_tokenizer(FILLERS)
     config = transformers.LlamaConfig(
-        vocab_size=len(VOCAB) + 8,
+        vocab_size=len(tokenizer) + EXTRA_ROWS,
         hidden_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -317,7 +280,8 @@ def test_a_preset_runs_end_to_end_on_a_cpu(name, model_dir, tmp_path, caplog):
         result = pipeline.run(cfg, tmp_path / "run")
     messages = [r.getMessage() for r in caplog.records]
     # The preset's vocabulary shrink and format: the model reads only the format's and the special tokens.
-    assert any(m.startswith(f"vocabulary shrunk {len(VOCAB) + 8} -> ") for m in messages), messages
+    rows = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    assert any(m.startswith(f"vocabulary shrunk {rows} -> ") for m in messages), messages
     assert len(result.folds) == 2 and not result.failures
     for fold in result.folds:
         assert fold.steps > 0 and math.isfinite(fold.final_loss)

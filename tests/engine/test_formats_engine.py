@@ -12,7 +12,6 @@ import pytest
 import torch
 import transformers
 from one_row_dfs import one_row_dfs
-from tokenizers import AddedToken, Tokenizer, models
 
 from arcfold.config import ModelConfig
 from arcfold.data import ArcDataError, Task
@@ -21,49 +20,13 @@ from arcfold.engine.dfs import dfs
 from arcfold.engine.model import load_model
 from arcfold.engine.teacher_forcing import answer_logps
 
-LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjklmnpqrstuvwxyz"
-# Digits merge ("00", "000"), as in conftest's hf fixture; "+/-=O" is several tokens; the chat markers special.
-VOCAB = [
-    "<unk>",
-    "<pad>",
-    "<s>",
-    "</s>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "\n",
-    *"0123456789",
-    "00",
-    "000",
-    *LETTERS,
-    "I",
-    "O",
-    "+",
-    "/",
-    "-",
-    "=",
-    "user",
-    "assistant",
-]
-TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 
 @pytest.fixture(scope="module")
-def format_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def format_model_dir(tmp_path_factory: pytest.TempPathFactory, format_tokenizer) -> Path:
     directory = tmp_path_factory.mktemp("hf_formats")
-    backend = Tokenizer(
-        models.BPE(vocab={t: i for i, t in enumerate(VOCAB)}, merges=[("0", "0"), ("00", "0")], unk_token="<unk>")
-    )
-    backend.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
-    backend.add_tokens(["user", "assistant"])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.chat_template = TEMPLATE
+    tokenizer = format_tokenizer()
     config = transformers.LlamaConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=len(tokenizer),
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
