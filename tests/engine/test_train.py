@@ -144,8 +144,11 @@ def test_max_seconds_stops_after_the_step_that_passes_it_and_the_next_fold_train
     accelerator = make_accelerator(train_cfg, tiny_loaded.device)
     cut = train_fold(pm, tiny_loaded.codec, small_tasks[:1], train_cfg, accelerator, progress=False, max_seconds=0.0)
     assert cut.steps == len(cut.losses) == 1 and cut.planned_steps == 8
+    # Throughput counts the tokens trained on: one sequence of the 8, not all of them.
+    assert 0 < cut.tokens_per_second * cut.seconds < cut.tokens / 4
     full = train_fold(pm, tiny_loaded.codec, small_tasks[:1], train_cfg, accelerator, progress=False)
     assert full.steps == full.planned_steps == 8
+    assert full.tokens_per_second * full.seconds == pytest.approx(full.tokens)
 
 
 def test_reset_between_folds_restores_adapter_and_never_reloads_base(

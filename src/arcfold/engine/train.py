@@ -262,6 +262,8 @@ def train_fold(
         finally:
             _release(accelerator, peft_model)
             peft_model.eval()
+    # The tokens of the batches trained on: fewer than `tokens` when max_seconds stopped training early.
+    trained = sum(lengths[i] for b in batches[: len(losses) * cfg.grad_accum] for i in b)
     if len(losses) != steps and max_seconds is None:  # accelerate syncs at the loader's end: a logic error
         log.warning("expected %d optimiser steps, made %d", steps, len(losses))
     return FoldTrainStats(
@@ -270,7 +272,7 @@ def train_fold(
         tokens=tokens,
         padded_tokens=padded,
         seconds=seconds,
-        tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        tokens_per_second=trained / seconds if seconds > 0 else 0.0,
         final_loss=losses[-1] if losses else math.nan,
         losses=losses,
         peak_memory_bytes=_peak_memory(device),
