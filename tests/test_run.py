@@ -124,8 +124,8 @@ def test_a_single_run_leaves_submission_scores_tables_adapters_and_one_mlflow_ru
 
 
 def test_a_sweep_of_repeats_lands_under_one_parent_run_that_tells_its_story(tmp_path, read_png):
-    # repeats=2 expands to seed=0,1: 2 configurations x 2 seeds.
-    proc = arcfold(tmp_path, "-m", *SMALL, "folds=1", "lora.rank=2,4", "repeats=2", "inference.max_seconds=3")
+    # repeats=2 expands to seed=0,1: 2 configurations x 2 seeds. Rank 4 listed first: job 0, the baseline.
+    proc = arcfold(tmp_path, "-m", *SMALL, "variant=folds_1", "lora.rank=4,2", "repeats=2", "inference.max_seconds=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient
@@ -145,6 +145,7 @@ def test_a_sweep_of_repeats_lands_under_one_parent_run_that_tells_its_story(tmp_
     assert sorted(c.info.run_name for c in children) == [f"lora.rank={r} seed={s}" for r in (2, 4) for s in (0, 1)]
     for c in children:
         p = c.data.params
+        assert p["variant"] == "folds_1" and p["folds"] == "1"  # the preset chosen, and what it set
         assert p["split.seed"] == p["train.seed"] == p["lora.init_seed"] == p["inference.seed"] == p["seed"]
         assert p["inference.scoring.seed"] == str(int(p["seed"]) + 1)
     # The parent: jobs, the verdict (2 tasks: too few for a winner), the leading configuration's params and
@@ -160,7 +161,11 @@ def test_a_sweep_of_repeats_lands_under_one_parent_run_that_tells_its_story(tmp_
     assert {"compare/report.md", "compare/report.html", "compare/solved_matrix.png", "compare/compare.json"} <= logged
     sweep_dir = only(list((tmp_path / "outputs" / "sweeps").iterdir()))
     read_png(sweep_dir / "compare" / "solved_matrix.png")
-    assert "| lora.rank | runs | score |" in (sweep_dir / "compare" / "report.md").read_text()
+    report = (sweep_dir / "compare" / "report.md").read_text()
+    assert "| lora.rank | runs | score |" in report
+    # Rows in numeric order, the baseline job 0's configuration (the first value listed), not the first row.
+    rows = [line for line in report.splitlines() if line.startswith(("| 2 |", "| 4 |"))]
+    assert [r[:3] for r in rows] == ["| 2", "| 4"] and rows[1].rstrip(" |").endswith("| baseline"), rows
     assert f"MLflow runs table: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?" in proc.stdout
 
 

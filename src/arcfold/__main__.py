@@ -47,6 +47,7 @@ def run_app(cfg: DictConfig) -> float | None:
     quiet_libraries(shows_bars(cfg.report.progress))  # before the libraries load: their bars and known warnings
 
     from arcfold import pipeline
+    from arcfold.report.comparison import PRESETS
     from arcfold.run.checkpoint import resumed_config
     from arcfold.run.failures import Interrupted, free_memory, interrupts, outcome
     from arcfold.run.progress import summary_table
@@ -103,7 +104,9 @@ def run_app(cfg: DictConfig) -> float | None:
     try:
         with interrupts():  # SIGINT / SIGTERM: the pipeline unwinds, writing what exists
             check(cfg)
-            tracker.log_params(config_params(cfg))
+            # The presets chosen (variant=no_ttt) too: a sweep over them is compared by their names.
+            chosen = {k: str(hc.runtime.choices[k]) for k in PRESETS if hc.runtime.choices.get(k)}
+            tracker.log_params({**config_params(cfg), **chosen})
             if cfg.stage == "pretrain":
                 from arcfold import pretrain
 

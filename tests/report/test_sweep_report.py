@@ -76,6 +76,16 @@ def test_the_interval_pairs_tasks_over_each_configurations_seed_means(runs):
     assert rows[1]["score"] == f"{mean:.3f} +- {sd:.3f}"
 
 
+def test_a_sweep_over_a_preset_is_named_by_the_preset_where_it_tells_the_configurations_apart(runs):
+    for r in runs:  # two presets that set other keys of their own as well
+        r.params.update({"variant": f"v{r.params['lora.rank']}", "train.lr": str(int(r.params["lora.rank"]) / 1e4)})
+    c = compare(runs, n_boot=100)
+    assert c.swept == ["variant"] and [conf.label for conf in c.configurations] == ["variant=v16", "variant=v4"]
+    assert list(table_rows(c)[0])[:2] == ["variant", "runs"]
+    runs[0].params["variant"] = runs[3].params["variant"]  # now the preset alone would merge two configurations
+    assert compare(runs, n_boot=100).swept == ["lora.rank", "train.lr", "variant"]
+
+
 def test_a_baseline_that_matches_nothing_names_the_configurations(runs):
     with pytest.raises(ValueError, match="lora.rank=4; lora.rank=16"):
         compare(runs, baseline="lora.rank=99")

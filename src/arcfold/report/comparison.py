@@ -3,7 +3,9 @@ the per-task solved matrix, the verdict, and the report (Markdown and self-conta
 stays outside (arcfold.cli.compare reads the runs); this module sees only RunRecords.
 
 A configuration is the set of runs that agree on every swept param except the seeds (SEED_KEYS), so a sweep
-`-m seed=1,2,3 lora.rank=8,16` has two configurations of three runs each.
+`-m seed=1,2,3 lora.rank=8,16` has two configurations of three runs each. A sweep over a preset (PRESETS:
+`-m variant=no_ttt,learn_rule`) names its configurations by the preset alone when that tells them apart: the
+keys each preset sets are its own business, and eleven arms' worth of them make no readable table.
 
 The leader is the configuration with the highest mean score, then the lowest mean answer NLL. It is called the
 best only where that lead is clear: against every other configuration the paired interval of the score
@@ -28,6 +30,7 @@ from arcfold.report.stats import Interval, mean_sd, paired_bootstrap
 # Params that are repeats of one configuration, not a configuration of their own (`seed` drives them all).
 SEED_KEYS = ("seed", "split.seed", "train.seed", "inference.seed", "inference.scoring.seed", "lora.init_seed")
 NOT_SETTINGS = ("run_dir", "outputs", "tracking.run_name", "repeats")  # differ per run, configure nothing
+PRESETS = ("variant", "experiment")  # config groups that set many keys at once (logged as params when chosen)
 # The table's columns: (metric, heading, digits); the first is the headline.
 TABLE_METRICS = (
     ("score", "score", 3),
@@ -117,6 +120,14 @@ def swept_keys(runs: Sequence[RunRecord]) -> tuple[list[str], list[str]]:
     return [k for k in varying if k not in SEED_KEYS], [k for k in varying if k in SEED_KEYS]
 
 
+def by_preset(runs: Sequence[RunRecord], swept: list[str]) -> list[str]:
+    """The swept keys that name the configurations: a swept preset alone where it tells them apart, else all."""
+    for key in PRESETS:
+        if key in swept and len(group(runs, [key])) == len(group(runs, swept)):
+            return [key]
+    return swept
+
+
 def group(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[Configuration]:
     groups: dict[tuple[str, ...], list[RunRecord]] = {}
     for r in runs:
@@ -163,6 +174,7 @@ def compare(
     if not runs:
         raise ValueError("no runs to compare")
     swept, seeds = swept_keys(runs)
+    swept = by_preset(runs, swept)
     configs = group(runs, swept)
     base = pick_baseline(configs, baseline)
     tasks = sorted({t for r in runs for metric in PAIRED_METRICS for t in r.per_task.get(metric, {})})
@@ -282,6 +294,7 @@ __all__ = [
     "Comparison",
     "compare",
     "swept_keys",
+    "by_preset",
     "table_rows",
     "markdown_table",
     "verdict",

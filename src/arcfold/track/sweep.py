@@ -79,8 +79,10 @@ class SweepCallback(Callback):
 
         client = MlflowClient(tracking_uri=parent["uri"])
         try:  # the jobs' results are safe in MLflow whatever happens here: a failed summary must not hide them
-            source = Source(parent["uri"], children(client, parent["run_id"]), parent["run_id"], sweep_dir)
-            comparison, files, links = summarise(source, sweep_dir / "compare", ui_url=config.tracking.ui_url)
+            run_ids = children(client, parent["run_id"])
+            source = Source(parent["uri"], run_ids, parent["run_id"], sweep_dir)
+            baseline = first_job(client, run_ids, sweep_dir)
+            comparison, files, links = summarise(source, sweep_dir / "compare", baseline, ui_url=config.tracking.ui_url)
             if comparison is not None:
                 print(f"\n{markdown_table(table_rows(comparison))}\n\n{verdict(comparison)}\n")
                 print(printed_links(files, links))
@@ -93,6 +95,18 @@ class SweepCallback(Callback):
             )
         finally:
             end_parent(sweep_dir, "FINISHED")
+
+
+def first_job(client: Any, run_ids: list[str], sweep_dir: Path) -> str | None:
+    """The run of the sweep's job 0, which takes the first value of every swept list: the comparison's baseline
+    (`-m variant=no_ttt,per_task` is compared against no_ttt, whatever order the values sort in). None where
+    job 0 logged nothing to compare (the first configuration is the baseline then)."""
+    target = (sweep_dir / "0").resolve()
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        if run.data.params and Path(run.data.tags.get("run_dir", "")).resolve() == target:
+            return run_id
+    return None
 
 
 def end_parent(sweep_dir: str | Path, status: str) -> None:
