@@ -92,6 +92,19 @@ def test_every_generated_task_is_an_instance_of_its_family_that_fit_recovers(fam
             assert from_demos is not None and all(same(from_demos.apply(p.input), p.output) for p in task.test), where
 
 
+@pytest.mark.parametrize("high", [6, 9, 10, 12])
+def test_outputs_and_crop_canvases_grow_to_the_largest_side_and_no_further(high):
+    # Real ARC's easy instances have 10x10 upscale outputs and 12x12 crop canvases: a model pretrained at
+    # sides [3, 10] sees them. Up to 9 the sizes are those every earlier model and recording was made with.
+    largest: dict[str, int] = {}
+    for family in ("upscale", "tile", "crop"):
+        for index in range(80):
+            task, _ = generate_task(family, 0, index, (3, high))
+            grids = [g for p in task.train + task.test for g in ((p.input if family == "crop" else p.output),)]
+            largest[family] = max(largest.get(family, 0), *(max(g.shape) for g in grids))
+    assert largest == {"upscale": max(9, high), "tile": max(8, high - high % 2), "crop": max(8, high)}
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_inputs_stay_distinct_even_where_few_grids_exist(family):
     # 2x2 grids (crop canvases excepted) repeat often enough that only the generator's check keeps them apart

@@ -10,7 +10,8 @@ A tiny model trained from scratch can learn these; each has instances among the 
   tile        the grid repeated 1x2, 2x1 or 2x2: copying with a period
   crop        the bounding box of the one object on a background of 0: finding where the content is
 
-Sides stay small (3..7 by default; upscale and tile inputs 2..4, crop canvases up to 8) so a sequence of 3-5
+Sides stay small (3..7 by default; upscale and tile inputs 2..4, crop canvases up to 8; with a larger `high`,
+upscale and tile outputs and crop canvases grow to it) so a sequence of 3-5
 demonstrations and 1-2 tests is a few hundred tokens: a CPU trains on tens of thousands of them per hour. Every
 task is drawn from its own generator (seed, index), so a task never depends on how many others were drawn.
 """
@@ -148,7 +149,7 @@ def _upscale_rule(k: int) -> Rule:
 
 def _upscale(rng: Rng, low: int, high: int) -> tuple[Rule, Callable[[Rng], Grid]]:
     k = int(rng.choice(UPSCALES))
-    return _upscale_rule(k), _plain_inputs(2, max(2, min(high, 9 // k)))
+    return _upscale_rule(k), _plain_inputs(2, max(2, min(high, max(9, high) // k)))  # outputs up to max(9, high)
 
 
 def _fit_upscale(pairs: Sequence[Pair]) -> Rule | None:
@@ -165,7 +166,7 @@ def _tile_rule(reps: tuple[int, int]) -> Rule:
 
 def _tile(rng: Rng, low: int, high: int) -> tuple[Rule, Callable[[Rng], Grid]]:
     reps = TILES[int(rng.integers(len(TILES)))]
-    return _tile_rule(reps), _plain_inputs(2, max(2, min(high, 4)))
+    return _tile_rule(reps), _plain_inputs(2, max(2, min(high, max(4, high // 2))))  # 2x2 tiles up to max(8, high)
 
 
 def _fit_tile(pairs: Sequence[Pair]) -> Rule | None:
