@@ -175,7 +175,7 @@ def test_the_other_experiments_undo_the_demo_sizing():
     assert (testbed.data.count, testbed.data.seed, testbed.data.limit, testbed.data.order) == (48, 2000, None, "id")
     pretrain = compose_with(["experiment=pretrain"])
     assert (pretrain.data.count, pretrain.data.limit, pretrain.data.order, pretrain.train.epochs) == (
-        16000,
+        9600,
         None,
         "id",
         1,
