@@ -35,16 +35,16 @@ sweep: install
 	$(PY) -m arcfold -m hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) folds=1,2 lora.rank=4,8 data.limit=2 \
 		train.epochs=1
 
-# Pretrain the shipped tiny model again (about 100 minutes on one CPU thread; its card: src/arcfold/shipped/README.md).
+# Pretrain the shipped tiny model again (about 110 minutes on one CPU thread; its card: src/arcfold/shipped/README.md).
 SHIPPED := src/arcfold/shipped
 pretrain: install
-	$(PY) -m arcfold experiment=pretrain pretrain.out=$(SHIPPED)
+	OMP_NUM_THREADS=1 $(PY) -m arcfold experiment=pretrain pretrain.out=$(SHIPPED)
 
-# TTT's effect with the shipped model: the testbed's arms on 48 tasks side by side in MLflow (2-10 minutes each;
-# measured in docs/testbed.md).
+# TTT's effect with the shipped model: the testbed's arms on 48 tasks side by side in MLflow, $(JOBS) at a time
+# (1-10 minutes each on one thread; measured in docs/testbed.md); the sweep ends with the comparison table.
 testbed: install
-	$(PY) -m arcfold -m experiment=testbed \
-		variant=no_ttt,folds_1,folds_4,per_task,greedy,votes,keep_rule,no_d8,no_colours,no_demo_order,learn_rule
+	$(PY) -m arcfold -m experiment=testbed hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
+		variant=no_ttt,learn_rule,per_task,folds_1,folds_4,greedy,votes,keep_rule,no_d8,no_colours,no_demo_order
 
 # The real ARC-AGI-1 tasks that are instances of the generated families, without and with TTT.
 real-tasks: install
