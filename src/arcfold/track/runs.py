@@ -62,10 +62,15 @@ def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def children(client: Any, parent_id: str) -> list[str]:
+def child_runs(client: Any, parent_id: str) -> list[Any]:
+    """The parent's child runs (MLflow Run objects: params and tags included), oldest first."""
     parent = client.get_run(parent_id)
     runs = _all_runs(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    return [r.info.run_id for r in sorted(runs, key=lambda r: r.info.start_time or 0)]
+    return sorted(runs, key=lambda r: r.info.start_time or 0)
+
+
+def children(client: Any, parent_id: str) -> list[str]:
+    return [r.info.run_id for r in child_runs(client, parent_id)]
 
 
 def resolve(targets: Sequence[str], uri: str | None, experiment: str) -> Source:

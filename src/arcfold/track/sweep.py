@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from arcfold.report.comparison import markdown_table, table_rows, verdict
-from arcfold.track.runs import PARENT_FILE, Source, children, printed_links, read_parent, summarise
+from arcfold.track.runs import PARENT_FILE, Source, child_runs, printed_links, read_parent, summarise
 from arcfold.track.tracker import RunTracker
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ class SweepCallback(Callback):
 
         client = MlflowClient(tracking_uri=parent["uri"])
         try:  # the jobs' results are safe in MLflow whatever happens here: a failed summary must not hide them
-            run_ids = children(client, parent["run_id"])
-            source = Source(parent["uri"], run_ids, parent["run_id"], sweep_dir)
-            baseline = first_job(client, run_ids, sweep_dir)
+            runs = child_runs(client, parent["run_id"])
+            source = Source(parent["uri"], [r.info.run_id for r in runs], parent["run_id"], sweep_dir)
+            baseline = first_job(runs, sweep_dir)
             comparison, files, links = summarise(source, sweep_dir / "compare", baseline, ui_url=config.tracking.ui_url)
             if comparison is not None:
                 print(f"\n{markdown_table(table_rows(comparison))}\n\n{verdict(comparison)}\n")
@@ -97,15 +97,14 @@ class SweepCallback(Callback):
             end_parent(sweep_dir, "FINISHED")
 
 
-def first_job(client: Any, run_ids: list[str], sweep_dir: Path) -> str | None:
+def first_job(runs: list[Any], sweep_dir: Path) -> str | None:
     """The run of the sweep's job 0, which takes the first value of every swept list: the comparison's baseline
     (`-m variant=no_ttt,per_task` is compared against no_ttt, whatever order the values sort in). None where
     job 0 logged nothing to compare (the first configuration is the baseline then)."""
     target = (sweep_dir / "0").resolve()
-    for run_id in run_ids:
-        run = client.get_run(run_id)
+    for run in runs:
         if run.data.params and Path(run.data.tags.get("run_dir", "")).resolve() == target:
-            return run_id
+            return run.info.run_id
     return None
 
 
