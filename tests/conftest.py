@@ -1,5 +1,6 @@
-"""Shared test helpers: PNG checks (a real image with real content, not just a file), and a small tokenizer that
-writes both text formats (architects, chat) for the tests that save a Hugging Face model."""
+"""Shared test helpers: PNG checks (a real image with real content, not just a file), a small tokenizer that
+writes both text formats (architects, chat) for the tests that save a Hugging Face model, and the config of a
+very small random tiny model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from arcfold.config import ModelConfig
 
 
 def rgb(hex_colour: str) -> tuple[int, int, int]:
@@ -93,3 +96,25 @@ def _format_tokenizer(extra: tuple[str, ...] = ()):
 def format_tokenizer():
     """format_tokenizer(extra=()) -> a PreTrainedTokenizerFast over FORMAT_VOCAB + extra, with a chat template."""
     return _format_tokenizer
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """A very small tiny-kind config: quick to build and to train on CPU."""
+    values = dict(
+        kind="tiny",
+        device="cpu",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=2048,
+        init_seed=0,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@pytest.fixture
+def make_tiny_cfg():
+    """tiny_model_config as a fixture: test modules cannot import conftest reliably (several exist)."""
+    return tiny_model_config

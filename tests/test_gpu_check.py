@@ -50,27 +50,15 @@ def test_the_flops_count_linear_head_and_causal_attention(gpu_check):
     assert flops == 4 * 100 * 30 + 4 * 30 * 7 + attention
 
 
-def test_the_dfs_columns_time_a_forced_chain_of_fixed_length(gpu_check):
+def test_the_dfs_columns_time_a_forced_chain_of_fixed_length(gpu_check, make_tiny_cfg):
     # the tiny random model is flat: without the hook the DFS would stop at its first step and time nothing
     import torch
 
-    from arcfold.config import ModelConfig
     from arcfold.data import make_views
     from arcfold.engine.model import load_model
 
     bench_memory = sys.modules["bench_memory"]
-    loaded = load_model(
-        ModelConfig(
-            kind="tiny",
-            device="cpu",
-            hidden_size=32,
-            num_layers=2,
-            num_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=512,
-            init_seed=0,
-        )
-    )
+    loaded = load_model(make_tiny_cfg(max_position_embeddings=512))
     model, codec = loaded.model, loaded.codec
     task = bench_memory.random_task(2, 3, seed=0)
     views = make_views(task, 1, seed=0)

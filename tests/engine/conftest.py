@@ -33,31 +33,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_model_config(**overrides) -> ModelConfig:
-    """A very small tiny-kind config: quick to build and to train on CPU."""
-    values = dict(
-        kind="tiny",
-        device="cpu",
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=2048,
-        init_seed=0,
-    )
-    values.update(overrides)
-    return ModelConfig(**values)
-
-
 @pytest.fixture
-def make_tiny_cfg():
-    """tiny_model_config as a fixture: test modules cannot import conftest reliably (several exist)."""
-    return tiny_model_config
-
-
-@pytest.fixture
-def tiny_cfg() -> ModelConfig:
-    return tiny_model_config()
+def tiny_cfg(make_tiny_cfg) -> ModelConfig:
+    return make_tiny_cfg()
 
 
 @pytest.fixture
