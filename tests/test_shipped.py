@@ -9,6 +9,7 @@ inversion also scatters the views' answers, so the views stop agreeing on the so
 from __future__ import annotations
 
 import json
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from arcfold import pipeline
 from arcfold.checks import check
 from arcfold.config import register
 from arcfold.data import load_kaggle
+from arcfold.engine.predict import predict_task
+from arcfold.run.worker import Engine
 
 register()
 pytestmark = pytest.mark.slow  # the shipped model, TTT on 12 tasks
@@ -28,9 +31,7 @@ pytestmark = pytest.mark.slow  # the shipped model, TTT on 12 tasks
 HELD_OUT = ["data.seed=3000", "data.count=12"]
 
 
-@pytest.fixture(scope="module")
-def ttt_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shipped")
+def compose_testbed(out: Path, *overrides: str):
     with initialize_config_module("arcfold.conf", version_base="1.3"):
         cfg = compose(
             "config",
@@ -41,11 +42,18 @@ def ttt_run(tmp_path_factory):
                 "tracking=off",
                 "report.plots=false",
                 "report.progress=off",
+                *overrides,
             ],
         )
     check(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ttt_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shipped")
     run_dir = out / "run"
-    return pipeline.run(cfg, run_dir), run_dir
+    return pipeline.run(compose_testbed(out), run_dir), run_dir
 
 
 def test_the_shipped_model_is_in_the_package_with_its_card():
@@ -91,3 +99,40 @@ def test_ttt_solves_tasks_and_the_views_agree_on_the_solutions(ttt_run):
     tasks = load_kaggle(run_dir / "data" / "synthetic_challenges.json", run_dir / "data" / "synthetic_solutions.json")
     assert {t.id: t for t in tasks} == {t.id: t for t in results.tasks}
     assert set(json.loads((run_dir / "submission.json").read_text())) == {t.id for t in tasks}
+
+
+def test_the_base_models_best_answer_is_attempt_2_where_the_adapter_answers_otherwise(tmp_path):
+    # learn_rule (inference.base_attempt=true) on one task of each family: each test input is predicted twice, with
+    # the trained adapter in learn_rule's views (no colour permutations) and then without it in a no-TTT run's
+    # views (inference.base_colours=all); the second must be the no-TTT run's own prediction.
+    overrides = ["data.count=6", "inference.base_nll=false"]
+    calls = []
+
+    def recording_predict_task(*args, **kwargs):
+        calls.append(predict_task(*args, **kwargs)[0])
+        return [calls[-1]]
+
+    hedged = pipeline.run(
+        compose_testbed(tmp_path, "variant=learn_rule", "train.epochs=4", *overrides),
+        tmp_path / "hedged",
+        engine=Engine(predict_task=recording_predict_task),
+    )
+    base = pipeline.run(compose_testbed(tmp_path, "variant=no_ttt", *overrides), tmp_path / "base")
+    same = lambda a, b: a.shape == b.shape and (a == b).all()  # noqa: E731
+    assert len(calls) == 2 * len(hedged.predictions) == 2 * len(base.predictions)
+    differ = 0
+    for adapter, without in zip(calls[::2], calls[1::2]):
+        key = (adapter.task_id, adapter.test_index)
+        expected = base.predictions[key].attempts
+        assert len(without.attempts) == len(expected) and all(map(same, without.attempts, expected)), key
+        alternated = [g for pair in zip_longest(adapter.attempts, without.attempts) for g in pair if g is not None]
+        first_two = [g for i, g in enumerate(alternated) if not any(same(g, h) for h in alternated[:i])][:2]
+        assert all(map(same, hedged.predictions[key].attempts, first_two)) and len(first_two) == len(
+            hedged.predictions[key].attempts
+        ), key
+        differ += len(first_two) != len(adapter.attempts) or not all(map(same, first_two, adapter.attempts))
+    assert differ, "the base model added no attempt to any input: nothing was hedged"
+    submission = json.loads((tmp_path / "hedged" / "submission.json").read_text())
+    for (task_id, i), pred in hedged.predictions.items():  # the hedged attempts are what was submitted
+        submitted = [submission[task_id][i][name] for name in ("attempt_1", "attempt_2")]
+        assert submitted[: len(pred.attempts)] == [g.tolist() for g in pred.attempts]

@@ -50,6 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     "inference.strategy": ("greedy", "dfs", "sample"),
     "inference.colours": COLOURS,
+    "inference.base_colours": COLOURS,
     "inference.scoring.aggregate": ("sum_logp", "sum_logp_bonus", "mean_prob", "max", "min", "votes", "nvarc"),
     "inference.scoring.views_from": ("generation", "fresh"),
     "inference.scoring.colours": COLOURS,
@@ -213,6 +214,10 @@ class InferenceConfig:
     max_len: int = 8192  # prompt + answer; longer prompts drop demonstrations
     batch_size: int = 8  # views per forward: decoded together (greedy, sample), or searched in one cache (dfs)
     base_nll: bool = False  # also score the true output's NLL with the base model alone (before/after TTT)
+    # attempt 2 = the base model's best answer (adapter off) where it differs from the adapter's best: a hedge
+    # against an adapter that learnt its demonstrations, for one more prediction per test input
+    base_attempt: bool = False
+    base_colours: str = "all"  # the base answer's views' colours (a no-TTT run's default, whatever `colours` says)
     seed: int = 0
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 

@@ -7,7 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from arcfold.engine.candidates import AGGREGATES, GEN_BONUS, Candidate, aggregate, merge, rank
+from arcfold.engine.candidates import (
+    AGGREGATES,
+    GEN_BONUS,
+    Candidate,
+    aggregate,
+    merge,
+    rank,
+    with_base_answers,
+)
+from arcfold.engine.candidates import (
+    TestPrediction as Prediction,  # aliased: pytest would collect a Test* class
+)
 
 SCORE_BASED = tuple(a for a in AGGREGATES if a != "votes")
 
@@ -99,3 +110,42 @@ def test_nvarc_is_the_generating_views_minus_the_mean_nll():
     assert "nvarc" in AGGREGATES  # ranked and logged (detail/score_nvarc) with the other aggregations
     assert rank([likely, found_often], "nvarc") == [1, 0]  # a vote is worth one nat of mean NLL
     assert rank([likely, found_often], "sum_logp") == [0, 1]
+
+
+def prediction(rng: np.random.Generator, pool: list[np.ndarray]) -> Prediction:
+    """Candidates drawn from `pool` (distinct grids), every ranking, and sum_logp's top two as the attempts."""
+    picked = rng.choice(len(pool), size=rng.integers(0, len(pool) + 1), replace=False)
+    cands = [
+        Candidate(pool[i], {0: float(-rng.exponential())}, {v: float(-rng.exponential()) for v in range(3)})
+        for i in picked
+    ]
+    rankings = {name: rank(cands, name) for name in AGGREGATES}
+    return Prediction("t", 0, cands, [cands[j].grid for j in rankings["sum_logp"][:2]], rankings, {"seconds": 1.0})
+
+
+def test_base_answers_alternate_with_the_adapters_in_every_ranking_and_the_attempts():
+    rng = np.random.default_rng(0)
+    pool = [np.array([[a, b]], dtype=np.int8) for a in range(2) for b in range(3)]
+    key = lambda g: g.tobytes()  # noqa: E731
+    for trial in range(200):
+        adapted, base = prediction(rng, pool), prediction(rng, pool)
+        hedged = with_base_answers(adapted, base)
+        # the adapter's candidates first, then only the base model's; each grid once
+        assert hedged.candidates[: len(adapted.candidates)] == adapted.candidates
+        grids = [key(c.grid) for c in hedged.candidates]
+        assert len(set(grids)) == len(grids) == len({key(c.grid) for c in adapted.candidates + base.candidates})
+        for name in AGGREGATES:
+            order = hedged.rankings[name]
+            assert sorted(order) == list(range(len(hedged.candidates))), (trial, name)
+            # brute force over grids: adapter's first, base's first, adapter's second, ... skipping repeats
+            expected: list[bytes] = []
+            orders = [[key(p.candidates[j].grid) for j in p.rankings[name]] for p in (adapted, base)]
+            for i in range(len(pool)):
+                for grid_order in orders:
+                    if i < len(grid_order) and grid_order[i] not in expected:
+                        expected.append(grid_order[i])
+            assert [grids[j] for j in order] == expected, (trial, name)
+        assert [key(g) for g in hedged.attempts] == [grids[j] for j in hedged.rankings["sum_logp"][:2]]
+        if adapted.attempts and base.attempts and key(base.attempts[0]) != key(adapted.attempts[0]):
+            assert key(hedged.attempts[1]) == key(base.attempts[0])  # the base model's best is attempt 2
+        assert hedged.stats["seconds"] == 1.0 and hedged.stats["base_seconds"] == 1.0

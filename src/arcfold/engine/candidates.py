@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from itertools import chain, zip_longest
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 
@@ -111,4 +112,54 @@ def rank(candidates: list[Candidate], name: str) -> list[int]:
     )
 
 
-__all__ = ["AGGREGATES", "GEN_BONUS", "Candidate", "TestPrediction", "aggregate", "merge", "rank"]
+T = TypeVar("T")
+
+
+def _alternate(first: Iterable[T], second: Iterable[T], same: Callable[[T, T], bool]) -> list[T]:
+    """first[0], second[0], first[1], second[1], ... without repeats."""
+    out: list[T] = []
+    for item in chain.from_iterable(zip_longest(first, second)):
+        if item is not None and not any(same(item, kept) for kept in out):
+            out.append(item)
+    return out
+
+
+def with_base_answers(adapted: TestPrediction, base: TestPrediction) -> TestPrediction:
+    """The adapter's prediction with the base model's (the same test input, adapter off) alternated in: attempt 1
+    is the adapter's best, attempt 2 the base model's best where it differs (else the adapter's second), and every
+    ranking alternates the same way. Two attempts thus hedge an adapter that learnt its demonstrations rather than
+    the rule (inference.base_attempt). Candidates: the adapter's, then those only the base model found (with the base
+    model's scores, so the oracle counts them); stats: the adapter's, and the base prediction's seconds and tokens."""
+    candidates = list(adapted.candidates)
+    merged = []  # base candidate -> its index among `candidates`
+    for cand in base.candidates:
+        found = next((j for j, c in enumerate(candidates) if same_grid(c.grid, cand.grid)), None)
+        if found is None:
+            candidates.append(cand)
+            found = len(candidates) - 1
+        merged.append(found)
+    rankings = {
+        name: _alternate(order, [merged[j] for j in base.rankings.get(name, [])], int.__eq__)
+        for name, order in adapted.rankings.items()
+    }
+    attempts = _alternate(adapted.attempts, base.attempts, same_grid)[:2]
+    stats = {
+        **adapted.stats,
+        "base_seconds": base.stats.get("seconds", 0.0),
+        "base_forward_tokens": base.stats.get("forward_tokens", 0.0),
+    }
+    return TestPrediction(
+        adapted.task_id, adapted.test_index, candidates, attempts, rankings, stats, answer_nll=adapted.answer_nll
+    )
+
+
+__all__ = [
+    "AGGREGATES",
+    "GEN_BONUS",
+    "Candidate",
+    "TestPrediction",
+    "aggregate",
+    "merge",
+    "rank",
+    "with_base_answers",
+]

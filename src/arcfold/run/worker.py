@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from arcfold.data import ArcDataError, Task, make_views
 from arcfold.data.augment import view_count
+from arcfold.engine.candidates import with_base_answers
 from arcfold.engine.lora import (
     AdapterReset,
     attach_lora,
@@ -138,8 +139,10 @@ class FoldWorker:
         )
         records = list(job.finished)  # finished by an earlier session
         predicted = time.perf_counter()
+        # An adapter that took no step (train.epochs=0, a failed or skipped training) is the base model already.
+        hedge = self.cfg.inference.base_attempt and bool(training.stats and training.stats["steps"])
         for task in fold:
-            self.predict_one(f, task, ledger, plan, inherited, records)
+            self.predict_one(f, task, ledger, plan, inherited, records, hedge)
         inference = time.perf_counter() - predicted
         ledger.report("span", f, "inference", self.info.device, inference)
         if job.save_adapter and training.stats is not None:
@@ -254,9 +257,17 @@ class FoldWorker:
             self.accelerator.gradient_accumulation_steps = accumulation
 
     def predict_one(
-        self, f: int, task: Task, ledger: Ledger, plan: FoldPlan, inherited: str, records: list[InputRecord]
+        self,
+        f: int,
+        task: Task,
+        ledger: Ledger,
+        plan: FoldPlan,
+        inherited: str,
+        records: list[InputRecord],
+        hedge: bool,
     ) -> None:
         """Predict the task's unfinished test inputs; each is reported (checkpointed and submitted) as it lands.
+        hedge: the base model's answers alternate with the trained adapter's (inference.base_attempt).
 
         A failure (under on_error=skip) costs this task's remaining inputs only: they get placeholders."""
         finished = {r.index for r in records if r.task == task.id}
@@ -276,7 +287,7 @@ class FoldWorker:
             failed = False
             if not (error or step.placeholders or (inherited and not self.cfg.train_fallback)):
                 try:
-                    rec.prediction, rec.nll, rec.base_nll = self.predict_input(task, i, step, full_views)
+                    rec.prediction, rec.nll, rec.base_nll = self.predict_input(task, i, step, full_views, hedge)
                 except Exception as err:  # one input's bad data or OOM: under on_error=skip, it costs this task
                     if not skips(self.cfg):
                         raise
@@ -294,8 +305,11 @@ class FoldWorker:
             records.append(rec)
             ledger.report("input", rec)
 
-    def predict_input(self, task: Task, i: int, step: Step, full_views: int) -> tuple[Any, float | None, float | None]:
-        """Test input i's prediction under the budget's step, and the true output's NLL (with and without TTT)."""
+    def predict_input(
+        self, task: Task, i: int, step: Step, full_views: int, hedge: bool
+    ) -> tuple[Any, float | None, float | None]:
+        """Test input i's prediction under the budget's step (hedged: with the base model's answers alternated in),
+        and the true output's NLL (with and without TTT)."""
         inference = self.cfg.inference
         settings, n_views = degraded(step, self.cfg.budget, inference, full_views)
         if settings:
@@ -310,7 +324,16 @@ class FoldWorker:
             self.model, self.codec, task, inference, views=views[:n_views], indices=[i], nll_views=nll_views
         )[0]
         base_nll = None
-        if nll_views and inference.base_nll:  # the base model alone: other keys and values, so its own prompts
+        if hedge or (nll_views and inference.base_nll):  # the base model alone: other keys and values, own prompts
             with self.model.disable_adapter():
-                base_nll = self.engine.answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
+                if hedge:  # the answer without TTT, in views of its own colours (a no-TTT run's by default)
+                    base_views = make_views(
+                        task, inference.n, inference.seed, inference.base_colours, inference.shuffle_demos
+                    )
+                    base = self.engine.predict_task(
+                        self.model, self.codec, task, inference, views=base_views[:n_views], indices=[i]
+                    )[0]
+                    pred = with_base_answers(pred, base)
+                if nll_views and inference.base_nll:
+                    base_nll = self.engine.answer_nll(self.model, self.codec, task, i, nll_views, inference.max_len)
         return pred, pred.answer_nll, base_nll
