@@ -44,7 +44,7 @@ pretrain: install
 # (1-10 minutes each on one thread; measured in docs/testbed.md); the sweep ends with the comparison table.
 testbed: install
 	$(PY) -m arcfold -m experiment=testbed hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
-		variant=no_ttt,learn_rule,per_task,folds_1,folds_4,greedy,votes,keep_rule,no_d8,no_colours,no_demo_order
+		variant=no_ttt,learn_rule,adapter_only,per_task,folds_1,folds_4,greedy,votes,keep_rule,no_d8,no_colours,no_demo_order
 
 # The real ARC-AGI-1 tasks that are instances of the generated families, without and with TTT.
 real-tasks: install

@@ -4,8 +4,10 @@
 
 Runs every family's rule over every ARC-AGI-1 training and evaluation task (arcfold.data.synthetic.fit: a task
 is an instance when one rule maps all its pairs, tests included), prints them, writes them as Kaggle files, and
-runs the testbed on them without TTT, with the shipped TTT and with learn_rule (a 3-run sweep under one MLflow parent):
-    python -m arcfold -m experiment=testbed data=kaggle data.challenges=... variant=no_ttt,per_task,learn_rule
+runs the testbed on them without TTT, with the shipped TTT, with learn_rule and with adapter_only (one sweep
+under one MLflow parent):
+    python -m arcfold -m experiment=testbed data=kaggle data.challenges=... \
+        variant=no_ttt,per_task,learn_rule,adapter_only
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def main() -> None:
         "data=kaggle",
         f"data.challenges={challenges}",
         f"data.solutions={solutions}",
-        "variant=no_ttt,per_task,learn_rule",
+        "variant=no_ttt,per_task,learn_rule,adapter_only",
     ]
     print(" ".join(command[1:]), flush=True)
     sys.exit(subprocess.call(command))
